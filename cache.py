@@ -96,7 +96,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ compression
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def compress(self, spec: Compression | list[Compression]) -> list[dict]:
         """Evict entries of the system turn, once, right after its prefill (PAPER.md §2).
 

@@ -281,7 +281,7 @@ def load_model(folder: str, device: str = "cpu", dtype: str | torch.dtype = "flo
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(args).to(device)
     model.eos_ids = _eos_ids(folder, config)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _read_json(path: str) -> dict:
@@ -318,13 +318,13 @@ def _eos_ids(folder: str, config: dict) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- generation
 
-@torch.inference_mode()
+@torch.no_grad()
 def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, real: torch.Tensor | None = None):
     """Run a prompt chunk (B, T) through the model, writing the cache; return the last real token's logits."""
     return model(tokens, cache, real)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_tokens: int,
              real: torch.Tensor | None = None, stop_ids=None) -> list[list[int]]:
     """Greedy decoding: prefill `tokens` (B, T) after what the cache holds, then one token at a time.

@@ -1,0 +1,230 @@
+"""policies.py and cache.compress against slow, obviously-correct references.
+
+The references materialise the full causal attention matrix in float64 with explicit
+loops over heads, from the queries and keys the model handed to the cache.
+"""
+import math
+
+import pytest
+import torch
+
+from policies import (POLICIES, Compression, covering_spans, h2o, knorm, largest_remainder, snapkv,
+                      streaming_llm, tova)
+
+L = 45
+
+
+@pytest.fixture(scope="module")
+def prefill(tiny_model):
+    """Queries and keys of every layer after a system prefill of L tokens."""
+    tokens = torch.randint(0, tiny_model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(5))
+    cache = tiny_model.new_cache()
+    cache.record_queries = True
+    tiny_model(tokens, cache)
+    return tokens, [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
+                    for i, q in enumerate(cache.queries)]
+
+
+def ref_attention(q, k):
+    """A[h, i, j]: float64 causal softmax, query head h reading KV head h // group."""
+    H, kv_heads, n, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    A = torch.zeros(H, n, n, dtype=torch.float64)
+    for h in range(H):
+        logits = q[0, h].double() @ k[0, h // (H // kv_heads)].double().T / math.sqrt(D)
+        for i in range(n):
+            logits[i, i + 1:] = -math.inf
+        A[h] = logits.softmax(-1)
+    return A
+
+
+def ref_gqa_mean(per_head, kv_heads):
+    H = per_head.shape[0]
+    g = H // kv_heads
+    return torch.stack([per_head[j * g:(j + 1) * g].mean(0) for j in range(kv_heads)])
+
+
+def ref_h2o(q, k, spans):
+    A = ref_attention(q, k)
+    scores = torch.zeros(A.shape[0], L, dtype=torch.float64)
+    for s, e in spans:
+        for j in range(s, e):
+            scores[:, j] = A[:, j:e, j].sum(1) / (e - j)  # only queries of j's own span, i >= j
+    return ref_gqa_mean(scores, k.shape[1])
+
+
+def ref_avg_pool(x, kernel):
+    n, half = len(x), kernel // 2
+    return torch.tensor([sum(x[t] for t in range(j - half, j + half + 1) if 0 <= t < n) / kernel for j in range(n)])
+
+
+def ref_snapkv(q, k, spans, window=16, kernel=5):
+    A = ref_attention(q, k)
+    H = A.shape[0]
+    scores = torch.zeros(H, L, dtype=torch.float64)
+    protected = []
+    for j, (s, e) in enumerate(spans):
+        w = window // len(spans) + (1 if j < window % len(spans) else 0)
+        w = min(w, e - s - 1)
+        for h in range(H):
+            observed = A[h, e - w:e, s:e - w].mean(0)
+            scores[h, s:e - w] = ref_avg_pool(observed, kernel)
+        protected += list(range(e - w, e))
+    scores = ref_gqa_mean(scores, k.shape[1])
+    scores[:, protected] = math.inf
+    return scores
+
+
+def ref_tova(q, k, spans):
+    A = ref_attention(q, k)
+    scores = torch.zeros(L, dtype=torch.float64)
+    for s, e in spans:
+        scores[s:e] = A[:, e - 1, s:e].mean(0)  # the anchor's row, averaged over all query heads
+        scores[e - 1] = math.inf
+    return scores.expand(k.shape[1], L)
+
+
+def ref_knorm(k):
+    return torch.stack([torch.tensor([-math.sqrt(sum(float(x) ** 2 for x in k[0, h, j])) for j in range(L)])
+                        for h in range(k.shape[1])])
+
+
+SPAN_SETS = {"plain": [(0, L)], "two": [(0, 20), (20, L)], "three": [(0, 9), (9, 30), (30, L)]}
+
+
+def close(a, b):
+    a, b = a.double().reshape(b.shape), b.double()
+    same_inf = torch.equal(a.isinf(), b.isinf())
+    return same_inf and torch.allclose(a[a.isfinite()], b[b.isfinite()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spans", list(SPAN_SETS))
+def test_scores_equal_full_matrix_references(prefill, spans):
+    spans = SPAN_SETS[spans]
+    for q, k, v in prefill[1]:
+        assert close(h2o(q, k, v, spans), ref_h2o(q, k, spans))
+        assert close(snapkv(q, k, v, spans), ref_snapkv(q, k, spans))
+        assert close(tova(q, k, v, spans), ref_tova(q, k, spans))
+        assert close(knorm(q, k, v, spans), ref_knorm(k))
+
+
+@pytest.mark.parametrize("block", [1, 7, L, 1000])
+def test_h2o_blockwise_equals_full_matrix(prefill, block):
+    q, k, v = prefill[1][0]
+    assert close(h2o(q, k, v, [(0, L)], block=block), ref_h2o(q, k, [(0, L)]))
+
+
+def test_snapkv_window_longer_than_the_turn_shrinks(prefill):
+    q, k, v = prefill[1][0]
+    short = 10
+    scores = snapkv(q[:, :, :short], k[:, :, :short], v[:, :, :short], [(0, short)])
+    assert scores[..., 1:].isinf().all() and scores[..., 0].isfinite().all()   # window of 9, one token scored
+
+
+def test_streaming_llm_keeps_sinks_and_the_most_recent(prefill):
+    q, k, v = prefill[1][0]
+    n_kept = 20
+    kept = streaming_llm(q, k, v, [(0, L)])[0].topk(n_kept).indices.sort().values
+    expected = torch.tensor(list(range(4)) + list(range(L - (n_kept - 4), L)))
+    assert all(torch.equal(row, expected) for row in kept)
+
+
+def compress(model, tokens, spec):
+    cache = model.new_cache()
+    cache.record_queries = True
+    model(tokens, cache)
+    report = cache.compress(spec)[0]
+    return cache, report
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
+    tokens, layers = prefill
+    cache, report = compress(tiny_model, tokens, Compression(policy, ratio))
+    n_kept = int(L * (1 - ratio))
+    assert report["n_kept"] == n_kept and cache.length == n_kept
+    for layer, (q, k, v) in enumerate(layers):
+        kept = cache.kept[layer][0]                                      # (H_kv, L)
+        assert (kept.sum(1) == n_kept).all()
+        scores = POLICIES[policy](q, k, v, [(0, L)])[0]
+        for h in range(kept.shape[0]):
+            index = kept[h].nonzero()[:, 0]
+            assert torch.equal(cache.keys[layer][0, h, :n_kept], k[0, h, index])   # gathered in sorted order
+            best = scores[h].topk(n_kept).values                         # the kept set is a top-k set (ties aside)
+            got = scores[h, index].sort(descending=True).values
+            assert torch.equal(got.isinf(), best.isinf())
+            assert torch.allclose(got[got.isfinite()], best[best.isfinite()])
+    assert cache.capacity <= n_kept + 64                                 # memory really shrinks
+
+
+@pytest.mark.parametrize("policy", ["streaming_llm", "snapkv", "tova"])
+def test_protected_tokens_are_kept(tiny_model, prefill, policy):
+    cache, _ = compress(tiny_model, prefill[0], Compression(policy, 0.5))
+    protected = {"streaming_llm": range(4), "snapkv": range(L - 16, L), "tova": [L - 1]}[policy]
+    for kept in cache.kept:
+        assert kept[0][:, list(protected)].all()
+
+
+def test_whitelist_is_kept_within_the_budget(tiny_model, prefill):
+    whitelist = [10, 11, 12, 13]
+    for policy in (p for p in POLICIES if p != "full"):
+        cache, report = compress(tiny_model, prefill[0], Compression(policy, 0.5, whitelist=whitelist))
+        assert report["whitelist_kept"] == 1.0 and report["n_kept"] == int(L * 0.5)
+        assert all(k[0][:, whitelist].all() for k in cache.kept)
+
+
+def test_whitelist_larger_than_budget_keeps_budget_and_reports(tiny_model, prefill):
+    whitelist = list(range(5, 25))                                       # 20 tokens, budget 4
+    cache, report = compress(tiny_model, prefill[0], Compression("knorm", 0.9, whitelist=whitelist))
+    assert report["n_kept"] == 4 and cache.length == 4
+    assert report["whitelist_kept"] == pytest.approx(4 / 20)
+    assert all(k[0][:, whitelist].sum(1).eq(4).all() for k in cache.kept)  # every kept entry is whitelisted
+
+
+def test_largest_remainder_is_exact_and_proportional():
+    counts = largest_remainder(torch.tensor([10.0, 25.0, 10.0]), 20)
+    assert counts.tolist() == [5, 11, 4]          # 4.44, 11.11, 4.44: the tie goes to the earlier span
+    assert largest_remainder(torch.tensor([1.0, 1.0, 1.0]), 2).sum() == 2
+
+
+def test_covering_spans_assign_head_tail_and_gaps():
+    assert covering_spans([(3, 10), (12, 20)], 25) == [(0, 12), (12, 25)]
+    with pytest.raises(ValueError):
+        covering_spans([(3, 10), (8, 20)], 25)
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.8])
+def test_fair_eviction_gives_equal_keep_rates(tiny_model, prefill, policy, ratio):
+    partitions = [(2, 15), (15, 33), (33, 43)]                          # head and tail go to first/last
+    spans = covering_spans(partitions, L)
+    whitelist = [20, 21]
+    cache, report = compress(tiny_model, prefill[0], Compression(policy, ratio, partitions=partitions,
+                                                                  whitelist=whitelist))
+    n_kept = report["n_kept"]
+    quotas = largest_remainder(torch.tensor([float(e - s) for s, e in spans]), n_kept)
+    for kept in cache.kept:
+        for h in range(kept.shape[1]):
+            for (s, e), quota in zip(spans, quotas):
+                count = int(kept[0, h, s:e].sum())
+                assert count == quota
+                assert abs(count - (e - s) * n_kept / L) <= 1           # within one token of equal rate
+
+
+def test_debias_interpolates_between_plain_and_fair(tiny_model, prefill):
+    partitions = [(0, 15), (15, L)]
+    plain, _ = compress(tiny_model, prefill[0], Compression("streaming_llm", 0.6))
+    zero, _ = compress(tiny_model, prefill[0], Compression("streaming_llm", 0.6, partitions=partitions, debias=0.0))
+    fair, _ = compress(tiny_model, prefill[0], Compression("streaming_llm", 0.6, partitions=partitions))
+    half, _ = compress(tiny_model, prefill[0], Compression("streaming_llm", 0.6, partitions=partitions, debias=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(plain.kept, zero.kept))
+    first = lambda c: int(c.kept[0][0, 0, :15].sum())
+    assert first(plain) < first(half) < first(fair)                      # recency starves the early span
+
+
+def test_bad_specs_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown policy 'nope'.*snapkv"):
+        Compression("nope", 0.5)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="outside"):
+            Compression("tova", bad)
