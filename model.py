@@ -296,8 +296,10 @@ def _safetensors_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         names = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        names = ["model.safetensors"]
     else:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+        names = sorted(n for n in os.listdir(folder) if n.startswith("model") and n.endswith(".safetensors"))
     if not names:
         raise FileNotFoundError(f"no *.safetensors weights in {folder!r} (only safetensors checkpoints are loaded)")
     for n in names:
