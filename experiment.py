@@ -25,7 +25,7 @@ import torch
 
 import prompts as P
 from model import DTYPES, generate, load_model
-from policies import POLICIES, Compression
+from policies import POLICIES, Compression, covering_spans
 from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
@@ -212,12 +212,20 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
 
 
 def span_keep_rates(cache, row: int, job: Job) -> dict:
-    """Mean keep rate (fraction of KV heads keeping a token, averaged over layers) per named span."""
+    """Mean keep rate (fraction of KV heads keeping a token, averaged over layers) per named span.
+
+    "directive" is PREPEND + directive; "defense" every other token, template tokens included
+    (the paper's buckets). With fair eviction, "partitions" gives the rate of each partition
+    as fair eviction sees it (the first owns the template head, the last the tail).
+    """
     rate = cache.keep_rate(row)
     out = {}
     for name, spans in job.spans.items():
         picked = torch.cat([rate[s:e] for s, e in spans])
         out[name] = round(float(picked.mean()), 6) if len(picked) else None
+    if job.spec.partitions:
+        spans = covering_spans(job.spec.partitions, len(job.system_ids))
+        out["partitions"] = [round(float(rate[s:e].mean()), 6) for s, e in spans]
     return out
 
 
