@@ -51,8 +51,10 @@ class KVCache:
         """Reserve slots for a chunk of tokens; return their positions (B, T) and the attention mask.
 
         `real` (B, T) is False for padding. The mask (B, 1, T, S) lets a query see the valid
-        slots up to its own (and always its own slot, so padding never yields an empty row);
-        it is None for a decode step with no holes, where every slot is visible.
+        slots up to its own (and always its own slot, so padding never yields an empty row).
+        It is None when there are no holes and plain causal attention is exact: a one-token
+        step sees every slot, and a chunk that starts at slot 0 (T == S) sees the causal
+        triangle, which attention then computes without a mask, skipping the masked half.
         """
         B, T = real.shape
         self._reserve(self.length + T)
@@ -61,7 +63,7 @@ class KVCache:
         self.next_pos += real.sum(1)
         self.valid[:, start:start + T] = real
         self.length = start + T
-        if T == 1 and bool(self.valid[:, :self.length].all()):
+        if (T == 1 or start == 0) and bool(self.valid[:, :self.length].all()):
             return positions, None
         slots = torch.arange(self.length, device=self.device)
         own = start + torch.arange(T, device=self.device)

@@ -152,7 +152,9 @@ class Attention(nn.Module):
         # the cache stores k, v (and, during a system prefill, q for the policy) and
         # returns every key and value this layer may attend to
         keys, values = cache.update(self.layer_idx, q, k, v)                           # (B, H_kv, S, D)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+        # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
+        # and is plainly causal, which lets attention skip the masked half of its work
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -218,7 +220,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if real is None:
             real = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        positions, mask = cache.begin(real)                 # (B, T), (B, 1, T, S) or None
+        positions, mask = cache.begin(real)                 # (B, T), (B, 1, T, S) or None if plainly causal
         last = int(positions.max()) if T else 0
         if last >= self.args.max_positions:
             raise ValueError(f"the sequence reaches position {last}, past the model's context of "

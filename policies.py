@@ -34,28 +34,26 @@ INF = float("inf")
 def attention_probs(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention (float32) of some queries over all keys.
 
-    queries (H, n, D) sitting at `query_positions` (n,); keys (1, H_kv, L, D). Returns (H, n, L).
-    Under GQA, query head h reads KV head h // (H / H_kv), as in Hugging Face's repeat_kv.
+    queries (H, n, D) sitting at `query_positions` (n,); keys (1, H_kv, S, D). Returns (H, n, S).
+    Under GQA, query head h reads KV head h // (H / H_kv), as in Hugging Face's repeat_kv: the
+    queries of the heads that share a KV head are stacked, so one matmul per KV head serves
+    them all and the keys are never copied.
     """
-    H, L = queries.shape[0], keys.shape[2]
-    keys = keys[0].float().repeat_interleave(H // keys.shape[1], dim=0)          # (H, L, D)
-    logits = queries.float() @ keys.transpose(1, 2) / math.sqrt(queries.shape[-1])  # (H, n, L)
-    future = torch.arange(L, device=keys.device)[None, :] > query_positions[:, None]  # (n, L)
-    return logits.masked_fill(future, -INF).softmax(-1)
+    H, n, D = queries.shape
+    kv_heads, S = keys.shape[1], keys.shape[2]
+    scaled = queries.float() / math.sqrt(D)                 # scale the few queries, not the many logits
+    grouped = scaled.reshape(kv_heads, H // kv_heads * n, D)                       # (H_kv, group * n, D)
+    logits = (grouped @ keys[0].float().transpose(1, 2)).view(H, n, S)             # (H, n, S)
+    first = int(query_positions.min()) + 1                  # keys before it are visible to every query
+    future = torch.arange(first, S, device=keys.device)[None, :] > query_positions[:, None]  # (n, S - first)
+    logits[..., first:].masked_fill_(future, -INF)
+    return logits.softmax(-1)
 
 
 def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Average per-query-head scores (H, L) over the heads sharing a KV head -> (1, H_kv, L)."""
     H, L = scores.shape
     return scores.view(kv_heads, H // kv_heads, L).mean(1)[None]
-
-
-def span_ids(spans, L: int, device=None) -> torch.Tensor:
-    """For each position, the index of the span that holds it. (L,)"""
-    ids = torch.empty(L, dtype=torch.long, device=device)
-    for j, (start, end) in enumerate(spans):
-        ids[start:end] = j
-    return ids
 
 
 # ----------------------------------------------------------------------------- policies
@@ -72,24 +70,27 @@ def streaming_llm(queries, keys, values, spans, n_sink: int = 4):
     return scores.expand(1, keys.shape[1], L)
 
 
-def h2o(queries, keys, values, spans, block: int = 256):
+def h2o(queries, keys, values, spans, block: int = 32):
     """H2O as kvpress's ObservedAttention: mean attention a key receives from the queries that see it.
 
     score[k] = sum_q A[q, k] / (number of queries that see k), GQA mean. With partitions, the
     attention that a later span's queries pay to an earlier span's keys is removed, so a key
     counts only its own span's queries (softmax rows are not renormalised). The sums are
-    accumulated over blocks of `block` queries: memory O(block * L) per head, never L x L.
+    accumulated over blocks of `block` queries, each reading only the keys it can see: memory
+    O(block * L) per head, never L x L. A block never straddles two spans, so the keys of the
+    block's own span are one slice.
     """
     H, L = queries.shape[1], keys.shape[2]
-    span_of = span_ids(spans, L, keys.device)
+    queries, keys = queries.float(), keys.float()                                 # convert once, not per block
     totals = torch.zeros(H, L, device=keys.device)                                # (H, L)
-    for start in range(0, L, block):
-        rows = torch.arange(start, min(start + block, L), device=keys.device)
-        attn = attention_probs(queries[0, :, rows], keys, rows)                  # (H, n, L)
-        same_span = span_of[rows][:, None] == span_of[None, :]                    # (n, L)
-        totals += (attn * same_span).sum(1)
-    span_end = torch.tensor([end for _, end in spans], device=keys.device)[span_of]
-    n_queries = span_end - torch.arange(L, device=keys.device)                    # queries that see k
+    n_queries = torch.zeros(L, device=keys.device)                                # (L,) queries that see k
+    for span_start, span_end in spans:
+        for start in range(span_start, span_end, block):
+            end = min(start + block, span_end)
+            rows = torch.arange(start, end, device=keys.device)
+            attn = attention_probs(queries[0, :, start:end], keys[:, :, :end], rows)  # (H, n, end)
+            totals[:, span_start:end] += attn[..., span_start:].sum(1)
+        n_queries[span_start:span_end] = torch.arange(span_end - span_start, 0, -1)
     return gqa_mean(totals / n_queries, keys.shape[1])
 
 

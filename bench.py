@@ -1,0 +1,394 @@
+"""Benchmarks: decode speed (ours vs Hugging Face), the compress step's cost, H2O's memory.
+
+    python3 bench.py                                   # every section, about 2-3 minutes on 2 cores
+    python3 bench.py --only compress --lengths 100,1000
+    python3 bench.py --only decode,h2o-memory --json out.json
+
+Sections (each prints one plain table):
+  decode      prefill and decode tokens/s at batch 1, float32 and bfloat16, on the default model;
+              with transformers installed, the same for HF `generate` on the same folder, and ours/HF
+  compress    time of `cache.compress` per policy as a fraction of the system turn's prefill time,
+              for system turns of about 100, 1,000 and 4,000 tokens at ratio 0.5 (target: <= 10%)
+  h2o-memory  peak extra memory of blockwise H2O scoring (policies.h2o) vs the full L x L matrix
+  batch       placeholder: prompts per minute at batch 1/4/8/16 (not implemented yet)
+
+Timings are medians of `--repeats` runs with the ours/HF (or policy) runs interleaved, since
+the machine is shared and noisy. transformers is used only here, never by the project itself.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import ModelArgs, generate, load_model, prefill
+from policies import Compression, h2o
+from tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_FOLDER = os.path.join(ROOT, "weights", "smollm2-135m-instruct")
+POLICY_NAMES = ("streaming_llm", "h2o", "knorm", "snapkv", "tova")
+CHAT_SYSTEM = "You are a friendly assistant for a small bakery. Answer in plain English, in two or three sentences."
+CHAT_USER = ("A customer asks: which of your breads keep best for a whole week, how should they be stored at "
+             "home, and can they be frozen and thawed without getting dry? Also mention whether any of them "
+             "are made without dairy or eggs, and which one you would recommend for sandwiches.")
+SENTENCES = [
+    "The {adj} {noun} near the {place} was {verb} by a {adj2} {noun2}.",
+    "Every {noun} in the {place} must be {verb} before the {adj} {noun2} arrives.",
+    "Please keep the {noun} {adj} and never leave it in the {place}.",
+    "A {adj} {noun2} once {verb} three {noun}s on the way to the {place}.",
+    "When the {noun} is {adj}, answer briefly and mention the {noun2}.",
+    "Nobody expected the {adj2} {noun} to be {verb} so close to the {place}.",
+]
+WORDS = {
+    "adj": ["quiet", "bright", "heavy", "curious", "ancient", "narrow", "gentle", "sharp"],
+    "adj2": ["tired", "clever", "silver", "noisy", "patient", "distant", "golden", "humble"],
+    "noun": ["lantern", "river", "ledger", "engine", "garden", "violin", "harbor", "compass"],
+    "noun2": ["baker", "pilot", "teacher", "sailor", "painter", "farmer", "judge", "clerk"],
+    "place": ["station", "market", "library", "valley", "bridge", "museum", "orchard", "tower"],
+    "verb": ["painted", "repaired", "counted", "carried", "measured", "borrowed", "polished", "described"],
+}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def number(x) -> str:
+    if not isinstance(x, float):
+        return str(x)
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def print_table(title: str, header: list[str], rows: list[list]):
+    cells = [header] + [[number(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ----------------------------------------------------------------------------- decode
+
+def bench_decode(args) -> dict:
+    """Prefill and decode tokens/s at batch 1, greedy, no stop, ours and (if installed) HF's.
+
+    prefill tok/s = prompt tokens / time of one forward over the prompt into an empty cache.
+    decode tok/s  = (N - 1) / (time of generating N tokens - time of generating 1 token): the
+    tokens produced after the first one, over the time after the first one. Both sides are
+    timed with the same method through their own `generate`, so setup costs cancel.
+    """
+    tokenizer = load_tokenizer(args.folder)
+    ids = torch.tensor([tokenizer.chat_ids(CHAT_SYSTEM, CHAT_USER)[1].ids])               # (1, T)
+    n_new = args.new_tokens
+    hf_available = _transformers_available() and not args.no_hf
+    rows, results = [], {"prompt_tokens": ids.shape[1], "new_tokens": n_new, "runs": {}}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(args.folder, dtype=dtype)
+        runners = {"ours": _our_runner(model, ids)}
+        if hf_available:
+            runners["hf"] = _hf_runner(args.folder, dtype, ids)
+        for runner in runners.values():                                                  # warm up
+            runner["generate"](2)
+        times = {name: {"prefill": [], "one": [], "all": []} for name in runners}
+        for _ in range(args.repeats):                                                    # interleaved
+            for name, runner in runners.items():
+                times[name]["prefill"].append(timed(runner["prefill"]))
+                times[name]["one"].append(timed(lambda: runner["generate"](1)))
+                times[name]["all"].append(timed(lambda: runner["generate"](n_new)))
+        tokens = {name: runner["generate"](n_new) for name, runner in runners.items()}
+        speeds = {}
+        for name, t in times.items():
+            prefill_s, one_s, all_s = (statistics.median(t[k]) for k in ("prefill", "one", "all"))
+            speeds[name] = {"prefill_tok_s": ids.shape[1] / prefill_s,
+                            "decode_tok_s": (n_new - 1) / (all_s - one_s),
+                            "prefill_s": prefill_s, "generate_1_s": one_s, f"generate_{n_new}_s": all_s}
+            assert len(tokens[name]) == n_new, f"{name} produced {len(tokens[name])} tokens, not {n_new}"
+        row = [dtype, speeds["ours"]["prefill_tok_s"], speeds["ours"]["decode_tok_s"]]
+        if "hf" in speeds:
+            same = _same_prefix(tokens["ours"], tokens["hf"])
+            row += [speeds["hf"]["prefill_tok_s"], speeds["hf"]["decode_tok_s"],
+                    speeds["ours"]["prefill_tok_s"] / speeds["hf"]["prefill_tok_s"],
+                    speeds["ours"]["decode_tok_s"] / speeds["hf"]["decode_tok_s"], f"{same}/{n_new}"]
+            speeds["same_tokens"] = same
+        rows.append(row)
+        results["runs"][dtype] = speeds
+        del runners, model
+    header = ["dtype", "ours prefill tok/s", "ours decode tok/s"]
+    if hf_available:
+        header += ["HF prefill tok/s", "HF decode tok/s", "prefill ours/HF", "decode ours/HF", "same tokens"]
+    print_table(f"decode: batch 1, greedy, prompt {ids.shape[1]} tokens, {n_new} new tokens, "
+                f"median of {args.repeats}", header, rows)
+    if not hf_available:
+        print("(transformers not importable or --no-hf: no HF comparison)")
+    return results
+
+
+def _our_runner(model, ids):
+    return {
+        "prefill": lambda: prefill(model, model.new_cache(), ids),
+        "generate": lambda n: generate(model, model.new_cache(), ids, n, stop_ids=[])[0],
+    }
+
+
+def _hf_runner(folder: str, dtype: str, ids):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    mask = torch.ones_like(ids)
+    pad = model.generation_config.pad_token_id or model.generation_config.eos_token_id
+
+    @torch.no_grad()
+    def hf_prefill():                      # what generate's first step runs: logits of the last token only
+        return model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+
+    def hf_generate(n: int) -> list[int]:
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                             pad_token_id=pad)
+        return out[0, ids.shape[1]:].tolist()
+
+    return {"prefill": hf_prefill, "generate": hf_generate}
+
+
+def _transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- compress
+
+def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0) -> list[int]:
+    """Ids of a chat-templated system turn of about `target_len` tokens of varied synthetic sentences."""
+    rng = random.Random(seed)
+    overhead = len(tokenizer.encode_chat([{"role": "system", "content": ""}], add_generation_prompt=False).ids)
+    sentences, n_tokens = [], overhead
+    while n_tokens < target_len:
+        sentence = rng.choice(SENTENCES).format(**{k: rng.choice(v) for k, v in WORDS.items()})
+        sentences.append(sentence)
+        n_tokens += len(tokenizer.encode(" " + sentence))       # close: BPE pieces never cross a space
+    messages = [{"role": "system", "content": " ".join(sentences)}]
+    return tokenizer.encode_chat(messages, add_generation_prompt=False).ids
+
+
+def bench_compress(args) -> dict:
+    """Time of cache.compress (every layer: score, select, gather) over the system turn's prefill time.
+
+    The prefill is the protocol's: a fresh cache with record_queries on. It is timed `repeats`
+    times (fewer for long turns); each compress runs on a copy of one recorded cache.
+    """
+    tokenizer = load_tokenizer(args.folder)
+    model = load_model(args.folder)
+    rows, results = [], {}
+    prefill(model, model.new_cache(), torch.tensor([synthetic_system_turn(tokenizer, 100)]))  # warm up
+    for target in args.lengths:
+        ids = torch.tensor([synthetic_system_turn(tokenizer, target)])                  # (1, L)
+        L = ids.shape[1]
+        repeats = args.repeats if L <= 1500 else max(1, min(args.repeats, 2))
+
+        def recorded_prefill():
+            cache = model.new_cache(capacity=L + 64)
+            cache.record_queries = True
+            prefill(model, cache, ids)
+            return cache
+
+        prefill_s = statistics.median(timed(recorded_prefill) for _ in range(repeats))
+        recorded = recorded_prefill()
+        compress_s = {name: [] for name in POLICY_NAMES}
+        for _ in range(args.repeats):                                                   # interleaved
+            for name in POLICY_NAMES:
+                cache = copy.deepcopy(recorded)
+                compress_s[name].append(timed(lambda: cache.compress(Compression(name, ratio=0.5))))
+                del cache
+        medians = {name: statistics.median(t) for name, t in compress_s.items()}
+        rows.append([L, 1000 * prefill_s] + [f"{100 * medians[name] / prefill_s:.1f}%" for name in POLICY_NAMES]
+                    + [1000 * medians["h2o"]])
+        results[str(L)] = {"prefill_s": prefill_s, "compress_s": medians,
+                           "fraction": {name: medians[name] / prefill_s for name in POLICY_NAMES}}
+    print_table(f"compress: time of cache.compress(ratio 0.5) / prefill time, all {model.args.n_layers} layers, "
+                f"median of {args.repeats} (target <= 10% at L >= 1000)",
+                ["L", "prefill ms"] + list(POLICY_NAMES) + ["h2o ms"], rows)
+    over = [f"{name} at L={L} ({100 * r['fraction'][name]:.1f}%)" for L, r in results.items() if int(L) >= 1000
+            for name in POLICY_NAMES if r["fraction"][name] > 0.10]
+    print("over the 10% target: " + (", ".join(over) if over else "none"))
+    return results
+
+
+# ----------------------------------------------------------------------------- h2o-memory
+
+def bench_h2o_memory(args) -> dict:
+    """Peak extra memory of H2O's scoring of one layer: blockwise (policies.h2o) vs the full matrix.
+
+    analytic: bytes of the largest intermediates alive at once, float32.
+      blockwise: a block's logits and its softmax, (H, block, L) each, plus the (H, L) sums
+      full:      the logits and the softmax of every head, (H, L, L) each, plus the (L, L) bool mask
+    measured: growth of the peak resident memory (VmHWM in /proc/self/status) of a fresh process
+      while it scores one layer of random queries/keys with the default model's shapes, after a
+      warm-up; it includes what the allocator keeps, so it is an upper bound of the live bytes.
+    """
+    shape = model_shape(args.folder)
+    H, block = shape.n_heads, 32                                 # 32: policies.h2o's default block
+    rows, results = [], {}
+    for L in args.memory_lengths:
+        analytic = {"blockwise": 4 * (2 * H * min(block, L) * L + 2 * H * L), "full": 4 * 2 * H * L * L + L * L}
+        measured = {method: _peak_growth_in_subprocess(args, method, L) for method in ("blockwise", "full")}
+        rows.append([L, _mb(analytic["blockwise"]), _mb(measured["blockwise"]), _mb(analytic["full"]),
+                     _mb(measured["full"]), f"{measured['full'] / max(measured['blockwise'], 1):.0f}x"])
+        results[str(L)] = {"analytic_bytes": analytic, "measured_bytes": measured}
+    print_table(f"h2o-memory: peak extra memory of scoring one layer ({H} query heads, float32); "
+                "analytic = largest live intermediates, measured = peak RSS growth in a fresh process",
+                ["L", "blockwise analytic MB", "blockwise measured MB", "full LxL analytic MB",
+                 "full LxL measured MB", "full/blockwise"], rows)
+    return results
+
+
+def model_shape(folder: str) -> ModelArgs:
+    with open(os.path.join(folder, "config.json")) as f:
+        return ModelArgs.from_hf_config(json.load(f))
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f}"
+
+
+def _peak_growth_in_subprocess(args, method: str, L: int) -> int:
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", method, str(L), "--folder", args.folder]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def full_matrix_h2o(queries, keys):
+    """H2O scores from the whole causal attention matrix at once, as eager attention gives it. (1, H_kv, L)"""
+    H, kv_heads, L, D = queries.shape[1], keys.shape[1], keys.shape[2], keys.shape[3]
+    keys = keys[0].repeat_interleave(H // kv_heads, dim=0)                               # (H, L, D)
+    logits = (queries[0] @ keys.transpose(1, 2)).div_(math.sqrt(D))                    # (H, L, L)
+    logits.masked_fill_(torch.ones(L, L, dtype=torch.bool).triu(1), -math.inf)          # causal
+    attn = logits.softmax(-1)                                                            # (H, L, L)
+    n_queries = torch.arange(L, 0, -1)
+    return (attn.sum(1) / n_queries).view(kv_heads, H // kv_heads, L).mean(1)[None]
+
+
+def memory_probe(folder: str, method: str, L: int):
+    """Run in a fresh process: print the growth of peak RSS (bytes) while scoring one layer."""
+    shape = model_shape(folder)
+    score = {"blockwise": lambda q, k: h2o(q, k, k, [(0, q.shape[2])]), "full": full_matrix_h2o}[method]
+    def inputs(n):
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(1, shape.n_heads, n, shape.head_dim, generator=gen),
+                torch.randn(1, shape.n_kv_heads, n, shape.head_dim, generator=gen))
+    score(*inputs(64))                                       # warm up: thread pools, kernels, allocator
+    queries, keys = inputs(L)
+    before = _status_bytes("VmRSS")
+    try:                                                     # reset the peak (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass                                                 # then the peak may include the small warm-up
+    score(queries, keys)
+    print(_status_bytes("VmHWM") - before)
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), in bytes. Unlike ru_maxrss, VmHWM is not
+    inherited from the parent process, whose peak would hide the child's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024           # the file says kB
+    raise RuntimeError(f"no {field} in /proc/self/status: the memory probe needs Linux")
+
+
+# ----------------------------------------------------------------------------- batch (later)
+
+def bench_batch(args) -> dict:
+    """PLACEHOLDER, not implemented yet: prompts per minute at batch 1, 4, 8 and 16.
+
+    Planned: the same chat prompts (system + user turn), right-padded, compressed and generated
+    in batches of 1/4/8/16 rows; report prompts/minute and decode tokens/s per batch size.
+    """
+    print("\nbatch: placeholder, not implemented yet (prompts per minute at batch 1/4/8/16)")
+    return {"status": "not implemented"}
+
+
+# ----------------------------------------------------------------------------- main
+
+SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
+            "batch": bench_batch}
+DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory"]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections to run, from {', '.join(SECTIONS)} "
+                             f"(default: {','.join(DEFAULT_SECTIONS)})")
+    parser.add_argument("--folder", default=DEFAULT_FOLDER, help="checkpoint folder (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is "
+                        "reported (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode: new tokens (default: %(default)s)")
+    parser.add_argument("--no-hf", action="store_true", help="decode: skip the Hugging Face comparison")
+    parser.add_argument("--lengths", type=int_list, default=[100, 1000, 4000],
+                        help="compress: approximate system-turn lengths (default: 100,1000,4000)")
+    parser.add_argument("--memory-lengths", type=int_list, default=[1000, 4000],
+                        help="h2o-memory: lengths L (default: 1000,4000)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        return memory_probe(args.folder, args.memory_probe[0], int(args.memory_probe[1]))
+
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):
+        parser.error(f"no checkpoint in {args.folder}: run `python3 weights/prepare.py` first")
+    print(f"nanokv bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"model {os.path.relpath(args.folder, ROOT)}")
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "folder": args.folder}
+    for name in sections:
+        start = time.perf_counter()
+        results[name] = SECTIONS[name](args)
+        print(f"({name}: {time.perf_counter() - start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
