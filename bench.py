@@ -10,7 +10,8 @@ Sections (each prints one plain table):
   compress    time of `cache.compress` per policy as a fraction of the system turn's prefill time,
               for system turns of about 100, 1,000 and 4,000 tokens at ratio 0.5 (target: <= 10%)
   h2o-memory  peak extra memory of blockwise H2O scoring (policies.h2o) vs the full L x L matrix
-  batch       placeholder: prompts per minute at batch 1/4/8/16 (not implemented yet)
+  batch       prompts per minute of the default evaluate.py workload at batch 1/4/8/16, float32
+              and bfloat16, and KV-cache memory per row
 
 Timings are medians of `--repeats` runs with the ours/HF (or policy) runs interleaved, since
 the machine is shared and noisy. transformers is used only here, never by the project itself.
@@ -325,23 +326,55 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status: the memory probe needs Linux")
 
 
-# ----------------------------------------------------------------------------- batch (later)
+# ----------------------------------------------------------------------------- batch
 
 def bench_batch(args) -> dict:
-    """PLACEHOLDER, not implemented yet: prompts per minute at batch 1, 4, 8 and 16.
+    """Prompts per minute of the default evaluate.py workload at several batch sizes.
 
-    Planned: the same chat prompts (system + user turn), right-padded, compressed and generated
-    in batches of 1/4/8/16 rows; report prompts/minute and decode tokens/s per batch size.
+    The jobs are exactly those of `python evaluate.py` with its defaults, except for the
+    policies, ratios and number of prompts (--batch-prompts, --batch-ratios): built-in
+    prompts, defense first, 96 new tokens. Each batch size runs the same jobs through
+    experiment.run_batch; we report prompts/minute, generated tokens/s, the speed-up over
+    batch 1, and the KV-cache memory per row (keys + values of the compressed system turn
+    and the answer, all layers).
     """
-    print("\nbatch: placeholder, not implemented yet (prompts per minute at batch 1/4/8/16)")
-    return {"status": "not implemented"}
+    import evaluate
+    from experiment import load_model_and_tokenizer, run_batch, setup
+
+    rows, out = [], {}
+    for dtype in args.batch_dtypes.split(","):
+        flags = evaluate.parse_args(["--policy", "tova", "--ratios", args.batch_ratios, "--limit", str(args.batch_prompts),
+                                     "--dtype", dtype, "--model", args.folder])
+        plan = setup(flags)
+        model, tok = load_model_and_tokenizer(flags)
+        jobs, _ = evaluate.build_jobs(flags, model, tok, *plan)
+        base = None
+        for batch_size in args.batch_sizes:
+            tokens, start = 0, time.perf_counter()
+            for i in range(0, len(jobs), batch_size):
+                results = run_batch(model, jobs[i:i + batch_size], flags.max_new_tokens)
+                tokens += sum(len(r["answers"][0]) for r in results)
+            seconds = time.perf_counter() - start
+            per_minute = len(jobs) / seconds * 60
+            base = base or per_minute
+            a = model.args
+            entries = sum(r["report"]["n_kept"] for r in results) / len(results) + flags.max_new_tokens
+            row_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * entries * model.dtype.itemsize / 2**20
+            rows.append([dtype, batch_size, len(jobs), per_minute, tokens / seconds, per_minute / base, row_mb])
+            out[f"{dtype}/{batch_size}"] = {"prompts_per_minute": per_minute, "tokens_per_s": tokens / seconds,
+                                            "speedup": per_minute / base, "kv_mb_per_row": row_mb}
+            print(f"  {dtype} batch {batch_size}: {per_minute:.1f} prompts/min", file=sys.stderr, flush=True)
+    print_table(f"batch: the default evaluate.py workload (tova, ratios {args.batch_ratios}, "
+                f"{args.batch_prompts} built-in prompts, 96 new tokens)",
+                ["dtype", "batch", "jobs", "prompts/min", "tokens/s", "vs batch 1", "KV MB/row"], rows)
+    return out
 
 
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
             "batch": bench_batch}
-DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory"]
+DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory", "batch"]
 
 
 def int_list(text: str) -> list[int]:
@@ -362,6 +395,11 @@ def main(argv=None):
                         help="compress: approximate system-turn lengths (default: 100,1000,4000)")
     parser.add_argument("--memory-lengths", type=int_list, default=[1000, 4000],
                         help="h2o-memory: lengths L (default: 1000,4000)")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 4, 8, 16],
+                        help="batch: batch sizes (default: 1,4,8,16)")
+    parser.add_argument("--batch-prompts", type=int, default=16, help="batch: built-in prompts (default: %(default)s)")
+    parser.add_argument("--batch-ratios", default="0.5", help="batch: ratios (default: %(default)s)")
+    parser.add_argument("--batch-dtypes", default="float32,bfloat16", help="batch: dtypes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)

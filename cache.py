@@ -159,14 +159,35 @@ class KVCache:
 
     # ------------------------------------------------------------------ reuse
 
-    def checkpoint(self) -> tuple:
-        """The cache's state (e.g. the compressed system turn) to come back to with restore()."""
-        return self.length, self.valid[:, :self.length].clone(), self.next_pos.clone()
+    def select_rows(self, index: torch.Tensor):
+        """Keep only these batch rows, in this order (generation drops the rows that finished)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.valid, self.next_pos = self.valid.index_select(0, index), self.next_pos.index_select(0, index)
+        self.kept = [k.index_select(0, index) for k in self.kept]
+        self.system_len = None if self.system_len is None else self.system_len.index_select(0, index)
+        self.batch_size = len(index)
 
-    def restore(self, state: tuple):
-        """Drop everything written after `checkpoint()`: the slots below it were never touched."""
-        length, valid, next_pos = state
-        self.length = length
+    def checkpoint(self) -> dict:
+        """A copy of the cache's state (e.g. the compressed system turn) to come back to with restore()."""
+        n = self.length
+        return dict(length=n, keys=[k[:, :, :n].clone() for k in self.keys],
+                    values=[v[:, :, :n].clone() for v in self.values], valid=self.valid[:, :n].clone(),
+                    next_pos=self.next_pos.clone(), kept=self.kept, system_len=self.system_len)
+
+    def restore(self, state: dict):
+        """Return to a checkpoint: its rows, entries and positions, bit for bit; later writes are dropped."""
+        n, rows = state["length"], state["valid"].shape[0]
+        if rows != self.batch_size or self.capacity < n:
+            self.batch_size = rows
+            self.keys = [torch.zeros(rows, self.kv_heads, n + 64, self.head_dim, dtype=self.dtype, device=self.device)
+                         for _ in range(self.n_layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+            self.valid = torch.zeros(rows, n + 64, dtype=torch.bool, device=self.device)
+        for layer in range(self.n_layers):
+            self.keys[layer][:, :, :n] = state["keys"][layer]
+            self.values[layer][:, :, :n] = state["values"][layer]
         self.valid.zero_()
-        self.valid[:, :length] = valid
-        self.next_pos = next_pos.clone()
+        self.valid[:, :n] = state["valid"]
+        self.length, self.next_pos = n, state["next_pos"].clone()
+        self.kept, self.system_len = state["kept"], state["system_len"]

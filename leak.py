@@ -220,11 +220,16 @@ def plot_figures(summary: dict, out: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     results = summary["results"]
+    policies = sorted({s.split("|")[0] for s in results})
+    def style(setting):                    # colour = policy, line = remedy
+        policy, remedy = setting.split("|")
+        dashes = {"none": "-", "whitelist": "--", "fair": ":", "both": "-."}.get(remedy, "-")
+        return dict(color=f"C{policies.index(policy)}", linestyle=dashes, marker="o", label=setting)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for s, rows in results.items():
         rs = [float(r) for r in rows]
-        line, = ax1.plot(rs, [rows[r]["rouge_recall"]["directive"] for r in rows], marker="o", label=s)
-        ax2.plot(rs, [rows[r]["leak_rate"] for r in rows], marker="o", color=line.get_color(), label=s)
+        ax1.plot(rs, [rows[r]["rouge_recall"]["directive"] for r in rows], **style(s))
+        ax2.plot(rs, [rows[r]["leak_rate"] for r in rows], **style(s))
     ax1.set(title="Leakage: ROUGE-L recall of the directive", xlabel="compression ratio r", ylabel="mean recall")
     ax2.set(title="Leak rate (recall > threshold)", xlabel="compression ratio r", ylabel="share of answers")
     ax1.legend(fontsize=7)
@@ -237,7 +242,7 @@ def plot_figures(summary: dict, out: str) -> list[str]:
     for s, rows in results.items():
         xs = [rows[r]["rouge_recall"]["directive"] for r in rows]
         ys = [rows[r]["directive_following"]["instruction_strict"] for r in rows]
-        ax.plot(xs, ys, marker="o", label=s)
+        ax.plot(xs, ys, **style(s))
         for r, x, y in zip(rows, xs, ys):
             if x is not None and y is not None:
                 ax.annotate(f"{float(r):g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")

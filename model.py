@@ -335,22 +335,26 @@ def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_t
 
     Each row stops at its first stop id (kept out of the output) or after `max_new_tokens`.
     Positions continue from the cache's, so a compressed cache keeps its original positions.
+    A finished row leaves the batch (cache.select_rows), so it stops costing work; a caller
+    that needs the rows again takes cache.checkpoint() before and restore()s after.
     """
     stop = torch.tensor(list(model.eos_ids if stop_ids is None else stop_ids), device=tokens.device, dtype=torch.long)
-    B = tokens.shape[0]
+    answers = [[] for _ in range(tokens.shape[0])]
+    rows = list(range(tokens.shape[0]))                             # the original row of each live batch entry
     logits = model(tokens, cache, real)                              # (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-    out = []
-    for _ in range(max_new_tokens):
-        next_token = logits.argmax(-1)                               # (B,)
-        done |= torch.isin(next_token, stop)
-        if bool(done.all()):
-            break
-        out.append(torch.where(done, -1, next_token))
-        if len(out) == max_new_tokens:
-            break
-        logits = model(next_token[:, None], cache, real=~done[:, None])
-    if not out:
-        return [[] for _ in range(B)]
-    rows = torch.stack(out, 1).tolist()
-    return [[t for t in row if t >= 0] for row in rows]
+    for step in range(max_new_tokens):
+        next_token = logits.argmax(-1)                               # (B_live,)
+        finished = torch.isin(next_token, stop)
+        for row, token, done in zip(rows, next_token.tolist(), finished.tolist()):
+            if not done:
+                answers[row].append(token)
+        if bool(finished.any()):
+            live = (~finished).nonzero()[:, 0]
+            if len(live) == 0:
+                break
+            cache.select_rows(live)
+            rows = [rows[i] for i in live.tolist()]
+            next_token = next_token[live]
+        if step + 1 < max_new_tokens:
+            logits = model(next_token[:, None], cache)
+    return answers

@@ -52,7 +52,7 @@ def tokens_for(model, seed=7):
 
 
 def compressed(model, system, spec):
-    cache = model.new_cache()
+    cache = model.new_cache(system.shape[0])
     cache.record_queries = True
     model(system, cache)
     cache.compress(spec)
@@ -100,8 +100,8 @@ def test_restore_returns_to_the_compressed_state_bit_identically(tiny_model):
     before = [(k[:, :, :cache.length].clone(), v[:, :, :cache.length].clone()) for k, v in zip(cache.keys, cache.values)]
     first = generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[])            # grows the buffers too
     cache.restore(saved)
-    assert cache.length == saved[0] and torch.equal(cache.next_pos, saved[2])
-    assert torch.equal(cache.valid[:, :cache.length], saved[1]) and not cache.valid[:, cache.length:].any()
+    assert cache.length == saved["length"] and torch.equal(cache.next_pos, saved["next_pos"])
+    assert torch.equal(cache.valid[:, :cache.length], saved["valid"]) and not cache.valid[:, cache.length:].any()
     for (k0, v0), k, v in zip(before, cache.keys, cache.values):
         assert torch.equal(k0, k[:, :, :cache.length]) and torch.equal(v0, v[:, :, :cache.length])
     assert generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[]) == first
@@ -143,3 +143,22 @@ def test_batched_rows_compress_like_rows_alone(tiny_model, policy):
         for a, b in zip(batch.kept, alone.kept):
             assert torch.equal(a[row, :, :lengths[row]], b[0])
         assert answers[row] == generate(tiny_model, alone, users[row:row + 1, :user_lengths[row]], 10, stop_ids=[])[0]
+
+
+def test_rows_that_finish_leave_the_batch_and_restore_brings_them_back(tiny_model):
+    gen = torch.Generator().manual_seed(12)
+    systems = torch.randint(0, tiny_model.args.vocab_size, (3, L), generator=gen)
+    users = torch.randint(0, tiny_model.args.vocab_size, (3, USER), generator=gen)
+    spec = Compression("tova", 0.5)
+    free = []
+    for row in range(3):
+        alone = compressed(tiny_model, systems[row:row + 1], spec)
+        free.append(generate(tiny_model, alone, users[row:row + 1], 12, stop_ids=[])[0])
+    stop = [free[1][3]]                                                   # row 1 finishes early, others maybe
+    expected = [answer[:answer.index(stop[0])] if stop[0] in answer else answer for answer in free]
+    batch = compressed(tiny_model, systems, spec)
+    saved = batch.checkpoint()
+    assert generate(tiny_model, batch, users, 12, stop_ids=stop) == expected
+    assert batch.batch_size < 3                                           # the finished row left the batch
+    batch.restore(saved)
+    assert batch.batch_size == 3 and generate(tiny_model, batch, users, 12, stop_ids=[]) == free
