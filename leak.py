@@ -36,7 +36,7 @@ from evaluate import accuracy, fmt, mean, plot_keep_rates, _save
 from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, load_model_and_tokenizer,
                         main_guard, model_fingerprint, prepare_job, read_records, run_jobs, setup, write_json)
 
-DEFAULTS = dict(policy="streaming_llm,snapkv", ratios="0,0.25,0.5,0.75", defense="defense-first", limit=16,
+DEFAULTS = dict(policy="streaming_llm,snapkv", ratios="0,0.5,0.7", defense="defense-first", limit=16,
                 max_new_tokens=64, dtype="float32", batch_size=8, out="runs/leak")
 REMEDIES = ("none", "whitelist", "fair", "both")
 GAIN_RATIOS = (0.4, 0.5, 0.6, 0.7)
