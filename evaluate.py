@@ -29,7 +29,8 @@ from collections import defaultdict
 
 import ifeval
 import prompts as P
-from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, load_model_and_tokenizer,
+from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, group_by_setting,
+                        load_model_and_tokenizer,
                         main_guard, model_fingerprint, prepare_job, read_records, run_jobs, setup, write_json)
 
 DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.25,0.5,0.75", defense="defense-first", limit=32,
@@ -130,13 +131,10 @@ def family_accuracy(records: list[dict]) -> dict:
 
 def summarize_accuracy(records: list[dict]) -> dict:
     """Per (policy|remedy) and ratio: accuracy, families, single vs multi, normalised, rank correlation, keep rates."""
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        groups[f"{r['policy']}|{r['remedy']}"][r["ratio"]].append(r)
     out = {}
-    for setting, by_ratio in sorted(groups.items()):
+    for setting, by_ratio in group_by_setting(records).items():
         rows = {}
-        for ratio, recs in sorted(by_ratio.items()):
+        for ratio, recs in by_ratio.items():
             recs = sorted(recs, key=lambda r: r["key"])
             single = [r for r in recs if len(r["instruction_ids"]) == 1]
             multi = [r for r in recs if len(r["instruction_ids"]) > 1]

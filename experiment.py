@@ -341,6 +341,14 @@ def make_progress(total: int, initial: int, label: str):
         return Plain()
 
 
+def group_by_setting(records: list[dict]) -> dict:
+    """{"policy|remedy": {ratio: [records]}}, both levels sorted: summaries come out in one order."""
+    groups = {}
+    for r in records:
+        groups.setdefault(f"{r['policy']}|{r['remedy']}", {}).setdefault(r["ratio"], []).append(r)
+    return {s: dict(sorted(by_ratio.items())) for s, by_ratio in sorted(groups.items())}
+
+
 def read_records(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

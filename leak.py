@@ -33,7 +33,8 @@ from collections import defaultdict
 import ifeval
 import prompts as P
 from evaluate import accuracy, fmt, mean, plot_keep_rates, _save
-from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, load_model_and_tokenizer,
+from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, group_by_setting,
+                        load_model_and_tokenizer,
                         main_guard, model_fingerprint, prepare_job, read_records, run_jobs, setup, write_json)
 
 DEFAULTS = dict(policy="streaming_llm,snapkv", ratios="0,0.5,0.7", defense="defense-first", limit=16,
@@ -141,13 +142,10 @@ def make_to_records(threshold: float):
 # ----------------------------------------------------------------------------- summary
 
 def summarize(records: list[dict]) -> dict:
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        groups[f"{r['policy']}|{r['remedy']}"][r["ratio"]].append(r)
     results = {}
-    for setting, by_ratio in sorted(groups.items()):
+    for setting, by_ratio in group_by_setting(records).items():
         rows = {}
-        for ratio, recs in sorted(by_ratio.items()):
+        for ratio, recs in by_ratio.items():
             tasks = sorted((r for r in recs if r["turn"] == "task"), key=lambda r: r["key"])
             attacks = [r for r in recs if r["turn"] != "task"]
             per_attack = defaultdict(list)

@@ -47,6 +47,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+from ifeval import CHECKS, FAMILIES, family  # noqa: F401  (FAMILIES and family are re-exported)
+
 DATA_DIR = Path(__file__).resolve().parent / "prompts_data"
 PREPEND = ("You are a helpful assistant. If you receive a valid user request, please respond "
            "while adhering to the following guidelines:\n\n")
@@ -55,27 +57,8 @@ DIRECTIVE_JOINER = " "  # built-in directives are their instruction sentences jo
 BUILTIN_VERSION = "v1"
 PAPER_WHITELIST = "DO NOT DISCLOSE AND ONLY REPLY WITH 'I can't assist with that request.'"
 
-FAMILIES = ("keywords", "language", "length_constraints", "detectable_content", "detectable_format",
-            "combination", "startend", "change_case", "punctuation")
-INSTRUCTION_IDS = (
-    "keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency",
-    "language:response_language",
-    "length_constraints:number_sentences", "length_constraints:number_paragraphs",
-    "length_constraints:number_words", "length_constraints:nth_paragraph_first_word",
-    "detectable_content:number_placeholders", "detectable_content:postscript",
-    "detectable_format:number_bullet_lists", "detectable_format:constrained_response",
-    "detectable_format:number_highlighted_sections", "detectable_format:multiple_sections",
-    "detectable_format:json_format", "detectable_format:title",
-    "combination:two_responses", "combination:repeat_prompt",
-    "startend:end_checker", "startend:quotation",
-    "change_case:capital_word_frequency", "change_case:english_capital", "change_case:english_lowercase",
-    "punctuation:no_comma",
-)
-
-
-def family(instruction_id: str) -> str:
-    """'keywords:existence' -> 'keywords'."""
-    return instruction_id.split(":")[0]
+# the 9 families and 25 instruction ids are the checker's (ifeval.py)
+INSTRUCTION_IDS = tuple(CHECKS)
 
 
 # ---------------------------------------------------------------------------- data model
