@@ -64,7 +64,8 @@ def build_jobs(args, model, tok, policies, ratios, defense, prompts):
         for ratio in ratios:
             for prompt in prompts:
                 job = Job(policy, ratio, remedy, prompt, P.build_system_message(prompt, defense), [("task", prompt.task)])
-                prepare_job(job, encode, model, args.whitelist or [], args.fair, args.debias, args.max_new_tokens)
+                prepare_job(job, encode, model, args.whitelist or [], args.fair, args.debias, args.max_new_tokens,
+                            args.seed)
                 jobs.append(job)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     settings.update(prompts=P.prompts_fingerprint(prompts), model_files=model_fingerprint(args.model))

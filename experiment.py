@@ -134,7 +134,8 @@ def token_spans(encoding, char_spans) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def prepare_job(job: Job, encode, model, whitelist: list[str], fair: str, debias: float, max_new_tokens: int):
+def prepare_job(job: Job, encode, model, whitelist: list[str], fair: str, debias: float, max_new_tokens: int,
+                seed: int = 0):
     """Tokenise the job's turns, find its spans and whitelist, and build its Compression. Raises UsageError.
 
     `encode(system, user)` is the tokenizer's chat_ids (memoised by the caller: jobs share prompts).
@@ -175,7 +176,7 @@ def prepare_job(job: Job, encode, model, whitelist: list[str], fair: str, debias
         pieces += list(zip(bounds, bounds[1:]))
         partitions = token_spans(system, sorted(pieces))
     job.spec = Compression(job.policy, job.ratio, partitions=partitions, whitelist=sorted(set(positions)) or None,
-                           debias=debias if partitions else 1.0, options={"seed": 0} if job.policy == "random" else {})
+                           debias=debias if partitions else 1.0, options={"seed": seed} if job.policy == "random" else {})
 
 
 # ----------------------------------------------------------------------------- running

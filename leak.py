@@ -47,8 +47,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser, DEFAULTS)
     parser.add_argument("--remedy", default="none,whitelist,fair",
-                        help=f"comma list of {', '.join(REMEDIES)}: whitelist = the defense's must-keep phrase, "
-                             "fair = equal keep rate for defense and directive (default %(default)s)")
+                        help=f"comma list of {', '.join(REMEDIES)}: whitelist = never evict the defense's must-keep "
+                             "phrase (or the --whitelist phrases), fair = equal keep rate for defense and directive "
+                             "(or the --fair partitioning), both = the two together (default %(default)s)")
     parser.add_argument("--attack", action="append", metavar="FILE_OR_NAME",
                         help="an attack text file (e.g. the paper's plain__prompt1.txt), a folder of them, or a "
                              f"built-in attack name ({', '.join(P.BUILTIN_ATTACKS)}); repeatable "
@@ -90,13 +91,14 @@ def build_jobs(args, model, tok, policies, ratios, defense, prompts, remedies, a
     jobs = []
     for policy in policies:
         for remedy in remedies:
-            whitelist = ["defense"] if remedy in ("whitelist", "both") else (args.whitelist or [])
-            fair = "defense" if remedy in ("fair", "both") else args.fair
+            # --remedy says when a remedy applies; --whitelist / --fair say what it is
+            whitelist = (args.whitelist or ["defense"]) if remedy in ("whitelist", "both") else []
+            fair = (args.fair if args.fair != "none" else "defense") if remedy in ("fair", "both") else "none"
             for ratio in ratios:
                 for prompt in prompts:
                     turns = [(name, prompt.task if name == "task" else text) for name, text in users]
                     job = Job(policy, ratio, remedy, prompt, P.build_system_message(prompt, defense), turns)
-                    prepare_job(job, encode, model, whitelist, fair, args.debias, args.max_new_tokens)
+                    prepare_job(job, encode, model, whitelist, fair, args.debias, args.max_new_tokens, args.seed)
                     jobs.append(job)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     settings.update(prompts=P.prompts_fingerprint(prompts), model_files=model_fingerprint(args.model),
