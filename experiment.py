@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -325,21 +324,9 @@ def run_jobs(jobs: list[Job], model, tok, folder: RunFolder, batch_size: int, ma
 
 
 def make_progress(total: int, initial: int, label: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, initial=initial, desc=label, unit="prompt", file=sys.stderr,
-                    disable=None if sys.stderr.isatty() else False, mininterval=2.0)
-    except ImportError:                                                  # a plain fallback
-        class Plain:
-            n, t0 = initial, time.time()
-            def update(self, k):
-                self.n += k
-                rate = (self.n - initial) / max(time.time() - self.t0, 1e-9)
-                left = (total - self.n) / rate if rate else float("nan")
-                print(f"{label}: {self.n}/{total} prompts, {rate:.2f}/s, {left:.0f}s left", file=sys.stderr)
-            def close(self):
-                pass
-        return Plain()
+    """A progress bar on stderr with prompts per second and time left."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=label, unit="prompt", file=sys.stderr, mininterval=2.0)
 
 
 def group_by_setting(records: list[dict]) -> dict:
