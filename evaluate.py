@@ -201,7 +201,7 @@ def plot_accuracy_figures(summary: dict, out: str) -> list[str]:
             ax.set_xlabel("compression ratio r")
             ax.set_ylabel("instruction accuracy (strict)")
     axes[0][1].legend(fontsize=7, loc="upper right")
-    written.append(_save(fig, out, "fig2_family_accuracy.png"))
+    written.append(save_figure(fig, out, "fig2_family_accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in settings:
@@ -210,7 +210,7 @@ def plot_accuracy_figures(summary: dict, out: str) -> list[str]:
             ax.plot(ratios(s), [float("nan") if y is None else y for y in ys], style, marker="o", label=f"{s} ({kind})")
     ax.set(title="Rank correlation of family accuracies vs r = 0", xlabel="compression ratio r", ylabel="Spearman rho")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out, "fig3_rank_correlation.png"))
+    written.append(save_figure(fig, out, "fig3_rank_correlation.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in settings:
@@ -219,7 +219,7 @@ def plot_accuracy_figures(summary: dict, out: str) -> list[str]:
                 label=f"{s} loose")
     ax.set(title="Instruction-level accuracy", xlabel="compression ratio r", ylabel="accuracy")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out, "fig4_average_accuracy.png"))
+    written.append(save_figure(fig, out, "fig4_average_accuracy.png"))
 
     written.append(plot_keep_rates(summary, out))
     return written
@@ -243,10 +243,10 @@ def plot_keep_rates(summary: dict, out: str) -> str:
                     color=line.get_color(), label=f"{s} defense")
     ax.set(title="Eviction bias: share of each span kept", xlabel="compression ratio r", ylabel="keep rate")
     ax.legend(fontsize=7)
-    return _save(fig, out, "fig8_keep_rates.png")
+    return save_figure(fig, out, "fig8_keep_rates.png")
 
 
-def _save(fig, out: str, name: str) -> str:
+def save_figure(fig, out: str, name: str) -> str:
     import matplotlib.pyplot as plt
     path = os.path.join(out, name)
     fig.tight_layout()

@@ -85,12 +85,17 @@ def parse_ratios(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def parse_policies(text: str) -> list[str]:
+def parse_choices(text: str, choices, what: str) -> list[str]:
+    """A comma list of names, each one of `choices`; an unknown name is a UsageError listing them."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     for name in names:
-        if name not in POLICIES:
-            raise UsageError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}")
+        if name not in choices:
+            raise UsageError(f"unknown {what} {name!r}: choose from {', '.join(choices)}")
     return names
+
+
+def parse_policies(text: str) -> list[str]:
+    return parse_choices(text, POLICIES, "policy")
 
 
 def load_prompts(args) -> list[P.Prompt]:

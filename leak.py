@@ -32,8 +32,9 @@ from collections import defaultdict
 
 import ifeval
 import prompts as P
-from evaluate import accuracy, fmt, mean, plot_keep_rates, _save
+from evaluate import accuracy, fmt, mean, plot_keep_rates, save_figure
 from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, group_by_setting,
+                        parse_choices,
                         load_model_and_tokenizer,
                         main_guard, model_fingerprint, prepare_job, read_records, run_jobs, setup, write_json)
 
@@ -73,14 +74,6 @@ def load_attacks(specs: list[str] | None) -> list[P.Attack]:
     if len(set(names)) != len(names):
         raise UsageError(f"--attack: two attacks share a name ({names})")
     return attacks
-
-
-def parse_remedies(text: str) -> list[str]:
-    remedies = [r.strip() for r in text.split(",") if r.strip()]
-    for r in remedies:
-        if r not in REMEDIES:
-            raise UsageError(f"unknown --remedy {r!r}: choose from {', '.join(REMEDIES)}")
-    return remedies
 
 
 def build_jobs(args, model, tok, policies, ratios, defense, prompts, remedies, attacks):
@@ -233,7 +226,7 @@ def plot_figures(summary: dict, out: str) -> list[str]:
     ax1.set(title="Leakage: ROUGE-L recall of the directive", xlabel="compression ratio r", ylabel="mean recall")
     ax2.set(title="Leak rate (recall > threshold)", xlabel="compression ratio r", ylabel="share of answers")
     ax1.legend(fontsize=7)
-    written = [_save(fig, out, "fig5_leakage.png")]
+    written = [save_figure(fig, out, "fig5_leakage.png")]
 
     keep = {s: {r: {"keep": row["keep"]} for r, row in rows.items()} for s, rows in results.items()}
     written.append(plot_keep_rates(keep, out))
@@ -249,14 +242,14 @@ def plot_figures(summary: dict, out: str) -> list[str]:
     ax.set(title="Trade-off: directive following vs leakage (labels: r)", xlabel="leakage (directive ROUGE-L recall)",
            ylabel="directive accuracy (instruction, strict)")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out, "fig_tradeoff.png"))
+    written.append(save_figure(fig, out, "fig_tradeoff.png"))
     return written
 
 
 def main(argv=None):
     args = parse_args(argv)
     plan = setup(args)
-    remedies = parse_remedies(args.remedy)
+    remedies = parse_choices(args.remedy, REMEDIES, "--remedy")
     attacks = load_attacks(args.attack)
     if not 0 <= args.leak_threshold <= 1:
         raise UsageError(f"--leak-threshold {args.leak_threshold} is outside [0, 1]")

@@ -251,21 +251,21 @@ def select_kept(spec: Compression, queries, keys, values) -> torch.Tensor:
     n_kept = spec.budget(L)
     if n_kept >= L:
         return torch.arange(L, device=keys.device).expand(H, L)
-    score = POLICIES[spec.policy]
     if spec.whitelist and not all(0 <= p < L for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {L})")
+
+    def ranked(spans):                     # the policy's scores (H, L), whitelist lifted
+        return rank_keys(POLICIES[spec.policy](queries, keys, values, spans, **spec.options)[0], spec.whitelist)
+
     whole = [(0, L)]
     if not spec.partitions or spec.debias == 0:
-        ranked = rank_keys(score(queries, keys, values, whole, **spec.options)[0], spec.whitelist)
-        return top_per_span(ranked, whole, torch.full((H, 1), n_kept))
+        return top_per_span(ranked(whole), whole, torch.full((H, 1), n_kept))
     spans = covering_spans(spec.partitions, L)
     lengths = torch.tensor([float(e - s) for s, e in spans])
     quotas = largest_remainder(lengths, n_kept).expand(H, -1)                     # (H, n_spans) fair shares
     if spec.debias < 1:
-        plain = rank_keys(score(queries, keys, values, whole, **spec.options)[0], spec.whitelist)
-        plain_kept = plain.topk(n_kept, dim=-1).indices.cpu()                        # (H, n_kept)
+        plain_kept = ranked(whole).topk(n_kept, dim=-1).indices.cpu()               # (H, n_kept)
         plain_counts = torch.stack([((plain_kept >= s) & (plain_kept < e)).sum(-1) for s, e in spans], -1)
         blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
         quotas = largest_remainder(blend.float(), n_kept)
-    ranked = rank_keys(score(queries, keys, values, spans, **spec.options)[0], spec.whitelist)
-    return top_per_span(ranked, spans, quotas)
+    return top_per_span(ranked(spans), spans, quotas)
