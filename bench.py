@@ -7,9 +7,11 @@
 Sections (each prints one plain table):
   decode      prefill and decode tokens/s at batch 1, float32 and bfloat16, on the default model;
               with transformers installed, the same for HF `generate` on the same folder, and ours/HF
-  compress    time of `cache.compress` per policy as a fraction of the system turn's prefill time,
-              for system turns of about 100, 1,000 and 4,000 tokens at ratio 0.5 (target: <= 10%)
-  h2o-memory  peak extra memory of blockwise H2O scoring (policies.h2o) vs the full L x L matrix
+  compress    what compression adds per policy, as a fraction of the system turn's prefill time:
+              `cache.compress`, plus for H2O the prefill's extra time to sum its scores, for
+              system turns of about 100, 1,000 and 4,000 tokens at ratio 0.5 (target: <= 10%)
+  h2o-memory  peak extra memory of H2O's sums (in the prefill, or its own blockwise pass) vs the
+              full L x L matrix
   batch       prompts per minute of the default evaluate.py workload at batch 1/4/8/16, float32
               and bfloat16, and KV-cache memory per row
 
@@ -31,7 +33,7 @@ import time
 
 import torch
 
-from model import ModelArgs, generate, load_model, prefill
+from model import ModelArgs, attention_with_received, generate, load_model, prefill
 from policies import Compression, h2o
 from tokenizer import load_tokenizer
 
@@ -198,9 +200,13 @@ def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0) -> list[int
 
 
 def bench_compress(args) -> dict:
-    """Time of cache.compress (every layer: score, select, gather) over the system turn's prefill time.
+    """What compression adds to the system turn's prefill, per policy, as a fraction of it.
 
-    The prefill is the protocol's: a fresh cache with record_queries on. It is timed `repeats`
+    The base is the protocol's prefill: a fresh cache with record_queries on. For every policy
+    but H2O the cost is the time of cache.compress (all layers: score, select, gather). H2O
+    takes its sums from the prefill (record_received, as run_batch does), so its cost is the
+    extra time of that prefill plus its compress. "h2o own pass" is H2O scoring without them
+    (h2o's blockwise pass, which fair eviction uses). Prefills are timed interleaved, `repeats`
     times (fewer for long turns); each compress runs on a copy of one recorded cache.
     """
     tokenizer = load_tokenizer(args.folder)
@@ -210,30 +216,42 @@ def bench_compress(args) -> dict:
     for target in args.lengths:
         ids = torch.tensor([synthetic_system_turn(tokenizer, target)])                  # (1, L)
         L = ids.shape[1]
-        repeats = args.repeats if L <= 1500 else max(1, min(args.repeats, 2))
+        repeats = args.repeats if L <= 1500 else max(1, min(args.repeats, 3))
 
-        def recorded_prefill():
+        def recorded_prefill(received: bool):
             cache = model.new_cache(capacity=L + 64)
             cache.record_queries = True
+            cache.record_received = received
             prefill(model, cache, ids)
             return cache
 
-        prefill_s = statistics.median(timed(recorded_prefill) for _ in range(repeats))
-        recorded = recorded_prefill()
-        compress_s = {name: [] for name in POLICY_NAMES}
+        times = {False: [], True: []}
+        for _ in range(repeats):                                                        # interleaved
+            for received in times:
+                times[received].append(timed(lambda: recorded_prefill(received)))
+        prefill_s, received_s = statistics.median(times[False]), statistics.median(times[True])
+        recorded = {received: recorded_prefill(received) for received in times}
+        runs = [(name, name != "h2o") for name in POLICY_NAMES] + [("h2o", True)]       # (policy, own pass)
+        compress_s = {run: [] for run in runs}
         for _ in range(args.repeats):                                                   # interleaved
-            for name in POLICY_NAMES:
-                cache = copy.deepcopy(recorded)
-                compress_s[name].append(timed(lambda: cache.compress(Compression(name, ratio=0.5))))
+            for name, own_pass in runs:
+                cache = copy.deepcopy(recorded[not own_pass])
+                compress_s[(name, own_pass)].append(timed(lambda: cache.compress(Compression(name, ratio=0.5))))
                 del cache
-        medians = {name: statistics.median(t) for name, t in compress_s.items()}
-        rows.append([L, 1000 * prefill_s] + [f"{100 * medians[name] / prefill_s:.1f}%" for name in POLICY_NAMES]
-                    + [1000 * medians["h2o"]])
-        results[str(L)] = {"prefill_s": prefill_s, "compress_s": medians,
-                           "fraction": {name: medians[name] / prefill_s for name in POLICY_NAMES}}
-    print_table(f"compress: time of cache.compress(ratio 0.5) / prefill time, all {model.args.n_layers} layers, "
-                f"median of {args.repeats} (target <= 10% at L >= 1000)",
-                ["L", "prefill ms"] + list(POLICY_NAMES) + ["h2o ms"], rows)
+        medians = {run: statistics.median(t) for run, t in compress_s.items()}
+        cost = {name: medians[(name, True)] for name in POLICY_NAMES if name != "h2o"}
+        cost["h2o"] = received_s - prefill_s + medians[("h2o", False)]
+        cost["h2o own pass"] = medians[("h2o", True)]
+        fraction = {name: c / prefill_s for name, c in cost.items()}
+        rows.append([L, 1000 * prefill_s] + [f"{100 * fraction[name]:.1f}%" for name in cost]
+                    + [1000 * (received_s - prefill_s), 1000 * medians[("h2o", False)]])
+        results[str(L)] = {"prefill_s": prefill_s, "prefill_with_received_s": received_s,
+                           "cost_s": cost, "fraction": fraction}
+    names = [n for n in POLICY_NAMES if n != "h2o"] + ["h2o", "h2o own pass"]
+    print_table(f"compress: what compression (ratio 0.5) adds to the system prefill, all {model.args.n_layers} "
+                f"layers, median of {args.repeats} (target <= 10% at L >= 1000); h2o = the prefill's "
+                "extra time for its sums + its compress",
+                ["L", "prefill ms"] + names + ["h2o sums in prefill ms", "h2o compress ms"], rows)
     over = [f"{name} at L={L} ({100 * r['fraction'][name]:.1f}%)" for L, r in results.items() if int(L) >= 1000
             for name in POLICY_NAMES if r["fraction"][name] > 0.10]
     print("over the 10% target: " + (", ".join(over) if over else "none"))
@@ -243,28 +261,31 @@ def bench_compress(args) -> dict:
 # ----------------------------------------------------------------------------- h2o-memory
 
 def bench_h2o_memory(args) -> dict:
-    """Peak extra memory of H2O's scoring of one layer: blockwise (policies.h2o) vs the full matrix.
+    """Peak extra memory of H2O's sums for one layer: in the prefill, in its own pass, as a full matrix.
 
     analytic: bytes of the largest intermediates alive at once, float32.
-      blockwise: a block's logits and its softmax, (H, block, L) each, plus the (H, L) sums
-      full:      the logits and the softmax of every head, (H, L, L) each, plus the (L, L) bool mask
+      in prefill: model.attention_with_received (block 64): a block's logits and probabilities,
+                  (H, 64, L) each, the keys and values copied twice, the output and the sums
+      own pass:   policies.h2o (block 32): a block's logits and its softmax, (H, 32, L) each,
+                  plus the (H, L) sums
+      full:       the logits and the softmax of every head, (H, L, L) each, plus the (L, L) bool mask
     measured: growth of the peak resident memory (VmHWM in /proc/self/status) of a fresh process
       while it scores one layer of random queries/keys with the default model's shapes, after a
       warm-up; it includes what the allocator keeps, so it is an upper bound of the live bytes.
     """
     shape = model_shape(args.folder)
-    H, block = shape.n_heads, 32                                 # 32: policies.h2o's default block
+    H, kv, D = shape.n_heads, shape.n_kv_heads, shape.head_dim
     rows, results = [], {}
     for L in args.memory_lengths:
-        analytic = {"blockwise": 4 * (2 * H * min(block, L) * L + 2 * H * L), "full": 4 * 2 * H * L * L + L * L}
-        measured = {method: _peak_growth_in_subprocess(args, method, L) for method in ("blockwise", "full")}
-        rows.append([L, _mb(analytic["blockwise"]), _mb(measured["blockwise"]), _mb(analytic["full"]),
-                     _mb(measured["full"]), f"{measured['full'] / max(measured['blockwise'], 1):.0f}x"])
+        analytic = {"in prefill": 4 * (2 * H * min(64, L) * L + 4 * kv * L * D + H * L * D + 2 * kv * L),
+                    "own pass": 4 * (2 * H * min(32, L) * L + 2 * H * L), "full": 4 * 2 * H * L * L + L * L}
+        measured = {method: _peak_growth_in_subprocess(args, method, L) for method in analytic}
+        rows.append([L] + [f"{_mb(analytic[m])} / {_mb(measured[m])}" for m in analytic]
+                    + [f"{measured['full'] / max(measured['in prefill'], 1):.0f}x"])
         results[str(L)] = {"analytic_bytes": analytic, "measured_bytes": measured}
-    print_table(f"h2o-memory: peak extra memory of scoring one layer ({H} query heads, float32); "
-                "analytic = largest live intermediates, measured = peak RSS growth in a fresh process",
-                ["L", "blockwise analytic MB", "blockwise measured MB", "full LxL analytic MB",
-                 "full LxL measured MB", "full/blockwise"], rows)
+    print_table(f"h2o-memory: peak extra memory of H2O's sums for one layer ({H} query heads, float32), MB: "
+                "analytic (largest live intermediates) / measured (peak RSS growth in a fresh process)",
+                ["L", "in prefill", "own pass", "full LxL", "full / in prefill"], rows)
     return results
 
 
@@ -299,7 +320,8 @@ def full_matrix_h2o(queries, keys):
 def memory_probe(folder: str, method: str, L: int):
     """Run in a fresh process: print the growth of peak RSS (bytes) while scoring one layer."""
     shape = model_shape(folder)
-    score = {"blockwise": lambda q, k: h2o(q, k, k, [(0, q.shape[2])]), "full": full_matrix_h2o}[method]
+    score = {"in prefill": lambda q, k: attention_with_received(q, k, k, None),
+             "own pass": lambda q, k: h2o(q, k, k, [(0, q.shape[2])]), "full": full_matrix_h2o}[method]
     def inputs(n):
         gen = torch.Generator().manual_seed(0)
         return (torch.randn(1, shape.n_heads, n, shape.head_dim, generator=gen),

@@ -11,6 +11,7 @@ The paper's protocol (PAPER.md §2), in calls a reader can follow:
 
     cache = model.new_cache()
     cache.record_queries = True          # the next forward is the system turn's prefill
+    cache.record_received = True         # (H2O only) it also sums the attention each key receives
     model(system_ids, cache)             # every layer hands its q, k, v to `update`
     cache.compress(Compression("snapkv", ratio=0.5))   # policies.py chooses, we gather
     saved = cache.checkpoint()
@@ -37,6 +38,8 @@ class KVCache:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next original position
         self.record_queries = False      # set before the system prefill: keep each layer's queries for the policy
         self.queries: list[torch.Tensor | None] = [None] * n_layers      # (B, H, L, D) while recording
+        self.record_received = False     # also sum the attention each key receives (what H2O reads), see
+        self.received: list[torch.Tensor | None] = [None] * n_layers     # model.attention_with_received; (B, H_kv, L)
         self.kept: list[torch.Tensor] = []    # after compress: per layer (B, H_kv, L) bool, True = kept
         self.system_len: torch.Tensor | None = None                      # (B,) L of each row, after compress
         self._write_start = 0
@@ -50,8 +53,9 @@ class KVCache:
     def begin(self, real: torch.Tensor):
         """Reserve slots for a chunk of tokens; return their positions (B, T) and the attention mask.
 
-        `real` (B, T) is False for padding. The mask (B, 1, T, S) lets a query see the valid
-        slots up to its own (and always its own slot, so padding never yields an empty row).
+        `real` (B, T) is False for padding. The mask (B, 1, T, S) lets a real query see the
+        valid slots up to its own, and a padding query only its own slot (never an empty row,
+        and padding pays no attention to real keys).
         It is None when there are no holes and plain causal attention is exact: a one-token
         step sees every slot, and a chunk that starts at slot 0 (T == S) sees the causal
         triangle, which attention then computes without a mask, skipping the masked half.
@@ -68,7 +72,8 @@ class KVCache:
         slots = torch.arange(self.length, device=self.device)
         own = start + torch.arange(T, device=self.device)
         causal = slots[None, :] <= own[:, None]                           # (T, S)
-        visible = self.valid[:, None, :self.length] | (slots[None, None, :] == own[None, :, None])  # (B, T, S)
+        own_slot = slots[None, None, :] == own[None, :, None]                             # (1, T, S)
+        visible = (self.valid[:, None, :self.length] & real[:, :, None]) | own_slot       # (B, T, S)
         return positions, (causal[None] & visible)[:, None]
 
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -78,6 +83,8 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         if self.record_queries:
             self.queries[layer] = q                                       # (B, H, T, D), post-RoPE
+        if self.record_received and start != 0:
+            raise RuntimeError("record_received needs the system prefill to start an empty cache")
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def _reserve(self, needed: int):
@@ -125,8 +132,10 @@ class KVCache:
             kept = torch.zeros(self.batch_size, self.kv_heads, self.length, dtype=torch.bool, device=self.device)
             for b, (s, L, n) in enumerate(zip(specs, lengths, n_kept)):
                 row = slice(b, b + 1)
+                received = self.received[layer]
                 chosen = select_kept(s, self.queries[layer][row, :, :L], self.keys[layer][row, :, :L],
-                                     self.values[layer][row, :, :L])   # (H_kv, n) sorted
+                                     self.values[layer][row, :, :L],
+                                     None if received is None else received[row, :, :L])  # (H_kv, n) sorted
                 index[b, :, :n] = chosen
                 kept[b].scatter_(1, chosen, True)
             gather = index[..., None].expand(-1, -1, -1, self.head_dim)   # (B, H_kv, n_kept, D)
@@ -136,8 +145,8 @@ class KVCache:
         self.valid[:, :new_length] = torch.arange(new_length, device=self.device)[None] < torch.tensor(n_kept, device=self.device)[:, None]
         self.length = new_length
         self._resize(new_length + 64)                                     # memory really shrinks
-        self.queries = [None] * self.n_layers
-        self.record_queries = False
+        self.queries, self.received = [None] * self.n_layers, [None] * self.n_layers
+        self.record_queries = self.record_received = False
         self.system_len = system_len
         return [self._report(b, s, L, n) for b, (s, L, n) in enumerate(zip(specs, lengths, n_kept))]
 

@@ -24,7 +24,7 @@ import torch
 
 import prompts as P
 from model import DTYPES, generate, load_model
-from policies import POLICIES, Compression, covering_spans
+from policies import POLICIES, Compression, covering_spans, reads_received
 from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
@@ -202,6 +202,7 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     tokens, real = pad([j.system_ids for j in jobs], device)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + 16)
     cache.record_queries = True
+    cache.record_received = any(reads_received(j.spec) for j in jobs)  # H2O: sum attention in the prefill
     model(tokens, cache, real=real)                                     # the system turn's prefill
     reports = cache.compress([j.spec for j in jobs])                    # once, in every layer
     compressed = cache.checkpoint()

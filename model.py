@@ -5,8 +5,9 @@ explicit KV cache (cache.py). The modules come in reading order: config, RMSNorm
 Attention, FeedForward, TransformerBlock, Transformer, then loading and generation.
 
 The attention layer is where the data meets the cache: it writes its RoPE'd keys and
-values into the cache and hands over its queries, so that after the system turn's prefill
-`cache.compress(...)` can ask a policy (policies.py) which entries to keep.
+values into the cache and hands over its queries (and, for H2O, the attention each key
+received), so that after the system turn's prefill `cache.compress(...)` can ask a policy
+(policies.py) which entries to keep.
 
 Names of parameters follow Hugging Face (`q_proj`, `input_layernorm`, ...), so a
 checkpoint loads with no renaming beyond the leading "model.".
@@ -152,11 +153,60 @@ class Attention(nn.Module):
         # the cache stores k, v (and, during a system prefill, q for the policy) and
         # returns every key and value this layer may attend to
         keys, values = cache.update(self.layer_idx, q, k, v)                           # (B, H_kv, S, D)
-        # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
-        # and is plainly causal, which lets attention skip the masked half of its work
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
+        if cache.record_received:
+            # H2O's scores are the attention each key receives: sum it in the prefill's own pass
+            y, cache.received[self.layer_idx] = attention_with_received(q, keys, values, mask)
+        else:
+            # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
+            # and is plainly causal, which lets attention skip the masked half of its work
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention_with_received(q, k, v, mask, block: int | None = None):
+    """Attention over a chunk that starts the cache, which also sums what each key receives.
+
+    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T) as cache.begin
+    makes it. Returns the output (B, H, T, D) in q's dtype and received (B, H_kv, T), float32:
+    sum over query heads sharing the KV head and over queries q of softmax(q . k) -- exactly
+    what H2O ranks keys by (policies.h2o). Summing it here costs a fraction of a second
+    attention pass, which would recompute every q . k (kvpress reads the same sums from eager
+    attention weights, PAPER.md section 3).
+
+    Blocks of `block` queries see only the keys up to their last one, so memory is
+    O(block * T) per head, never T x T. The query heads sharing a KV head are stacked into
+    one matmul per block, cut in two halves so that the batch of matmuls is even and splits
+    evenly over CPU threads. Probabilities are float32, normalised after the matmuls:
+    y = (exp(s - max) @ v) / sum and received += (1 / sum) @ exp(s - max).
+    """
+    B, H, T, D = q.shape
+    kv, group = k.shape[1], H // k.shape[1]
+    block = block or (64 if q.device.type == "cpu" else 512)   # 64: a block's logits stay in a CPU core's cache
+    queries = (q.float() * D ** -0.5).view(B, kv, group, T, D)
+    keys_t = k.float().transpose(2, 3).repeat_interleave(2, dim=1).view(B * kv, 2, D, T)  # each KV head twice
+    values = v.float().repeat_interleave(2, dim=1).view(B * kv, 2, T, D)
+    y = torch.empty(B, kv, group, T, D, device=q.device)
+    received = torch.zeros(B * kv, 2, T, device=q.device)
+    size = B * kv * group * min(block, T) * T
+    logits_buffer, probs_buffer = torch.empty(size, device=q.device), torch.empty(size, device=q.device)  # reused
+    future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        n = end - start
+        halves = 2 if group * n % 2 == 0 else 1                 # an odd last block runs as one matmul per KV head
+        shape = (B * kv * halves, group * n // halves, end)     # (matmuls, stacked query rows, keys seen)
+        rows = queries[:, :, :, start:end].reshape(shape[:2] + (D,))
+        logits = torch.bmm(rows, keys_t[:, :halves, :, :end].reshape(-1, D, end), out=logits_buffer[:math.prod(shape)].view(shape))
+        if mask is None:
+            logits.view(B, kv, group, n, end)[..., start:].masked_fill_(future[:n, :n], -math.inf)
+        else:
+            logits.view(B, kv, group, n, end).masked_fill_(~mask[:, :, None, start:end, :end], -math.inf)
+        probs = torch.softmax(logits, -1, out=probs_buffer[:math.prod(shape)].view(shape))
+        y[:, :, :, start:end] = torch.bmm(probs, values[:, :halves, :end].reshape(-1, end, D)).view(B, kv, group, n, D)
+        ones = torch.ones(shape[0], 1, shape[1], device=q.device)
+        received[:, :halves, :end] += torch.bmm(ones, probs).view(B * kv, halves, end)   # sum over the queries
+    return y.view(B, H, T, D).to(q.dtype), received.sum(1).view(B, kv, T)
 
 
 class FeedForward(nn.Module):

@@ -14,6 +14,11 @@ A policy is called on one row of the system turn's prefill:
             on its own terms (its own window, its own anchor, its own recency), and the
             selection gives each span its share of the budget.
 
+H2O may also be handed `received` (1, H_kv, L): the attention each key received during the
+prefill, summed over queries and the query heads sharing the KV head. The prefill computes
+it when `cache.record_received` is on (model.attention_with_received), far cheaper than a
+second pass over every q . k; without it, h2o computes the same sums itself.
+
 Tokens a policy must never drop (sinks, SnapKV's window, TOVA's anchor) get +inf.
 Attention probabilities are computed in float32. Adding a policy = one function and one
 line in POLICIES.
@@ -70,10 +75,11 @@ def streaming_llm(queries, keys, values, spans, n_sink: int = 4):
     return scores.expand(1, keys.shape[1], L)
 
 
-def h2o(queries, keys, values, spans, block: int = 32):
+def h2o(queries, keys, values, spans, received=None, block: int = 32):
     """H2O as kvpress's ObservedAttention: mean attention a key receives from the queries that see it.
 
-    score[k] = sum_q A[q, k] / (number of queries that see k), GQA mean. With partitions, the
+    score[k] = sum_q A[q, k] / (number of queries that see k), GQA mean. The plain policy takes
+    the sums from the prefill when it recorded them (`received`). With partitions, the
     attention that a later span's queries pay to an earlier span's keys is removed, so a key
     counts only its own span's queries (softmax rows are not renormalised). The sums are
     accumulated over blocks of `block` queries, each reading only the keys it can see: memory
@@ -81,6 +87,9 @@ def h2o(queries, keys, values, spans, block: int = 32):
     block's own span are one slice.
     """
     H, L = queries.shape[1], keys.shape[2]
+    if received is not None and len(spans) == 1:
+        seen_by = torch.arange(L, 0, -1, device=keys.device)                      # L - k queries see key k
+        return received / (H // keys.shape[1]) / seen_by
     queries, keys = queries.float(), keys.float()                                 # convert once, not per block
     totals = torch.zeros(H, L, device=keys.device)                                # (H, L)
     n_queries = torch.zeros(L, device=keys.device)                                # (L,) queries that see k
@@ -155,6 +164,9 @@ def full(queries, keys, values, spans):
     return torch.zeros(1, keys.shape[1], keys.shape[2], device=keys.device)
 
 
+# the policies that read `received` when the prefill recorded it (cache.record_received)
+READS_RECEIVED = {"h2o"}
+
 POLICIES = {
     "streaming_llm": streaming_llm,
     "h2o": h2o,
@@ -205,6 +217,12 @@ class Compression:
         return max(1, int(L * (1 - self.ratio)))  # kvpress's int(), plus its later clamp to 1
 
 
+def reads_received(spec: Compression) -> bool:
+    """Whether compressing with `spec` can use the attention sums a prefill records (cache.record_received)."""
+    plain_scores = not spec.partitions or spec.debias < 1           # fair eviction scores span by span
+    return spec.policy in READS_RECEIVED and spec.ratio > 0 and plain_scores
+
+
 def covering_spans(partitions, L: int) -> list[tuple[int, int]]:
     """Stretch sorted, disjoint partitions into contiguous spans that cover [0, L)."""
     parts = sorted(partitions)
@@ -245,7 +263,7 @@ def top_per_span(keys_to_rank: torch.Tensor, spans, quotas: torch.Tensor) -> tor
     return torch.stack(kept)
 
 
-def select_kept(spec: Compression, queries, keys, values) -> torch.Tensor:
+def select_kept(spec: Compression, queries, keys, values, received=None) -> torch.Tensor:
     """Kept positions (H_kv, n_kept), sorted, for one row and one layer."""
     H, L = keys.shape[1], keys.shape[2]
     n_kept = spec.budget(L)
@@ -254,8 +272,12 @@ def select_kept(spec: Compression, queries, keys, values) -> torch.Tensor:
     if spec.whitelist and not all(0 <= p < L for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {L})")
 
+    options = dict(spec.options)
+    if received is not None and spec.policy in READS_RECEIVED:
+        options["received"] = received
+
     def ranked(spans):                     # the policy's scores (H, L), whitelist lifted
-        return rank_keys(POLICIES[spec.policy](queries, keys, values, spans, **spec.options)[0], spec.whitelist)
+        return rank_keys(POLICIES[spec.policy](queries, keys, values, spans, **options)[0], spec.whitelist)
 
     whole = [(0, L)]
     if not spec.partitions or spec.debias == 0:

