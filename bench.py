@@ -206,8 +206,8 @@ def bench_compress(args) -> dict:
     but H2O the cost is the time of cache.compress (all layers: score, select, gather). H2O
     takes its sums from the prefill (record_received, as run_batch does), so its cost is the
     extra time of that prefill plus its compress. "h2o own pass" is H2O scoring without them
-    (h2o's blockwise pass, which fair eviction uses). Prefills are timed interleaved, `repeats`
-    times (fewer for long turns); each compress runs on a copy of one recorded cache.
+    (h2o's blockwise pass, which fair eviction uses). Prefills with and without the sums are
+    timed interleaved, `repeats` times each; each compress runs on a copy of one recorded cache.
     """
     tokenizer = load_tokenizer(args.folder)
     model = load_model(args.folder)
@@ -216,7 +216,6 @@ def bench_compress(args) -> dict:
     for target in args.lengths:
         ids = torch.tensor([synthetic_system_turn(tokenizer, target)])                  # (1, L)
         L = ids.shape[1]
-        repeats = args.repeats if L <= 1500 else max(1, min(args.repeats, 3))
 
         def recorded_prefill(received: bool):
             cache = model.new_cache(capacity=L + 64)
@@ -226,7 +225,7 @@ def bench_compress(args) -> dict:
             return cache
 
         times = {False: [], True: []}
-        for _ in range(repeats):                                                        # interleaved
+        for _ in range(args.repeats):                                                   # interleaved
             for received in times:
                 times[received].append(timed(lambda: recorded_prefill(received)))
         prefill_s, received_s = statistics.median(times[False]), statistics.median(times[True])

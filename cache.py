@@ -40,6 +40,7 @@ class KVCache:
         self.queries: list[torch.Tensor | None] = [None] * n_layers      # (B, H, L, D) while recording
         self.record_received = False     # also sum the attention each key receives (what H2O reads), see
         self.received: list[torch.Tensor | None] = [None] * n_layers     # model.attention_with_received; (B, H_kv, L)
+        self.scratch: dict = {}          # its work buffers, lent from layer to layer during that prefill
         self.kept: list[torch.Tensor] = []    # after compress: per layer (B, H_kv, L) bool, True = kept
         self.system_len: torch.Tensor | None = None                      # (B,) L of each row, after compress
         self._write_start = 0
@@ -145,7 +146,7 @@ class KVCache:
         self.valid[:, :new_length] = torch.arange(new_length, device=self.device)[None] < torch.tensor(n_kept, device=self.device)[:, None]
         self.length = new_length
         self._resize(new_length + 64)                                     # memory really shrinks
-        self.queries, self.received = [None] * self.n_layers, [None] * self.n_layers
+        self.queries, self.received, self.scratch = [None] * self.n_layers, [None] * self.n_layers, {}
         self.record_queries = self.record_received = False
         self.system_len = system_len
         return [self._report(b, s, L, n) for b, (s, L, n) in enumerate(zip(specs, lengths, n_kept))]
