@@ -208,6 +208,11 @@ def bench_compress(args) -> dict:
     extra time of that prefill plus its compress. "h2o own pass" is H2O scoring without them
     (h2o's blockwise pass, which fair eviction uses). Prefills with and without the sums are
     timed interleaved, `repeats` times each; each compress runs on a copy of one recorded cache.
+
+    A whole prefill varies by several percent from run to run on a shared machine, so the
+    sums' cost is also measured where it arises, with less noise: one layer's attention with
+    the model's shapes, flash (SDPA) vs attention_with_received, interleaved, 5 x `repeats`
+    times; the difference times the number of layers, over the prefill, is "h2o (attention)".
     """
     tokenizer = load_tokenizer(args.folder)
     model = load_model(args.folder)
@@ -241,20 +246,41 @@ def bench_compress(args) -> dict:
         cost = {name: medians[(name, True)] for name in POLICY_NAMES if name != "h2o"}
         cost["h2o"] = received_s - prefill_s + medians[("h2o", False)]
         cost["h2o own pass"] = medians[("h2o", True)]
+        flash_s, sums_s = attention_times(model.args, L, 5 * args.repeats)
+        cost["h2o (attention)"] = model.args.n_layers * (sums_s - flash_s) + medians[("h2o", False)]
         fraction = {name: c / prefill_s for name, c in cost.items()}
         rows.append([L, 1000 * prefill_s] + [f"{100 * fraction[name]:.1f}%" for name in cost]
-                    + [1000 * (received_s - prefill_s), 1000 * medians[("h2o", False)]])
+                    + [1000 * (received_s - prefill_s), 1000 * flash_s, 1000 * sums_s, 1000 * medians[("h2o", False)]])
         results[str(L)] = {"prefill_s": prefill_s, "prefill_with_received_s": received_s,
+                           "layer_attention_s": {"flash": flash_s, "with_sums": sums_s},
                            "cost_s": cost, "fraction": fraction}
-    names = [n for n in POLICY_NAMES if n != "h2o"] + ["h2o", "h2o own pass"]
+    names = [n for n in POLICY_NAMES if n != "h2o"] + ["h2o", "h2o own pass", "h2o (attention)"]
     print_table(f"compress: what compression (ratio 0.5) adds to the system prefill, all {model.args.n_layers} "
                 f"layers, median of {args.repeats} (target <= 10% at L >= 1000); h2o = the prefill's "
                 "extra time for its sums + its compress",
-                ["L", "prefill ms"] + names + ["h2o sums in prefill ms", "h2o compress ms"], rows)
+                ["L", "prefill ms"] + names + ["h2o sums in prefill ms", "layer flash ms", "layer with sums ms",
+                                               "h2o compress ms"], rows)
     over = [f"{name} at L={L} ({100 * r['fraction'][name]:.1f}%)" for L, r in results.items() if int(L) >= 1000
             for name in POLICY_NAMES if r["fraction"][name] > 0.10]
     print("over the 10% target: " + (", ".join(over) if over else "none"))
     return results
+
+
+def attention_times(shape: ModelArgs, L: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one layer's causal attention over L tokens: flash (SDPA) and with H2O's sums."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, shape.n_heads, L, shape.head_dim, generator=gen)
+    k, v = (torch.randn(1, shape.n_kv_heads, L, shape.head_dim, generator=gen) for _ in range(2))
+    scratch = {}                                             # as the cache lends it from layer to layer
+    runs = {"flash": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            "sums": lambda: attention_with_received(q, k, v, None, scratch=scratch)}
+    times = {name: [] for name in runs}
+    for name, run in runs.items():
+        run()                                                # warm up
+    for _ in range(repeats):                                 # interleaved
+        for name, run in runs.items():
+            times[name].append(timed(run))
+    return statistics.median(times["flash"]), statistics.median(times["sums"])
 
 
 # ----------------------------------------------------------------------------- h2o-memory
