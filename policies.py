@@ -272,9 +272,9 @@ def select_kept(spec: Compression, queries, keys, values, received=None) -> torc
     if spec.whitelist and not all(0 <= p < L for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {L})")
 
-    options = dict(spec.options)
-    if received is not None and spec.policy in READS_RECEIVED:
-        options["received"] = received
+    options = spec.options
+    if received is not None and reads_received(spec):      # H2O: the sums the prefill recorded
+        options = dict(options, received=received)
 
     def ranked(spans):                     # the policy's scores (H, L), whitelist lifted
         return rank_keys(POLICIES[spec.policy](queries, keys, values, spans, **options)[0], spec.whitelist)
