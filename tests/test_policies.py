@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from policies import (POLICIES, Compression, covering_spans, h2o, knorm, largest_remainder, snapkv,
+from policies import (POLICIES, Compression, covering_spans, h2o, knorm, largest_remainder, select_kept, snapkv,
                       streaming_llm, tova)
 
 L = 45
@@ -228,3 +228,30 @@ def test_bad_specs_are_clear_errors():
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="outside"):
             Compression("tova", bad)
+
+
+@pytest.mark.parametrize("policy", ["tova", "snapkv", "h2o"])
+def test_whitelist_larger_than_budget_keeps_the_best_scored_whitelisted(policy):
+    """Half the tokens whitelisted, budget below that: exactly the best-scored whitelisted tokens stay.
+
+    Attention-sized scores (1e-6 .. 1e-3) must not collapse into ties when the whitelist is
+    ranked above the rest (issue: a constant lift in float32 did that at L = 2,000).
+    """
+    n, heads, kv_heads, dim = 2000, 4, 2, 16
+    for trial in range(20):
+        g = torch.Generator().manual_seed(trial)
+        q = torch.randn(1, heads, n, dim, generator=g)
+        k = torch.randn(1, kv_heads, n, dim, generator=g)
+        whitelist = sorted(torch.randperm(n, generator=g)[:n // 2].tolist())
+        spec = Compression(policy, 0.8, whitelist=whitelist)
+        kept = select_kept(spec, q, k, k)                                        # (H_kv, n_kept)
+        scores = POLICIES[policy](q, k, k, [(0, n)])[0]                          # (H_kv, n)
+        budget = spec.budget(n)
+        for h in range(kv_heads):
+            protected = (scores[h] == math.inf).nonzero()[:, 0].tolist()        # sinks, windows, anchors
+            listed = [p for p in whitelist if p not in protected]
+            best = sorted(listed, key=lambda p: float(scores[h, p]), reverse=True)[:budget - len(protected)]
+            expected = sorted(float(scores[h, p]) for p in best)
+            chosen = [p for p in kept[h].tolist() if p not in protected]
+            assert set(protected) <= set(kept[h].tolist()) and set(chosen) <= set(listed), (trial, h)
+            assert sorted(float(scores[h, p]) for p in chosen) == expected, (trial, h)  # ties may swap positions
