@@ -6,6 +6,7 @@ registered into policies.POLICIES only while a test runs (pytest's monkeypatch r
 afterwards), so the project's list of policies stays as it is. To add a policy for real, put
 the function in policies.py and its line in POLICIES, as the doc shows.
 """
+import json
 import math
 
 import pytest
@@ -112,8 +113,6 @@ def test_fair_eviction_takes_the_reference_top_of_each_span(registered, tiny_mod
 
 def test_evaluate_runs_the_new_policy(registered, default_model_folder, tmp_path, capsys):
     """What `python evaluate.py --policy value_norm` does once the policy is in policies.py."""
-    import json
-
     import evaluate
     out = tmp_path / "run"
     evaluate.main(["--policy", "value_norm", "--ratios", "0,0.5", "--limit", "2", "--max-new-tokens", "4",
