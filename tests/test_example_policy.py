@@ -111,7 +111,7 @@ def test_fair_eviction_takes_the_reference_top_of_each_span(registered, tiny_mod
 
 # ----------------------------------------------------------------------------- run it (step 3)
 
-def test_evaluate_runs_the_new_policy(registered, default_model_folder, tmp_path, capsys):
+def test_evaluate_runs_the_new_policy(registered, default_model_folder, tmp_path):
     """What `python evaluate.py --policy value_norm` does once the policy is in policies.py."""
     import evaluate
     out = tmp_path / "run"
@@ -120,7 +120,7 @@ def test_evaluate_runs_the_new_policy(registered, default_model_folder, tmp_path
     records = [json.loads(line) for line in open(out / "responses.jsonl")]
     assert sorted((r["policy"], r["ratio"]) for r in records) == [("value_norm", 0.0)] * 2 + [("value_norm", 0.5)] * 2
     assert all(r["n_kept"] == int(r["system_tokens"] * 0.5) for r in records if r["ratio"] == 0.5)
-    assert "value_norm|none" in capsys.readouterr().out
+    assert set(json.load(open(out / "summary.json"))["results"]) == {"value_norm|none"}
 
 
 def test_the_project_policy_list_is_unchanged():
