@@ -528,3 +528,36 @@ def test_template_errors_are_one_line(bpe_folders, tmp_path):
     (folder / "chat_template.jinja").write_bytes(b"\xff{{ x }}")
     with pytest.raises(ValueError, match=r"chat_template\.jinja is not UTF-8 text"):
         load_tokenizer(folder)
+
+
+def test_corrupt_tokenizer_files_give_one_line(tmp_path, bpe_folders):
+    data = json.loads((bpe_folders / "qwen2" / "tokenizer.json").read_text())
+    merges = data["model"]["merges"]
+    cases = [  # (tokenizer.json, tokenizer_config.json, the error)
+        ([], {}, r"tokenizer\.json holds a JSON list, not an object"),
+        (data, "just a string", r"tokenizer_config\.json holds a JSON str, not an object"),
+        ({**data, "model": {**data["model"], "merges": [["a", "b", "c"]] + merges}}, {},
+         r"tokenizer\.json: merge \['a', 'b', 'c'\] is not two tokens"),
+        ({**data, "model": {**data["model"], "merges": [[1, 2]]}}, {}, r"merge \[1, 2\] is not two tokens"),
+        (data, {"eos_token": ["<|im_end|>"]}, r"tokenizer_config\.json 'eos_token' is \['<\|im_end\|>'\], not a string"),
+        (data, {"bos_token": 5}, r"'bos_token' is 5, not a string"),
+        (data, {"chat_template": 7}, r"tokenizer_config\.json: 'chat_template' is of type int, not a string"),
+        (data, {"chat_template": ["x"]}, r"'chat_template' is a list, but not of \{\"name\", \"template\"\} objects"),
+    ]
+    for n, (tokenizer_json, config, expected) in enumerate(cases):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=expected) as error:
+            load_tokenizer(folder)
+        assert "\n" not in str(error.value)
+    (tmp_path / "dir" / "tokenizer.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"tokenizer\.json cannot be read \(Is a directory\)"):
+        load_tokenizer(tmp_path / "dir")
+    named = tmp_path / "named"  # named templates without a "default" one: no chat template, and says so
+    named.mkdir()
+    (named / "tokenizer.json").write_text(json.dumps(data))
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}]}))
+    with pytest.raises(ValueError, match="none named 'default' in its list"):
+        load_tokenizer(named).chat_ids("a", "b")
