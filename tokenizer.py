@@ -15,8 +15,10 @@ iterations, calls and the size of what it builds; see "chat templates" below); o
 """
 import contextvars
 import functools
+import itertools
 import json
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,8 +28,10 @@ from pathlib import Path
 import jinja2
 import jinja2.ext
 from jinja2 import nodes
-from jinja2.runtime import LoopContext
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 
 # The GPT-2 pre-tokenizer regex, used by ByteLevel(use_regex=true).
@@ -217,22 +221,27 @@ def _read_json(path: Path) -> dict:
 # --- chat templates ------------------------------------------------------------------------------------------
 # A chat template comes with a downloaded checkpoint: it is untrusted code. Jinja's sandbox keeps it away from
 # Python's internals, not from working forever or filling memory (two nested loops over range(99999) never end;
-# 'x' * 10**10 asks for 10 GB in one step). So one rendering gets a budget, and a template that overspends it is
-# refused with _TemplateOverBudget:
-# - steps: every loop iteration and every call (macro, function, method) costs one, MAX_TEMPLATE_STEPS in all.
+# 'x' * 10**10 asks for 10 GB in one step). So each rendering runs on a budget, and a template that overspends
+# it is refused with _TemplateOverBudget:
+# - steps: every loop iteration and every call (macro, function, method) is a step, MAX_TEMPLATE_STEPS in all.
 #   Loops are metered by a rewrite of the parsed template (each loop body starts by taking a step), calls by the
-#   sandbox's `call`, which every call in a sandboxed template goes through.
-# - size: no string, list or tuple it builds, and not its output, may hold more than MAX_TEMPLATE_CHARS items,
-#   no integer more than MAX_TEMPLATE_INT_BITS bits. What can grow a value by a large factor in one step is
-#   checked before it runs: `*`, `**`, the width of center/indent/batch/slice, a width in a format string. The
-#   rest (`+`, `~`, `%`, calls, filters) is checked on its result, which then is at most a few times a size that
-#   passed the check. A normal template takes a few steps per message and writes only the chat.
-# The sandbox cannot bound everything a filter might do with a huge nested value (Jinja's authors advise OS
-# limits for hostile templates); these bounds catch runaway loops, recursion and text blown up by operators.
+#   sandbox's `call`, which every call in a sandboxed template goes through. Each step also checks the clock
+#   (MAX_TEMPLATE_SECONDS), a last resort for steps that each do a lot of work.
+# - size: no string, list or tuple may hold more than MAX_TEMPLATE_CHARS items, nor the output; no integer more
+#   than MAX_TEMPLATE_INT_BITS bits; and all values built together at most MAX_TEMPLATE_BUILT items. Whatever can
+#   blow a value up in one go is checked before it runs: `*` and `**`; a size argument (center, indent, batch,
+#   slice, str.ljust...); a width in a format string; `replace`; `join`; and turning a value into text (output,
+#   `~`, `%`, filters), measured on the value's text form. What remains (`+`, results of calls and filters) is
+#   checked and counted after it is built, which then is at most a few times the size of checked operands.
+# A real template takes a few steps per message and builds little more than the chat. These bounds do not cover
+# every path a hostile template could find through Jinja's filters; run checkpoints you do not trust under OS
+# limits too.
 MAX_TEMPLATE_STEPS = 100_000
+MAX_TEMPLATE_SECONDS = 10.0
 MAX_TEMPLATE_CHARS = 10_000_000
+MAX_TEMPLATE_BUILT = 100_000_000
 MAX_TEMPLATE_INT_BITS = 100_000
-_WIDTH_FILTERS = ("center", "indent", "batch", "slice")  # an integer argument sets the size of their result
+_SIZE_ARGUMENTS = ("center", "indent", "batch", "slice", "ljust", "rjust", "zfill")  # an int sets the result's size
 
 
 class _TemplateOverBudget(Exception):
@@ -245,7 +254,8 @@ class _TemplateRaised(jinja2.TemplateError):
 
 class _Budget:
     def __init__(self):
-        self.steps_left = MAX_TEMPLATE_STEPS
+        self.steps_left, self.built_left = MAX_TEMPLATE_STEPS, MAX_TEMPLATE_BUILT
+        self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
 
 
 _budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("chat template budget")  # one per rendering
@@ -257,20 +267,65 @@ def _take_step(value=None):
     budget.steps_left -= 1
     if budget.steps_left < 0:
         raise _TemplateOverBudget(f"it takes more than {MAX_TEMPLATE_STEPS} loop iterations and calls")
+    if time.monotonic() > budget.deadline:
+        raise _TemplateOverBudget(f"it runs for more than {MAX_TEMPLATE_SECONDS:g} seconds")
     return value
 
 
-def _within_size(value, made_by: str):
-    if isinstance(value, (str, list, tuple)) and len(value) > MAX_TEMPLATE_CHARS:
-        raise _TemplateOverBudget(f"{made_by} made a value of {len(value)} items (the limit is {MAX_TEMPLATE_CHARS})")
+def _refuse_size(size: int, what: str):
+    if size > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{what} of {size} items (the limit is {MAX_TEMPLATE_CHARS})")
+
+
+def _text_size(value, limit: int = MAX_TEMPLATE_CHARS) -> int:
+    """About len(str(value)), counted only until it passes `limit`: a huge nested value is cheap to measure."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 1
+    if isinstance(value, Namespace):
+        value = value._Namespace__attrs  # what its repr shows
+    if isinstance(value, dict):
+        items = itertools.chain.from_iterable(value.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    else:  # floats, None, Undefined, Jinja's loop and macro objects: short texts
+        return len(str(value))
+    size = 2
+    for item in items:
+        size += _text_size(item, limit - size) + 2
+        if size > limit:
+            break
+    return size
+
+
+def _as_text(value, made_by: str):
+    if _text_size(value) > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{made_by} got a value of more than {MAX_TEMPLATE_CHARS} characters as text")
+    return value
+
+
+def _built(value, made_by: str):
+    """Check and count a value the template just built."""
     if isinstance(value, int) and value.bit_length() > MAX_TEMPLATE_INT_BITS:
         raise _TemplateOverBudget(f"{made_by} made an integer of more than {MAX_TEMPLATE_INT_BITS} bits")
+    if isinstance(value, (str, list, tuple, dict)):
+        _refuse_size(len(value), f"{made_by} made a value")
+        budget = _budget.get()
+        budget.built_left -= len(value)
+        if budget.built_left < 0:
+            raise _TemplateOverBudget(f"it builds more than {MAX_TEMPLATE_BUILT} items in all")
     return value
 
 
 def _check_format_string(text, made_by: str):
     if isinstance(text, str) and (width := re.search(r"\d{8,}", text)):
         raise _TemplateOverBudget(f"{made_by} asks for a width of {width.group()} characters in a format string")
+
+
+def _check_joined(separator: str, items, made_by: str):
+    if isinstance(items, (list, tuple)) and _text_size(items) + len(separator) * len(items) > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{made_by} would make a text of more than {MAX_TEMPLATE_CHARS} characters")
 
 
 def _bounded_range(*args):
@@ -283,18 +338,41 @@ def _bounded_range(*args):
 def _bounded_filter(name: str, function):
     @functools.wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
     def bounded(*args, **kwargs):
-        if name in _WIDTH_FILTERS:
-            for size in [*args[1:], *kwargs.values()]:
-                if isinstance(size, int) and size > MAX_TEMPLATE_CHARS:
-                    raise _TemplateOverBudget(f"the filter {name!r} was asked for a size of {size}")
+        value, *rest = [a for a in args if not isinstance(a, (Context, EvalContext, jinja2.Environment))] or [None]
+        _as_text(value, f"the filter {name!r}")
+        if name in _SIZE_ARGUMENTS:
+            for size in [*rest, *kwargs.values()]:
+                if isinstance(size, int):
+                    _refuse_size(size, f"the filter {name!r} was asked for a size")
         if name == "format":
-            _check_format_string(args[0] if args else None, "the filter 'format'")
-        return _within_size(function(*args, **kwargs), f"the filter {name!r}")
+            _check_format_string(value, "the filter 'format'")
+        if name == "join":
+            _check_joined(str(kwargs.get("d", rest[0] if rest else "")), value, "the filter 'join'")
+        return _built(function(*args, **kwargs), f"the filter {name!r}")
     return bounded
 
 
+def _check_str_method(text: str, name: str, args: tuple, kwargs: dict):
+    """The size a str method's result would have, checked before it runs, for the methods that can blow up."""
+    made_by = f"str.{name}"
+    if name in _SIZE_ARGUMENTS and args and isinstance(args[0], int):
+        _refuse_size(args[0], f"{made_by} was asked for a size")
+    if name == "expandtabs":
+        tabsize = args[0] if args else kwargs.get("tabsize", 8)
+        _refuse_size(len(text) + text.count("\t") * max(tabsize, 0), f"{made_by} would make a text")
+    if name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        old, new = args[:2]
+        _refuse_size(len(text) + (text.count(old) if old else len(text) + 1) * len(new), f"{made_by} would make a text")
+    if name == "join" and args:
+        _check_joined(text, args[0], made_by)
+    if name in ("format", "format_map"):
+        _check_format_string(text, made_by)
+        _as_text([*args, *kwargs.values()], made_by)
+
+
 class _MeterLoopsAndConcatenation(NodeTransformer):
-    """Rewrites a parsed template: every loop body starts with a step; every `~` result is size-checked."""
+    """Rewrites a parsed template: every loop body starts with a step; `~` measures its operands' text first
+    and checks and counts its result."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         node = self.generic_visit(node)
@@ -304,7 +382,9 @@ class _MeterLoopsAndConcatenation(NodeTransformer):
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
         node = self.generic_visit(node)
-        return nodes.Filter(node, "nanokv_within_size", [], [], None, None, lineno=node.lineno)
+        node.nodes = [nodes.Filter(operand, "nanokv_as_text", [], [], None, None, lineno=node.lineno)
+                      for operand in node.nodes]
+        return nodes.Filter(node, "nanokv_built", [], [], None, None, lineno=node.lineno)
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -313,34 +393,36 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%"})  # their calls come to call_binop (and never constant-fold)
 
     def __init__(self, **options):
-        super().__init__(**options)
+        super().__init__(finalize=lambda value: _as_text(value, "'{{ }}'"), **options)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
-        self.filters["nanokv_step"] = _take_step
-        self.filters["nanokv_within_size"] = lambda value: _within_size(value, "'~'")
+        # pass_context: Jinja never runs these at compile time to fold them into constants
+        self.filters["nanokv_step"] = jinja2.pass_context(lambda context, value: _take_step(value))
+        self.filters["nanokv_as_text"] = jinja2.pass_context(lambda context, value: _as_text(value, "'~'"))
+        self.filters["nanokv_built"] = jinja2.pass_context(lambda context, value: _built(value, "'~'"))
         self.globals["range"] = _bounded_range
+        del self.globals["lipsum"]  # Lorem ipsum of any length; no chat template has a use for it
 
     def call_binop(self, context, operator, left, right):
         made_by = f"{operator!r}"
         if operator == "*":
             for sequence, times in ((left, right), (right, left)):
-                if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) \
-                        and len(sequence) * times > MAX_TEMPLATE_CHARS:
-                    raise _TemplateOverBudget(f"'*' would make a value of {len(sequence) * times} items "
-                                              f"(the limit is {MAX_TEMPLATE_CHARS})")
-        integers = isinstance(left, int) and isinstance(right, int)
-        if integers and operator in ("*", "**"):  # a lower bound on the bits of the product or power
+                if isinstance(sequence, (str, list, tuple)) and isinstance(times, int):
+                    _refuse_size(len(sequence) * times, "'*' would make a value")
+        if isinstance(left, int) and isinstance(right, int) and operator in ("*", "**"):  # bits of the result, at least
             bits = left.bit_length() + right.bit_length() - 1 if operator == "*" else (left.bit_length() - 1) * right
             if bits > MAX_TEMPLATE_INT_BITS:
                 raise _TemplateOverBudget(f"{made_by} would make an integer of more than {MAX_TEMPLATE_INT_BITS} bits")
-        if operator == "%":
+        if operator == "%" and isinstance(left, str):
             _check_format_string(left, made_by)
-        return _within_size(super().call_binop(context, operator, left, right), made_by)
+            _as_text(right, made_by)
+        return _built(super().call_binop(context, operator, left, right), made_by)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
         _take_step()
-        if getattr(__obj, "__name__", None) in ("format", "format_map"):  # str.format, as the sandbox wraps it
-            _check_format_string(getattr(getattr(__obj, "__wrapped__", None), "__self__", None), "str.format")
-        return _within_size(super().call(__context, __obj, *args, **kwargs), "a call")
+        method_of = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # str.format comes wrapped
+        if isinstance(method_of, str):
+            _check_str_method(method_of, getattr(__obj, "__name__", ""), args, kwargs)
+        return _built(super().call(__context, __obj, *args, **kwargs), "a call")
 
 
 @lru_cache

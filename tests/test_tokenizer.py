@@ -457,6 +457,7 @@ def test_bounds_leave_real_templates_unchanged(bpe_folders, template):
 
 
 NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+BIG = "{% set big = 'x' * 9000000 %}"
 
 
 BUDGET_CASES = {  # name: (template, what the refusal says after "refused the chat template in FILE: ")
@@ -482,6 +483,21 @@ BUDGET_CASES = {  # name: (template, what the refusal says after "refused the ch
     "percent-width": ("{{ '%1000000000s' % 'x' }}", "'%' asks for a width of 1000000000 characters"),
     "str-format-width": ("{{ '{:>1000000000}'.format('x') }}", "str.format asks for a width of 1000000000 characters"),
     "output": ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "its output passes 10000000 characters"),
+    # a small value with a huge text form: [[9M characters]] repeated 9M times, 8e13 characters once written
+    "output-nested": (BIG + "{{ [[big]] * 9000000 }}",
+                      r"'\{\{ \}\}' got a value of more than 10000000 characters as text"),
+    "join-nested": (BIG + "{{ ([[big]] * 9000000) | join }}", "the filter 'join' got a value of more than 10000000"),
+    "tilde-nested": (BIG + "{{ ([[big]] * 9000000) ~ '' }}", "'~' got a value of more than 10000000 characters"),
+    "tojson-nested": (BIG + "{{ ([[big]] * 9000000) | tojson }}", "the filter 'tojson' got a value of more than"),
+    "namespace-nested": (BIG + "{% set ns = namespace(a=[[big]] * 9000000) %}{{ ns }}",
+                         r"'\{\{ \}\}' got a value of more than"),
+    "str-replace": ("{{ ('a' * 1000000).replace('a', 'x' * 10000) }}",
+                    r"str\.replace would make a text of 10001000000 items"),
+    "str-join": (BIG + "{{ big.join(['a'] * 1000) }}", r"str\.join would make a text of more than 10000000 characters"),
+    "str-ljust": ("{{ 'x'.ljust(10**9) }}", r"str\.ljust was asked for a size of 1000000000 items"),
+    "str-expandtabs": ("{{ ('\t' * 1000000).expandtabs(1000) }}", r"str\.expandtabs would make a text of 1001000000"),
+    "many-big-values": (BIG + "{% set ns = namespace(items=[]) %}{% for i in range(1000) %}"
+                        "{% set ns.items = ns.items + [big ~ i] %}{% endfor %}", "it builds more than 100000000 items"),
 }
 
 
@@ -497,6 +513,25 @@ def test_chat_template_work_is_bounded(bpe_folders, template, limit):
     assert re.match(rf"refused the chat template in {re.escape(str(bpe_folders / 'qwen2'))}/tokenizer_config\.json: "
                     rf"{limit}", message), message
     assert "\n" not in message and "Error" not in message  # one line of ours, not Jinja's OverflowError text
+
+
+def test_steps_that_each_do_much_work_meet_the_clock(bpe_folders, monkeypatch):
+    """Each step may scan a 9M-character string; 99999 of them would take minutes. The clock stops it."""
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "MAX_TEMPLATE_SECONDS", 1.0)
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    tok.chat_template = BIG + "{% for i in range(99999) %}{% if 'y' in big %}{% endif %}{% endfor %}"
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="refused the chat template in .*: it runs for more than 1 seconds"):
+        tok.render_chat([{"role": "user", "content": "hi"}], True)
+    assert time.perf_counter() - started < 5
+
+
+def test_lipsum_is_not_offered(bpe_folders):
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    tok.chat_template = "{{ lipsum(10**6) }}"  # a million paragraphs of Lorem ipsum, were it there
+    with pytest.raises(ValueError, match="UndefinedError: 'lipsum' is undefined"):
+        tok.render_chat([{"role": "user", "content": "hi"}], True)
 
 
 def test_a_refusal_does_not_spend_the_next_renderings_budget(bpe_folders):
