@@ -228,7 +228,8 @@ def _read_json(path: Path) -> dict:
 #   sandbox's `call`, which every call in a sandboxed template goes through. Each step also checks the clock
 #   (MAX_TEMPLATE_SECONDS), a last resort for steps that each do a lot of work.
 # - size: no string, list or tuple may hold more than MAX_TEMPLATE_CHARS items, nor the output; no integer more
-#   than MAX_TEMPLATE_INT_BITS bits; and all values built together at most MAX_TEMPLATE_BUILT items. Whatever can
+#   than MAX_TEMPLATE_INT_BITS bits; and all values built and all text written (to the output, or into a macro's
+#   result or a {% set %} block) together at most MAX_TEMPLATE_BUILT items. Whatever can
 #   blow a value up in one go is checked before it runs: `*` and `**`; a size argument (center, indent, batch,
 #   slice, str.ljust...); a width in a format string; `replace`; `join`; and turning a value into text (output,
 #   `~`, `%`, filters), measured on the value's text form. What remains (`+`, results of calls and filters) is
@@ -323,9 +324,26 @@ def _check_format_string(text, made_by: str):
         raise _TemplateOverBudget(f"{made_by} asks for a width of {width.group()} characters in a format string")
 
 
-def _check_joined(separator: str, items, made_by: str):
-    if isinstance(items, (list, tuple)) and _text_size(items) + len(separator) * len(items) > MAX_TEMPLATE_CHARS:
+def _check_joined(separator_size: int, items, made_by: str):
+    if isinstance(items, (list, tuple)) and _text_size(items) + separator_size * len(items) > MAX_TEMPLATE_CHARS:
         raise _TemplateOverBudget(f"{made_by} would make a text of more than {MAX_TEMPLATE_CHARS} characters")
+
+
+def _check_replaced(text: str, old: str, new: str, made_by: str):
+    _refuse_size(len(text) + (text.count(old) if old else len(text) + 1) * len(new), f"{made_by} would make a text")
+
+
+def _written(value):
+    """Check and count what the template writes: each {{ }} and each piece of its own text, wherever it goes
+    (the output, a macro's result, a {% set %} block)."""
+    size = _text_size(value)
+    if size > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"'{{{{ }}}}' got a value of more than {MAX_TEMPLATE_CHARS} characters as text")
+    budget = _budget.get()
+    budget.built_left -= size
+    if budget.built_left < 0:
+        raise _TemplateOverBudget(f"it builds more than {MAX_TEMPLATE_BUILT} items in all")
+    return value
 
 
 def _bounded_range(*args):
@@ -339,7 +357,7 @@ def _bounded_filter(name: str, function):
     @functools.wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
     def bounded(*args, **kwargs):
         value, *rest = [a for a in args if not isinstance(a, (Context, EvalContext, jinja2.Environment))] or [None]
-        _as_text(value, f"the filter {name!r}")
+        _as_text([value, *rest, *kwargs.values()], f"the filter {name!r}")  # all it is handed, measured once
         if name in _SIZE_ARGUMENTS:
             for size in [*rest, *kwargs.values()]:
                 if isinstance(size, int):
@@ -347,7 +365,9 @@ def _bounded_filter(name: str, function):
         if name == "format":
             _check_format_string(value, "the filter 'format'")
         if name == "join":
-            _check_joined(str(kwargs.get("d", rest[0] if rest else "")), value, "the filter 'join'")
+            _check_joined(_text_size(kwargs.get("d", rest[0] if rest else "")), value, "the filter 'join'")
+        if name == "replace" and len(rest) >= 2:
+            _check_replaced(str(value), str(rest[0]), str(rest[1]), "the filter 'replace'")
         return _built(function(*args, **kwargs), f"the filter {name!r}")
     return bounded
 
@@ -361,10 +381,9 @@ def _check_str_method(text: str, name: str, args: tuple, kwargs: dict):
         tabsize = args[0] if args else kwargs.get("tabsize", 8)
         _refuse_size(len(text) + text.count("\t") * max(tabsize, 0), f"{made_by} would make a text")
     if name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
-        old, new = args[:2]
-        _refuse_size(len(text) + (text.count(old) if old else len(text) + 1) * len(new), f"{made_by} would make a text")
+        _check_replaced(text, args[0], args[1], made_by)
     if name == "join" and args:
-        _check_joined(text, args[0], made_by)
+        _check_joined(len(text), args[0], made_by)
     if name in ("format", "format_map"):
         _check_format_string(text, made_by)
         _as_text([*args, *kwargs.values()], made_by)
@@ -372,7 +391,13 @@ def _check_str_method(text: str, name: str, args: tuple, kwargs: dict):
 
 class _MeterLoopsAndConcatenation(NodeTransformer):
     """Rewrites a parsed template: every loop body starts with a step; `~` measures its operands' text first
-    and checks and counts its result."""
+    and checks and counts its result; everything written is checked and counted."""
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Output:
+        node = self.generic_visit(node)
+        node.nodes = [nodes.Filter(child, "nanokv_written", [], [], None, None, lineno=node.lineno)
+                      for child in node.nodes]
+        return node
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         node = self.generic_visit(node)
@@ -393,12 +418,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+", "%"})  # their calls come to call_binop (and never constant-fold)
 
     def __init__(self, **options):
-        super().__init__(finalize=lambda value: _as_text(value, "'{{ }}'"), **options)
+        super().__init__(**options)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         # pass_context: Jinja never runs these at compile time to fold them into constants
         self.filters["nanokv_step"] = jinja2.pass_context(lambda context, value: _take_step(value))
         self.filters["nanokv_as_text"] = jinja2.pass_context(lambda context, value: _as_text(value, "'~'"))
         self.filters["nanokv_built"] = jinja2.pass_context(lambda context, value: _built(value, "'~'"))
+        self.filters["nanokv_written"] = jinja2.pass_context(lambda context, value: _written(value))
         self.globals["range"] = _bounded_range
         del self.globals["lipsum"]  # Lorem ipsum of any length; no chat template has a use for it
 
@@ -431,7 +457,7 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
 
     def raise_exception(message):
-        raise _TemplateRaised(message)
+        raise _TemplateRaised(_as_text(message, "raise_exception"))
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # HF's: no HTML escaping
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -524,7 +550,7 @@ class Tokenizer:
                              "recursive loop calling itself); replace the template with the model's original one") from None
         except _TemplateRaised as err:  # the template's own raise_exception: it does not accept this chat
             raise ValueError(f"the chat template in {source} rejects this chat with its own message: "
-                             f"{_one_line(str(err.message))}") from None
+                             f"{_one_line(str(err.message))[:500]}") from None
         except jinja2.TemplateSyntaxError as err:
             raise ValueError(f"the chat template in {source} is not valid Jinja (line {err.lineno}: "
                              f"{_one_line(str(err.message))}); fix or replace it") from None

@@ -498,6 +498,17 @@ BUDGET_CASES = {  # name: (template, what the refusal says after "refused the ch
     "str-expandtabs": ("{{ ('\t' * 1000000).expandtabs(1000) }}", r"str\.expandtabs would make a text of 1001000000"),
     "many-big-values": (BIG + "{% set ns = namespace(items=[]) %}{% for i in range(1000) %}"
                         "{% set ns.items = ns.items + [big ~ i] %}{% endfor %}", "it builds more than 100000000 items"),
+    # what a macro or a {% set %} block writes is joined into one string: counted as it is written
+    "macro-writes": (BIG + "{% macro m() %}{% for i in range(99999) %}{{ big }}{% endfor %}{% endmacro %}"
+                     "{{ m() | length }}", "it builds more than 100000000 items"),
+    "set-block-writes": (BIG + "{% set s %}{% for i in range(99999) %}{{ big }}{% endfor %}{% endset %}{{ s | length }}",
+                         "it builds more than 100000000 items"),
+    "macro-writes-own-text": ("{% macro m() %}{% for i in range(99999) %}" + "y" * 100_000 + "{% endfor %}"
+                              "{% endmacro %}{{ m() | length }}", "it builds more than 100000000 items"),
+    "replace-filter": ("{{ ('a' * 1000000) | replace('a', 'x' * 10000) }}",
+                       "the filter 'replace' would make a text of 10001000000 items"),
+    "raise-exception-huge": (BIG + "{{ raise_exception([[big]] * 9000000) }}",
+                             "raise_exception got a value of more than 10000000 characters"),
 }
 
 
