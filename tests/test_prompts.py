@@ -272,6 +272,17 @@ def test_load_defenses_errors(tmp_path):
     path.write_text(json.dumps({"ok": "x $system_prompt", "broken": "no slot here"}))
     with pytest.raises(ValueError, match="broken"):
         load_defenses(path)
+    path.write_bytes(b'{"caf\xe9": "$system_prompt"}')
+    with pytest.raises(ValueError, match=r"d\.json: not UTF-8 text"):
+        load_defenses(path)
+
+
+@pytest.mark.parametrize("loader", [load_sys_ifeval, load_defenses])
+def test_unreadable_files_are_one_line_value_errors(tmp_path, loader):
+    with pytest.raises(ValueError, match=r"nope\.json: cannot be read \(No such file or directory\)$"):
+        loader(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match=r": cannot be read \(Is a directory\)$"):
+        loader(tmp_path)
 
 
 def test_resolve_defense(paper_defenses):
