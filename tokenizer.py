@@ -546,8 +546,12 @@ class Tokenizer:
             raise ValueError(f"refused the chat template in {source}: {err}; a real chat template stays far below "
                              "these limits, so replace it with the model's original one") from None
         except RecursionError:
-            raise ValueError(f"refused the chat template in {source}: it recurses without end (a macro or "
-                             "recursive loop calling itself); replace the template with the model's original one") from None
+            raise ValueError(f"refused the chat template in {source}: it recurses or nests too deeply (e.g. a macro "
+                             "or a recursive loop calling itself without end); replace it with the model's original "
+                             "one") from None
+        except MemoryError:  # a path the budget does not cover
+            raise ValueError(f"refused the chat template in {source}: it ran out of memory; replace it with the "
+                             "model's original one") from None
         except _TemplateRaised as err:  # the template's own raise_exception: it does not accept this chat
             raise ValueError(f"the chat template in {source} rejects this chat with its own message: "
                              f"{_one_line(str(err.message))[:500]}") from None
