@@ -537,6 +537,9 @@ class Tokenizer:
             raise ValueError(f"{self.where} has no chat template (no 'chat_template' in tokenizer_config.json, or "
                              "none named 'default' in its list, and no chat_template.jinja); add the model's to the folder")
         messages = [{key: value for key, value in m.items() if value is not None} for m in messages]  # as HF does
+        if (size := _text_size(messages)) > MAX_TEMPLATE_CHARS // 4:  # the template's limits would blame it
+            raise ValueError(f"the chat is {size} characters long; nanokv renders chats of up to "
+                             f"{MAX_TEMPLATE_CHARS // 4} (more than any model's context holds)")
         source = self.template_source
         try:
             template = _compile_chat_template(self.chat_template)
@@ -560,7 +563,7 @@ class Tokenizer:
                              f"{_one_line(str(err.message))}); fix or replace it") from None
         except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"the chat template in {source} failed while rendering ({type(err).__name__}: "
-                             f"{_one_line(str(err))}); fix or replace it") from None
+                             f"{_one_line(str(err))[:500]}); fix or replace it") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> ChatEncoding:
         """Render and encode a chat; special tokens are recognised only outside the message contents."""
