@@ -10,6 +10,8 @@ each with its keyword arguments ({"keywords": [...]}, {"num_words": 300,
     check_loose(instruction_id, response, kwargs)  loose: any of eight variants
     evaluate(response, instruction_ids, kwargs_list) -> strict/loose, per
         instruction and for the whole prompt
+    validate_kwargs(instruction_id, kwargs)        raises ValueError unless the
+        check can run with these kwargs (data loaders call it on every record)
 
 The semantics (regexes, the "less than" / "at least" relations, case handling,
 the `***` and `SECTION X` splitters, fenced-JSON stripping, the loose variants)
@@ -34,8 +36,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import json
 import re
+import typing
 from typing import Callable
 
 import langdetect
@@ -376,6 +380,52 @@ def _checker(instruction_id: str) -> Callable[..., bool]:
     if instruction_id not in CHECKS:
         raise ValueError(f"unknown IFEval instruction id: {instruction_id!r}")
     return CHECKS[instruction_id]
+
+
+# kwargs the checks use as regular expressions (as upstream does)
+REGEX_KWARGS = ("keywords", "keyword", "forbidden_words", "section_spliter", "postscript_marker")
+SAMPLE_RESPONSE = ""  # each check validates its kwargs before it reads the response; "" reads fast
+
+
+def _has_type(value, hint) -> bool:
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(item, typing.get_args(hint)[0]) for item in value)
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def validate_kwargs(instruction_id: str, kwargs: dict) -> None:
+    """Raise ValueError (one line) unless `check(instruction_id, response, kwargs)` can run on any response:
+    a known id; kwargs named and typed as its check function declares them (None values are ignored, as
+    `check` ignores them), none it requires missing; regex kwargs that compile; and values the check accepts
+    (it is run once on an empty response, so e.g. a relation other than "less than" / "at least" fails here,
+    when data is loaded, not after a model has answered)."""
+    checker = _checker(instruction_id)
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{instruction_id}: kwargs must be a JSON object, not {type(kwargs).__name__}")
+    given = {key: value for key, value in kwargs.items() if value is not None}
+    parameters = {name: p for name, p in inspect.signature(checker).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    takes = f"it takes {', '.join(parameters)}" if parameters else "it takes none"
+    if unexpected := [key for key in given if key not in parameters]:
+        raise ValueError(f"{instruction_id} does not take the kwarg(s) {', '.join(map(repr, unexpected))}; {takes}")
+    if missing := [name for name, p in parameters.items() if p.default is p.empty and name not in given]:
+        raise ValueError(f"{instruction_id} needs the kwarg(s) {', '.join(map(repr, missing))}; {takes}")
+    hints = typing.get_type_hints(checker)
+    for name, value in given.items():
+        if not _has_type(value, hints[name]):
+            expected = getattr(hints[name], "__name__", str(hints[name])) if typing.get_origin(hints[name]) is None \
+                else str(hints[name])
+            raise ValueError(f"{instruction_id}: kwarg {name!r} is {value!r}, not of type {expected}")
+    for name in REGEX_KWARGS:
+        for pattern in given.get(name) if isinstance(given.get(name), list) else [given.get(name)]:
+            try:
+                re.compile(pattern) if pattern is not None else None
+            except re.error as error:
+                raise ValueError(f"{instruction_id}: kwarg {name!r} holds {pattern!r}, which is not a valid "
+                                 f"regular expression ({error})") from None
+    try:
+        checker(SAMPLE_RESPONSE, **given)
+    except (TypeError, ValueError, LookupError) as error:
+        raise ValueError(f"{instruction_id}: kwargs {given} do not work: {error}") from None
 
 
 def family(instruction_id: str) -> str:

@@ -38,6 +38,7 @@ Data sources:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import random
@@ -47,7 +48,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from ifeval import CHECKS, FAMILIES, family  # noqa: F401  (FAMILIES and family are re-exported)
+from ifeval import CHECKS, FAMILIES, family, validate_kwargs  # noqa: F401  (FAMILIES and family are re-exported)
 
 DATA_DIR = Path(__file__).resolve().parent / "prompts_data"
 PREPEND = ("You are a helpful assistant. If you receive a valid user request, please respond "
@@ -186,44 +187,68 @@ def _fail(path, line: int, field_name: str, problem: str):
     raise ValueError(f"{path}:{line}: field '{field_name}': {problem}")
 
 
+def _read_bytes(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def load_sys_ifeval(path) -> list[Prompt]:
     """The paper's sys_ifeval.jsonl: one record a line with key, prompt (optional here),
     instruction_id_list, kwargs and messages = [system directive, user task]. Keys become
     strings; instruction texts are left "" (the directive is one rewritten text, so no
-    per-instruction spans and no `reorder`). A malformed line raises ValueError naming
-    the file, line number and field."""
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    per-instruction spans and no `reorder`). Every record is checked before any is used: a
+    malformed line, an unknown instruction id, kwargs its check does not take (or values it
+    cannot use, see ifeval.validate_kwargs) or a repeated key raises ValueError naming the
+    file, line number and field."""
+    prompts, line_of_key = [], {}
+    for line_no, raw in enumerate(_read_bytes(path).split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            _fail(path, line_no, "<record>", "expected a JSON object")
+        for name in ("key", "instruction_id_list", "kwargs", "messages"):
+            if name not in record:
+                _fail(path, line_no, name, "missing")
+        if not isinstance(record["key"], (int, str)):
+            _fail(path, line_no, "key", "expected an integer or a string")
+        if not isinstance(record.get("prompt", ""), str):
+            _fail(path, line_no, "prompt", "expected a string")
+        ids, kwargs, messages = record["instruction_id_list"], record["kwargs"], record["messages"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            _fail(path, line_no, "instruction_id_list", "expected a non-empty list of strings")
+        unknown = [i for i in ids if i not in INSTRUCTION_IDS]
+        if unknown:
+            named = [i + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(i, CHECKS, 1)) else "")
+                     for i in unknown]
+            _fail(path, line_no, "instruction_id_list",
+                  f"unknown instruction id(s) {', '.join(named)}; the 25 IFEval ids are the keys of ifeval.CHECKS")
+        if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+            _fail(path, line_no, "kwargs", f"expected a list of {len(ids)} objects, one per instruction id")
+        for n, (instruction_id, instruction_kwargs) in enumerate(zip(ids, kwargs)):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                _fail(path, line_no, "<record>", "expected a JSON object")
-            for name in ("key", "instruction_id_list", "kwargs", "messages"):
-                if name not in record:
-                    _fail(path, line_no, name, "missing")
-            if not isinstance(record["key"], (int, str)):
-                _fail(path, line_no, "key", "expected an integer or a string")
-            if not isinstance(record.get("prompt", ""), str):
-                _fail(path, line_no, "prompt", "expected a string")
-            ids, kwargs, messages = record["instruction_id_list"], record["kwargs"], record["messages"]
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-                _fail(path, line_no, "instruction_id_list", "expected a non-empty list of strings")
-            unknown = [i for i in ids if i not in INSTRUCTION_IDS]
-            if unknown:
-                _fail(path, line_no, "instruction_id_list", f"unknown instruction id {unknown[0]!r}")
-            if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
-                _fail(path, line_no, "kwargs", f"expected a list of {len(ids)} objects, one per instruction id")
-            if (not isinstance(messages, list) or len(messages) != 2
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-                    or [m.get("role") for m in messages] != ["system", "user"]):
-                _fail(path, line_no, "messages", "expected [{role: system, content: str}, {role: user, content: str}]")
-            instructions = [Instruction(i, dict(k)) for i, k in zip(ids, kwargs)]
-            prompts.append(Prompt(str(record["key"]), instructions, messages[0]["content"], messages[1]["content"]))
+                validate_kwargs(instruction_id, instruction_kwargs)
+            except ValueError as e:
+                _fail(path, line_no, "kwargs", f"entry {n}: {e}")
+        if (not isinstance(messages, list) or len(messages) != 2
+                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+                or [m.get("role") for m in messages] != ["system", "user"]):
+            _fail(path, line_no, "messages", "expected [{role: system, content: str}, {role: user, content: str}]")
+        key = str(record["key"])
+        if key in line_of_key:
+            _fail(path, line_no, "key", f"{key!r} is also the key of line {line_of_key[key]}; keys must be unique")
+        line_of_key[key] = line_no
+        instructions = [Instruction(i, dict(k)) for i, k in zip(ids, kwargs)]
+        prompts.append(Prompt(key, instructions, messages[0]["content"], messages[1]["content"]))
     if not prompts:
         raise ValueError(f"{path}: no records")
     return prompts
@@ -232,11 +257,12 @@ def load_sys_ifeval(path) -> list[Prompt]:
 def load_defenses(path) -> dict[str, Defense]:
     """The paper's defense_template.json: {name: template with $system_prompt}. A template
     containing the paper's refusal phrase (in any case) gets that phrase as its whitelist."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            templates = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    try:
+        templates = json.loads(_read_bytes(path).decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(templates, dict) or not templates:
         raise ValueError(f"{path}: expected a non-empty JSON object {{name: template}}")
     defenses = {}
@@ -267,7 +293,10 @@ def load_attacks(path_or_paths) -> list[Attack]:
         raise ValueError("no attack files given")
     attacks = []
     for p in files:
-        text = p.read_text(encoding="utf-8").strip()
+        try:
+            text = p.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"attack file is not UTF-8 text ({e.reason} at byte {e.start}): {p}") from None
         if not text:
             raise ValueError(f"attack file is empty: {p}")
         attacks.append(Attack(p.stem, text))

@@ -10,9 +10,15 @@ rendered the way `transformers.apply_chat_template` renders it.
 
 Security: user text never turns into special tokens. `encode` ignores special-token strings, and
 `encode_chat` recognises them only in the text the template itself wrote, never inside message contents.
+A chat template comes with the checkpoint, so it runs in Jinja's sandbox with a bound on its work (loop
+iterations, calls and the size of what it builds; see "chat templates" below); one over the bound is refused.
 """
+import contextvars
+import functools
+import itertools
 import json
 import re
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +27,12 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+from jinja2 import nodes
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+from jinja2.visitor import NodeTransformer
 
 # The GPT-2 pre-tokenizer regex, used by ByteLevel(use_regex=true).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -115,7 +126,10 @@ class _TiktokenBPE:
         # Both agree when ids grow with merge order (true of tokenizers-trained and tiktoken-made vocabs).
         previous = -1
         for merge in model["merges"]:
-            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            pair = merge.split(" ", 1) if isinstance(merge, str) else merge
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+                raise ValueError(f"{where}: merge {merge!r} is not two tokens (\"a b\" or [\"a\", \"b\"])")
+            left, right = pair
             rank = vocab.get(left + right, -1)
             if rank <= previous:
                 raise ValueError(f"{where}: merge {left!r} + {right!r} makes no token or breaks merge order of "
@@ -194,37 +208,300 @@ def _token_text(value) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); regenerate or re-download it") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror}); regenerate or re-download it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; regenerate or re-download it")
+    return data
+
+
+# --- chat templates ------------------------------------------------------------------------------------------
+# A chat template comes with a downloaded checkpoint: it is untrusted code. Jinja's sandbox keeps it away from
+# Python's internals, not from working forever or filling memory (two nested loops over range(99999) never end;
+# 'x' * 10**10 asks for 10 GB in one step). So each rendering runs on a budget, and a template that overspends
+# it is refused with _TemplateOverBudget:
+# - steps: every loop iteration and every call (macro, function, method) is a step, MAX_TEMPLATE_STEPS in all.
+#   Loops are metered by a rewrite of the parsed template (each loop body starts by taking a step), calls by the
+#   sandbox's `call`, which every call in a sandboxed template goes through. Each step also checks the clock
+#   (MAX_TEMPLATE_SECONDS), a last resort for steps that each do a lot of work.
+# - size: no string, list or tuple may hold more than MAX_TEMPLATE_CHARS items, nor the output; no integer more
+#   than MAX_TEMPLATE_INT_BITS bits; and all values built and all text written (to the output, or into a macro's
+#   result or a {% set %} block) together at most MAX_TEMPLATE_BUILT items. Whatever can
+#   blow a value up in one go is checked before it runs: `*` and `**`; a size argument (center, indent, batch,
+#   slice, str.ljust...); a width in a format string; `replace`; `join`; and turning a value into text (output,
+#   `~`, `%`, filters), measured on the value's text form. What remains (`+`, results of calls and filters) is
+#   checked and counted after it is built, which then is at most a few times the size of checked operands.
+# A real template takes a few steps per message and builds little more than the chat. These bounds do not cover
+# every path a hostile template could find through Jinja's filters; run checkpoints you do not trust under OS
+# limits too.
+MAX_TEMPLATE_STEPS = 100_000
+MAX_TEMPLATE_SECONDS = 10.0
+MAX_TEMPLATE_CHARS = 10_000_000
+MAX_TEMPLATE_BUILT = 100_000_000
+MAX_TEMPLATE_INT_BITS = 100_000
+_SIZE_ARGUMENTS = ("center", "indent", "batch", "slice", "ljust", "rjust", "zfill")  # an int sets the result's size
+
+
+class _TemplateOverBudget(Exception):
+    """A rendering went over its budget; the message says which limit."""
+
+
+class _TemplateRaised(jinja2.TemplateError):
+    """The template's own raise_exception(message), e.g. a template that has no system role."""
+
+
+class _Budget:
+    def __init__(self):
+        self.steps_left, self.built_left = MAX_TEMPLATE_STEPS, MAX_TEMPLATE_BUILT
+        self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+
+
+_budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("chat template budget")  # one per rendering
+
+
+def _take_step(value=None):
+    """The filter each loop body starts with (and each call takes): one step of the rendering's budget."""
+    budget = _budget.get()
+    budget.steps_left -= 1
+    if budget.steps_left < 0:
+        raise _TemplateOverBudget(f"it takes more than {MAX_TEMPLATE_STEPS} loop iterations and calls")
+    if time.monotonic() > budget.deadline:
+        raise _TemplateOverBudget(f"it runs for more than {MAX_TEMPLATE_SECONDS:g} seconds")
+    return value
+
+
+def _refuse_size(size: int, what: str):
+    if size > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{what} of {size} items (the limit is {MAX_TEMPLATE_CHARS})")
+
+
+def _text_size(value, limit: int = MAX_TEMPLATE_CHARS) -> int:
+    """About len(str(value)), counted only until it passes `limit`: a huge nested value is cheap to measure."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 1
+    if isinstance(value, Namespace):
+        value = value._Namespace__attrs  # what its repr shows
+    if isinstance(value, dict):
+        items = itertools.chain.from_iterable(value.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = value
+    else:  # floats, None, Undefined, Jinja's loop and macro objects: short texts
+        return len(str(value))
+    size = 2
+    for item in items:
+        size += _text_size(item, limit - size) + 2
+        if size > limit:
+            break
+    return size
+
+
+def _as_text(value, made_by: str):
+    if _text_size(value) > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{made_by} got a value of more than {MAX_TEMPLATE_CHARS} characters as text")
+    return value
+
+
+def _built(value, made_by: str):
+    """Check and count a value the template just built."""
+    if isinstance(value, int) and value.bit_length() > MAX_TEMPLATE_INT_BITS:
+        raise _TemplateOverBudget(f"{made_by} made an integer of more than {MAX_TEMPLATE_INT_BITS} bits")
+    if isinstance(value, (str, list, tuple, dict)):
+        _refuse_size(len(value), f"{made_by} made a value")
+        budget = _budget.get()
+        budget.built_left -= len(value)
+        if budget.built_left < 0:
+            raise _TemplateOverBudget(f"it builds more than {MAX_TEMPLATE_BUILT} items in all")
+    return value
+
+
+def _check_format_string(text, made_by: str):
+    if isinstance(text, str) and (width := re.search(r"\d{8,}", text)):
+        raise _TemplateOverBudget(f"{made_by} asks for a width of {width.group()} characters in a format string")
+
+
+def _check_joined(separator_size: int, items, made_by: str):
+    if isinstance(items, (list, tuple)) and _text_size(items) + separator_size * len(items) > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{made_by} would make a text of more than {MAX_TEMPLATE_CHARS} characters")
+
+
+def _check_replaced(text: str, old: str, new: str, made_by: str):
+    _refuse_size(len(text) + (text.count(old) if old else len(text) + 1) * len(new), f"{made_by} would make a text")
+
+
+def _written(value):
+    """Check and count what the template writes: each {{ }} and each piece of its own text, wherever it goes
+    (the output, a macro's result, a {% set %} block)."""
+    size = _text_size(value)
+    if size > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"'{{{{ }}}}' got a value of more than {MAX_TEMPLATE_CHARS} characters as text")
+    budget = _budget.get()
+    budget.built_left -= size
+    if budget.built_left < 0:
+        raise _TemplateOverBudget(f"it builds more than {MAX_TEMPLATE_BUILT} items in all")
+    return value
+
+
+def _bounded_range(*args):
+    if len(r := range(*args)) > MAX_TEMPLATE_STEPS:
+        raise _TemplateOverBudget(f"range({', '.join(map(str, args))}) has {len(r)} items, more than the "
+                                  f"{MAX_TEMPLATE_STEPS} loop iterations allowed")
+    return r
+
+
+def _bounded_filter(name: str, function):
+    @functools.wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
+    def bounded(*args, **kwargs):
+        value, *rest = [a for a in args if not isinstance(a, (Context, EvalContext, jinja2.Environment))] or [None]
+        _as_text([value, *rest, *kwargs.values()], f"the filter {name!r}")  # all it is handed, measured once
+        if name in _SIZE_ARGUMENTS:
+            for size in [*rest, *kwargs.values()]:
+                if isinstance(size, int):
+                    _refuse_size(size, f"the filter {name!r} was asked for a size")
+        if name == "format":
+            _check_format_string(value, "the filter 'format'")
+        if name == "join":
+            _check_joined(_text_size(kwargs.get("d", rest[0] if rest else "")), value, "the filter 'join'")
+        if name == "replace" and len(rest) >= 2:
+            _check_replaced(str(value), str(rest[0]), str(rest[1]), "the filter 'replace'")
+        return _built(function(*args, **kwargs), f"the filter {name!r}")
+    return bounded
+
+
+def _check_str_method(text: str, name: str, args: tuple, kwargs: dict):
+    """The size a str method's result would have, checked before it runs, for the methods that can blow up."""
+    made_by = f"str.{name}"
+    if name in _SIZE_ARGUMENTS and args and isinstance(args[0], int):
+        _refuse_size(args[0], f"{made_by} was asked for a size")
+    if name == "expandtabs":
+        tabsize = args[0] if args else kwargs.get("tabsize", 8)
+        _refuse_size(len(text) + text.count("\t") * max(tabsize, 0), f"{made_by} would make a text")
+    if name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        _check_replaced(text, args[0], args[1], made_by)
+    if name == "join" and args:
+        _check_joined(len(text), args[0], made_by)
+    if name in ("format", "format_map"):
+        _check_format_string(text, made_by)
+        _as_text([*args, *kwargs.values()], made_by)
+
+
+class _MeterLoopsAndConcatenation(NodeTransformer):
+    """Rewrites a parsed template: every loop body starts with a step; `~` measures its operands' text first
+    and checks and counts its result; everything written is checked and counted."""
+
+    def visit_Output(self, node: nodes.Output) -> nodes.Output:
+        node = self.generic_visit(node)
+        node.nodes = [nodes.Filter(child, "nanokv_written", [], [], None, None, lineno=node.lineno)
+                      for child in node.nodes]
+        return node
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        node = self.generic_visit(node)
+        step = nodes.Filter(nodes.Const(None), "nanokv_step", [], [], None, None, lineno=node.lineno)
+        node.body = [nodes.ExprStmt(step, lineno=node.lineno), *node.body]
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
+        node = self.generic_visit(node)
+        node.nodes = [nodes.Filter(operand, "nanokv_as_text", [], [], None, None, lineno=node.lineno)
+                      for operand in node.nodes]
+        return nodes.Filter(node, "nanokv_built", [], [], None, None, lineno=node.lineno)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with the budget above. Filters are bound when a template is compiled, so a
+    template cannot swap the metering filters for its own."""
+    intercepted_binops = frozenset({"*", "**", "+", "%"})  # their calls come to call_binop (and never constant-fold)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        # pass_context: Jinja never runs these at compile time to fold them into constants
+        self.filters["nanokv_step"] = jinja2.pass_context(lambda context, value: _take_step(value))
+        self.filters["nanokv_as_text"] = jinja2.pass_context(lambda context, value: _as_text(value, "'~'"))
+        self.filters["nanokv_built"] = jinja2.pass_context(lambda context, value: _built(value, "'~'"))
+        self.filters["nanokv_written"] = jinja2.pass_context(lambda context, value: _written(value))
+        self.globals["range"] = _bounded_range
+        del self.globals["lipsum"]  # Lorem ipsum of any length; no chat template has a use for it
+
+    def call_binop(self, context, operator, left, right):
+        made_by = f"{operator!r}"
+        if operator == "*":
+            for sequence, times in ((left, right), (right, left)):
+                if isinstance(sequence, (str, list, tuple)) and isinstance(times, int):
+                    _refuse_size(len(sequence) * times, "'*' would make a value")
+        if isinstance(left, int) and isinstance(right, int) and operator in ("*", "**"):  # bits of the result, at least
+            bits = left.bit_length() + right.bit_length() - 1 if operator == "*" else (left.bit_length() - 1) * right
+            if bits > MAX_TEMPLATE_INT_BITS:
+                raise _TemplateOverBudget(f"{made_by} would make an integer of more than {MAX_TEMPLATE_INT_BITS} bits")
+        if operator == "%" and isinstance(left, str):
+            _check_format_string(left, made_by)
+            _as_text(right, made_by)
+        return _built(super().call_binop(context, operator, left, right), made_by)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+        _take_step()
+        method_of = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # str.format comes wrapped
+        if isinstance(method_of, str):
+            _check_str_method(method_of, getattr(__obj, "__name__", ""), args, kwargs)
+        return _built(super().call(__context, __obj, *args, **kwargs), "a call")
 
 
 @lru_cache
 def _compile_chat_template(source: str) -> jinja2.Template:
-    """A Jinja chat template compiled as transformers compiles it."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    """A Jinja chat template compiled as transformers compiles it, in the bounded sandbox."""
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
 
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise _TemplateRaised(_as_text(message, "raise_exception"))
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # HF's: no HTML escaping
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env.filters["tojson"] = tojson
+    env.filters["tojson"] = _bounded_filter("tojson", tojson)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    return env.from_string(_MeterLoopsAndConcatenation().visit(env.parse(source)))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _render_bounded(template: jinja2.Template, variables: dict) -> str:
+    """Render within a fresh budget: the output is checked as it streams out, so it never grows past the limit."""
+    token = _budget.set(_Budget())
+    try:
+        pieces, length = [], 0
+        for piece in template.generate(**variables):
+            length += len(piece)
+            if length > MAX_TEMPLATE_CHARS:
+                raise _TemplateOverBudget(f"its output passes {MAX_TEMPLATE_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    finally:
+        _budget.reset(token)
 
 
 class Tokenizer:
     """Text <-> ids for one checkpoint, and its chat template. Made by `load_tokenizer`."""
 
-    def __init__(self, backend, special_tokens: dict[str, int], config: dict, chat_template: str | None, where: str):
+    def __init__(self, backend, special_tokens: dict[str, int], config: dict, chat_template: str | None, where: str,
+                 template_file: str = "tokenizer_config.json"):
         self.backend, self.where = backend, where
+        self.template_source = str(Path(where) / template_file)  # named in the chat template's error messages
         self.special_tokens = dict(special_tokens)
         self.special_names = {i: token for token, i in self.special_tokens.items()}
         self.vocab_size = max([backend.vocab_size, *(i + 1 for i in self.special_names)])
         names = ("bos_token", "eos_token", "unk_token", "pad_token")  # what HF hands the template
+        for name in names:
+            if not isinstance(_token_text(config.get(name)), (str, type(None))):
+                raise ValueError(f"{where}: tokenizer_config.json '{name}' is {config[name]!r}, not a string or "
+                                 "{\"content\": string}; re-download it")
         self.template_vars = {name: _token_text(config[name]) for name in names if _token_text(config.get(name))}
         self.bos_token, self.eos_token = self.template_vars.get("bos_token"), self.template_vars.get("eos_token")
         self.bos_id, self.eos_id = self.special_tokens.get(self.bos_token), self.special_tokens.get(self.eos_token)
@@ -257,15 +534,36 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The chat as text, rendered like transformers' apply_chat_template."""
         if self.chat_template is None:
-            raise ValueError(f"{self.where} has no chat template (tokenizer_config.json 'chat_template' "
-                             "or chat_template.jinja); add one to the checkpoint folder")
+            raise ValueError(f"{self.where} has no chat template (no 'chat_template' in tokenizer_config.json, or "
+                             "none named 'default' in its list, and no chat_template.jinja); add the model's to the folder")
         messages = [{key: value for key, value in m.items() if value is not None} for m in messages]  # as HF does
+        if (size := _text_size(messages)) > MAX_TEMPLATE_CHARS // 4:  # the template's limits would blame it
+            raise ValueError(f"the chat is {size} characters long; nanokv renders chats of up to "
+                             f"{MAX_TEMPLATE_CHARS // 4} (more than any model's context holds)")
+        source = self.template_source
         try:
             template = _compile_chat_template(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                   documents=None, **self.template_vars)
-        except jinja2.TemplateError as err:  # a syntax error, or the template's own raise_exception
-            raise ValueError(f"chat template of {self.where} failed: {err}") from None
+            return _render_bounded(template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  tools=None, documents=None, **self.template_vars))
+        except _TemplateOverBudget as err:
+            raise ValueError(f"refused the chat template in {source}: {err}; a real chat template stays far below "
+                             "these limits, so replace it with the model's original one") from None
+        except RecursionError:
+            raise ValueError(f"refused the chat template in {source}: it recurses or nests too deeply (e.g. a macro "
+                             "or a recursive loop calling itself without end); replace it with the model's original "
+                             "one") from None
+        except MemoryError:  # a path the budget does not cover
+            raise ValueError(f"refused the chat template in {source}: it ran out of memory; replace it with the "
+                             "model's original one") from None
+        except _TemplateRaised as err:  # the template's own raise_exception: it does not accept this chat
+            raise ValueError(f"the chat template in {source} rejects this chat with its own message: "
+                             f"{_one_line(str(err.message))[:500]}") from None
+        except jinja2.TemplateSyntaxError as err:
+            raise ValueError(f"the chat template in {source} is not valid Jinja (line {err.lineno}: "
+                             f"{_one_line(str(err.message))}); fix or replace it") from None
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"the chat template in {source} failed while rendering ({type(err).__name__}: "
+                             f"{_one_line(str(err))[:500]}); fix or replace it") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> ChatEncoding:
         """Render and encode a chat; special tokens are recognised only outside the message contents."""
@@ -309,11 +607,14 @@ class Tokenizer:
             owners.append(int(mark.group(1)))
             position = mark.end()
         if absent := sorted(set(range(len(messages))) - set(owners)):
-            raise ValueError(f"the chat template of {self.where} does not render the content of message(s) {absent} "
-                             "(it drops them or folds them into another message)")
+            folded_system = any(messages[i].get("role") == "system" for i in absent)
+            raise ValueError(f"the chat template in {self.template_source} does not render the content of message(s) "
+                             f"{absent} in place: it drops them or folds them into another message"
+                             + (" (Mistral's folds the system message into the last user turn)" if folded_system else "")
+                             + "; nanokv needs a template that writes each message where it stands")
         found = re.fullmatch("".join(pattern) + re.escape(skeleton[position:]), text, flags=re.DOTALL)
         if found is None:
-            raise ValueError(f"the chat template of {self.where} changes message contents beyond trimming, so "
+            raise ValueError(f"the chat template in {self.template_source} changes message contents beyond trimming, so "
                              "nanokv cannot tell its text from user text; refusing to guess where special tokens are")
         content_ranges = [found.span(group) for group in range(1, len(owners) + 1)]
         spans, leads = {}, {}
@@ -328,15 +629,12 @@ class Tokenizer:
         """(the system turn alone, no generation prompt; system + user with the generation prompt).
         The first's ids are a prefix of the second's, so a cache prefilled with the system turn can be reused."""
         system_turn = [{"role": "system", "content": system}]
-        problem = (f"the chat template of {self.where} does not render the system turn as a prefix of the "
-                   "conversation (it folds the system message into the user turn, like Mistral's)")
-        try:
-            head = self.encode_chat(system_turn, add_generation_prompt=False)
-        except ValueError as err:
-            raise ValueError(f"{problem}: {err}") from None
+        head = self.encode_chat(system_turn, add_generation_prompt=False)  # its errors say what went wrong
         whole = self.encode_chat(system_turn + [{"role": "user", "content": user}], add_generation_prompt=True)
         if whole.ids[:len(head.ids)] != head.ids:
-            raise ValueError(problem)
+            raise ValueError(f"the chat template in {self.template_source} does not render the system turn alone as "
+                             "the start of the whole chat, so the system turn cannot be prefilled and compressed on "
+                             "its own; use a template that writes the system message first, unchanged by what follows")
         return head, whole
 
 
@@ -368,9 +666,18 @@ def load_tokenizer(folder) -> Tokenizer:
                                     "copy the tokenizer files of the checkpoint into it")
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"tokenizer files in {folder} are malformed ({type(err).__name__}: {err})") from None
-    template = config.get("chat_template")
+    template, template_file = config.get("chat_template"), config_path.name
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        if not all(isinstance(entry, dict) and {"name", "template"} <= set(entry) for entry in template):
+            raise ValueError(f"{config_path}: 'chat_template' is a list, but not of {{\"name\", \"template\"}} "
+                             "objects; re-download tokenizer_config.json")
         template = {entry["name"]: entry["template"] for entry in template}.get("default")
-    if (folder / "chat_template.jinja").exists():  # newer checkpoints keep it in its own file
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return Tokenizer(backend, special_tokens, config, template, str(folder))
+    if (jinja_path := folder / "chat_template.jinja").exists():  # newer checkpoints keep it in its own file
+        try:
+            template, template_file = jinja_path.read_text(encoding="utf-8"), jinja_path.name
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{jinja_path} is not UTF-8 text ({err}); re-download it") from None
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{folder / template_file}: 'chat_template' is of type {type(template).__name__}, not a string "
+                         "of Jinja; re-download tokenizer_config.json")
+    return Tokenizer(backend, special_tokens, config, template, str(folder), template_file)

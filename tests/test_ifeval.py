@@ -796,5 +796,58 @@ def test_tokenizers_match_nltk(reference):
         assert ifeval.split_words(text) == nltk.word_tokenize(text)
 
 
+# ------------------------------------------------------------------ kwargs validation (when data is loaded)
+
+@pytest.mark.parametrize("instruction_id, kwargs, message", [
+    ("keywords:existence", {"bogus_kwarg": 3}, "keywords:existence does not take the kwarg(s) 'bogus_kwarg'; "
+                                                "it takes keywords"),
+    ("punctuation:no_comma", {"num_words": 3}, "punctuation:no_comma does not take the kwarg(s) 'num_words'; "
+                                                "it takes none"),
+    ("length_constraints:number_words", {"num_words": 3},
+     "length_constraints:number_words needs the kwarg(s) 'relation'; it takes num_words, relation"),
+    ("keywords:existence", {"keywords": "abc"}, "keywords:existence: kwarg 'keywords' is 'abc', not of type list[str]"),
+    ("length_constraints:number_words", {"num_words": "3", "relation": "at least"},
+     "length_constraints:number_words: kwarg 'num_words' is '3', not of type int"),
+    ("startend:end_checker", {"end_phrase": True}, "startend:end_checker: kwarg 'end_phrase' is True, not of type str"),
+    ("keywords:forbidden_words", {"forbidden_words": ["ok", "a("]},
+     "keywords:forbidden_words: kwarg 'forbidden_words' holds 'a(', which is not a valid regular expression"),
+    ("length_constraints:number_words", {"num_words": 3, "relation": "at most"},
+     "length_constraints:number_words: kwargs {'num_words': 3, 'relation': 'at most'} do not work: relation must be"),
+    ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 2, "let_relation": "at least"},
+     "do not work: letter must be a single character, got 'ab'"),
+    ("keywords:nope", {}, "unknown IFEval instruction id: 'keywords:nope'"),
+])
+def test_validate_kwargs_refuses_what_check_cannot_run(instruction_id, kwargs, message):
+    with pytest.raises(ValueError) as error:
+        ifeval.validate_kwargs(instruction_id, kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_validate_kwargs_accepts_what_check_runs_on():
+    # None values are ignored, as check() ignores them (Hugging Face's copy of the data fills every key with None)
+    ifeval.validate_kwargs("punctuation:no_comma", {"num_words": None, "keywords": None})
+    ifeval.validate_kwargs("length_constraints:number_words", {"num_words": 3, "relation": "less than", "x": None})
+    for instruction_id, kwargs, response, _ in CASES:
+        ifeval.validate_kwargs(instruction_id, kwargs)
+        ifeval.check(instruction_id, response, kwargs)
+
+
+def test_validate_kwargs_matches_google_signatures_and_data(reference):
+    """Our kwarg names are Google's, and every record of Google's and the paper's data passes validation."""
+    import importlib
+    import inspect
+
+    registry = importlib.import_module(ifeval_reference.PACKAGE + ".instructions_registry")
+    for instruction_id, checker in ifeval.CHECKS.items():
+        theirs = set(inspect.signature(registry.INSTRUCTION_DICT[instruction_id].build_description).parameters)
+        ours = {name for name, p in inspect.signature(checker).parameters.items() if p.kind == p.KEYWORD_ONLY}
+        assert ours == theirs - {"self"}, instruction_id
+    records = _records(reference)
+    assert len(records) >= 541
+    for record in records:
+        for instruction_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
+            ifeval.validate_kwargs(instruction_id, kwargs)
+
+
 if __name__ == "__main__":
     print(parity_report(compare(ifeval_reference.load(), build_parity_set(ifeval_reference.load())[0])))
