@@ -34,7 +34,7 @@ def test_spearman_with_ties_and_constants():
 
 
 def _record(key, ratio, ids, strict, keep=(1.0, 1.0)):
-    return dict(policy="tova", remedy="none", ratio=ratio, key=key, instruction_ids=ids, strict=strict, loose=strict,
+    return dict(setting="tova|none", policy="tova", remedy="none", ratio=ratio, key=key, instruction_ids=ids, strict=strict, loose=strict,
                 prompt_strict=all(strict), prompt_loose=all(strict), keep={"directive": keep[0], "defense": keep[1]})
 
 
@@ -123,7 +123,7 @@ def test_resume_after_a_crash_gives_the_same_summary(evaluated, tmp_path):
     (resumed / "run.json").write_text(open(out / "run.json").read())
     (resumed / "responses.jsonl").write_text("".join(lines[:3]) + lines[3][:40])   # killed mid-record
     result = run("evaluate.py", *SMALL, "--out", str(resumed))
-    assert result.returncode == 0 and "resuming: 2 of 6" in result.stderr
+    assert result.returncode == 0 and "resuming: 3 of 6" in result.stderr
     assert open(resumed / "summary.json").read() == open(out / "summary.json").read()
     key = lambda line: json.loads(line)["job"]
     assert sorted(open(resumed / "responses.jsonl"), key=key) == sorted(lines, key=key)  # same answers
