@@ -332,7 +332,8 @@ def plan_run(experiment: Experiment, args) -> Plan:
                          "(the paper's data gives one directive text): use --fair defense")
     design = experiment.design(args, prompts)
     settings = [Setting(policy, options[policy], remedy) for policy in policies for remedy in design.remedies]
-    run_settings = {k: v for k, v in vars(args).items() if k != "out"}
+    # the flags' effective values: how they were given (--preset, option spelling) does not matter
+    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")}
     run_settings.update(policy_options={p: o for p, o in options.items() if o},
                         prompts=P.prompts_fingerprint(design.prompts), model_files=model_fingerprint(args.model),
                         **design.fingerprint)

@@ -79,12 +79,17 @@ def test_float32_answers_do_not_depend_on_batch_size(tmp_path, tiny_chat, defaul
     assert runs[0] == runs[1] == runs[2]
 
 
-def test_bfloat16_setting_answers_same_alone_or_beside_others(tmp_path, tiny_chat):
-    common = ["--model", tiny_chat, "--ratios", "0,0.5", "--limit", "5", "--max-new-tokens", "8",
-              "--dtype", "bfloat16", "--batch-size", "4"]
+@pytest.mark.parametrize("model_name", ["tiny", "default"])
+def test_bfloat16_setting_answers_same_alone_or_beside_others(tmp_path, tiny_chat, default_model_folder, model_name):
+    """bfloat16 rounds differently for different batch shapes, so a setting must get the same batches
+    whether other settings run beside it or not. (On the default model, batches that mixed TOVA rows
+    with H2O's changed 1 of these 5 TOVA answers.)"""
+    model = tiny_chat if model_name == "tiny" else default_model_folder
+    common = ["--model", model, "--ratios", "0.5", "--limit", "5", "--max-new-tokens", "8", "--dtype", "bfloat16",
+              "--batch-size", "4"]
     alone = answers(run_evaluate(tmp_path, "alone", "--policy", "tova", *common))
-    beside = answers(run_evaluate(tmp_path, "beside", "--policy", "h2o,tova,knorm", *common))
-    assert len(alone) == 10
+    beside = answers(run_evaluate(tmp_path, "beside", "--policy", "h2o,tova", *common))
+    assert len(alone) == 5
     assert alone == {k: v for k, v in beside.items() if k[0].startswith("tova")}
 
 

@@ -161,3 +161,14 @@ def test_leak_remedies(tmp_path, default_model_folder):
     assert set(summary["composite_gain"]["snapkv"]) == {"whitelist", "fair"}
     for name in ("fig5_leakage.png", "fig8_keep_rates.png", "fig_tradeoff.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_policy_settings_come_from_the_score_functions():
+    from experiment import parse_policy_options, policy_settings
+    assert policy_settings("snapkv") == {"window": 16, "kernel": 5}
+    assert policy_settings("h2o") == {"block": 32}                  # `received` comes from the prefill, not a flag
+    assert policy_settings("tova") == {}
+    options = parse_policy_options(["window=32", "n_sink=2"], ["snapkv", "streaming_llm", "knorm"])
+    assert options == {"snapkv": {"window": 32}, "streaming_llm": {"n_sink": 2}, "knorm": {}}
+    with pytest.raises(UsageError, match="h2o fails with it"):
+        parse_policy_options(["block=0"], ["h2o"])
