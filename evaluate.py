@@ -23,7 +23,6 @@ goes: rerun the same command to resume), summary.json, and fig*.png.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections import defaultdict
 

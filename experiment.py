@@ -196,20 +196,15 @@ def policy_settings(policy: str) -> dict:
 
 def parse_option_value(text: str, default):
     """A --policy-option value, read as the type of the setting's default (bool, int, float or str)."""
-    if isinstance(default, bool):
-        if text.lower() in ("true", "yes", "1"):
-            return True
-        if text.lower() in ("false", "no", "0"):
-            return False
-        raise ValueError("expected true or false")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError("expected a finite number")
-        return value
-    return text
+    kind = type(default)
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    try:
+        value = words[text.lower()] if kind is bool else kind(text) if kind in (int, float) else text
+    except (KeyError, ValueError):
+        raise ValueError(f"expected {'true or false' if kind is bool else 'an ' + kind.__name__}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def parse_policy_options(items: list[str], policies: list[str]) -> dict[str, dict]:
@@ -233,8 +228,7 @@ def parse_policy_options(items: list[str], policies: list[str]) -> dict[str, dic
             try:
                 options[policy][name] = parse_option_value(text.strip(), default)
             except ValueError as e:
-                raise UsageError(f"--policy-option {item!r}: {policy}'s {name} is a {type(default).__name__} "
-                                 f"({e if str(e).startswith('expected') else 'not ' + repr(text)})") from None
+                raise UsageError(f"--policy-option {item!r}: {policy}'s {name}: {e}") from None
     for policy, chosen in options.items():
         if chosen:
             try_policy_options(policy, chosen)

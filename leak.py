@@ -27,7 +27,6 @@ Outputs in --out: records.jsonl (one record per answer, resumable), summary.json
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections import defaultdict
 
