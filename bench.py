@@ -386,20 +386,21 @@ def bench_batch(args) -> dict:
     and the answer, all layers).
     """
     import evaluate
-    from experiment import load_model_and_tokenizer, run_batch, setup
+    from experiment import build_jobs, load_model_and_tokenizer, make_batches, parse_args, plan_run, run_batch
 
     rows, out = [], {}
     for dtype in args.batch_dtypes.split(","):
-        flags = evaluate.parse_args(["--policy", "tova", "--ratios", args.batch_ratios, "--limit", str(args.batch_prompts),
-                                     "--dtype", dtype, "--model", args.folder])
-        plan = setup(flags)
+        flags = parse_args(evaluate.EVALUATE, ["--policy", "tova", "--ratios", args.batch_ratios, "--limit",
+                                               str(args.batch_prompts), "--max-new-tokens", "96", "--dtype", dtype,
+                                               "--model", args.folder])
+        plan = plan_run(evaluate.EVALUATE, flags)
         model, tok = load_model_and_tokenizer(flags)
-        jobs, _ = evaluate.build_jobs(flags, model, tok, *plan)
+        jobs = build_jobs(plan, tok, model.args.max_positions, flags.max_new_tokens)
         base = None
         for batch_size in args.batch_sizes:
             tokens, start = 0, time.perf_counter()
-            for i in range(0, len(jobs), batch_size):
-                results = run_batch(model, jobs[i:i + batch_size], flags.max_new_tokens)
+            for batch in make_batches(jobs, batch_size):
+                results = run_batch(model, batch, flags.max_new_tokens)
                 tokens += sum(len(r["answers"][0]) for r in results)
             seconds = time.perf_counter() - start
             per_minute = len(jobs) / seconds * 60

@@ -9,8 +9,10 @@ with the IFEval checks. Reproduces, on whatever model you point it at:
   Fig. 4  average accuracy vs ratio per policy
   Fig. 8  keep rate of the directive vs the defense (eviction bias)
 
-Defaults are sized for a 2-core CPU in a few minutes (the bundled 135M model, 32 built-in
-prompts, 4 ratios, 96 new tokens). The paper's full run:
+The defaults (--preset demo) take about 2 minutes on a 2-core CPU: the bundled 135M model,
+24 built-in prompts, StreamingLLM and TOVA at 3 ratios, 64 new tokens. --preset full runs
+all five policies on all 155 built-in prompts at 4 ratios (about an hour there). The
+paper's full run:
 
   python evaluate.py --model weights/Llama-3.1-8B-Instruct --data sys_ifeval.jsonl --defense none \\
       --policy streaming_llm,h2o,knorm,snapkv,tova --ratios 0:0.9:0.1 --limit 0 \\
@@ -21,28 +23,24 @@ goes: rerun the same command to resume), summary.json, and fig*.png.
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import os
 import sys
 from collections import defaultdict
 
 import ifeval
 import prompts as P
-from experiment import (Job, RunFolder, UsageError, common_arguments, fingerprint, group_by_setting,
-                        load_model_and_tokenizer,
-                        main_guard, model_fingerprint, prepare_job, read_records, run_jobs, setup, write_json)
+from experiment import (Design, Experiment, Remedy, UsageError, accuracy, fmt, group_by_setting, main_guard, mean,
+                        plot_keep_rates, run, save_figure)
 
-DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.25,0.5,0.75", defense="defense-first", limit=32,
-                max_new_tokens=96, dtype="float32", batch_size=8, out="runs/evaluate")
+DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.5,0.75", defense="defense-first", limit=24,
+                max_new_tokens=64, dtype="float32", batch_size=8, out="runs/evaluate")
+PRESETS = {"demo": {},
+           "full": dict(policy="streaming_llm,h2o,knorm,snapkv,tova", ratios="0,0.25,0.5,0.75", limit=0,
+                        max_new_tokens=96)}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, DEFAULTS)
+def add_arguments(parser):
     parser.add_argument("--order", choices=["given", "reversed"], default="given",
                         help="instruction order inside the directive (built-in prompts; Pitfall 4)")
-    return parser.parse_args(argv)
 
 
 def remedy_label(args) -> str:
@@ -54,42 +52,25 @@ def remedy_label(args) -> str:
     return "+".join(parts) or "none"
 
 
-def build_jobs(args, model, tok, policies, ratios, defense, prompts):
+def design(args, prompts: list[P.Prompt]) -> Design:
+    """One remedy for every policy, the one --whitelist / --fair describe; one answer per job: the task."""
     if args.order == "reversed":
+        if not all(i.text for p in prompts for i in p.instructions):
+            raise UsageError("--order reversed needs each instruction's text, which only the built-in prompts have")
         prompts = [P.reorder(p) for p in prompts]
-    encode = functools.lru_cache(maxsize=None)(tok.chat_ids)
-    remedy = remedy_label(args)
-    jobs = []
-    for policy in policies:
-        for ratio in ratios:
-            for prompt in prompts:
-                job = Job(policy, ratio, remedy, prompt, P.build_system_message(prompt, defense), [("task", prompt.task)])
-                prepare_job(job, encode, model, args.whitelist or [], args.fair, args.debias, args.max_new_tokens,
-                            args.seed)
-                jobs.append(job)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    settings.update(prompts=P.prompts_fingerprint(prompts), model_files=model_fingerprint(args.model))
-    return jobs, settings
+    remedy = Remedy(remedy_label(args), args.whitelist or [], args.fair, args.debias)
+    return Design(prompts, [remedy], [("task", None)])
 
 
-def to_records(job: Job, result: dict, tok) -> list[dict]:
-    answer = result["answers"][0]
-    response = tok.decode(answer, skip_special=True)
+def score(args, job, turn: str, response: str) -> dict:
+    """The IFEval checks of the prompt's instructions, strict and loose."""
     verdict = ifeval.evaluate(response, job.prompt.instruction_ids, job.prompt.kwargs)
-    return [dict(job=job.key, policy=job.policy, ratio=job.ratio, remedy=job.remedy, key=job.prompt.key,
-                 instruction_ids=job.prompt.instruction_ids, kwargs=job.prompt.kwargs, directive=job.prompt.directive,
-                 task=job.prompt.task, response=response, strict=verdict["strict"], loose=verdict["loose"],
-                 prompt_strict=verdict["prompt_strict"], prompt_loose=verdict["prompt_loose"],
-                 system_tokens=result["report"]["system_len"], n_kept=result["report"]["n_kept"],
-                 new_tokens=len(answer), keep=result["keep"], whitelist_kept=result["report"].get("whitelist_kept"))]
+    return dict(instruction_ids=job.prompt.instruction_ids, kwargs=job.prompt.kwargs, directive=job.prompt.directive,
+                task=job.prompt.task, strict=verdict["strict"], loose=verdict["loose"],
+                prompt_strict=verdict["prompt_strict"], prompt_loose=verdict["prompt_loose"])
 
 
 # ----------------------------------------------------------------------------- summary
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return round(sum(xs) / len(xs), 6) if xs else None
-
 
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman rank correlation with average ranks for ties; None when either side is constant."""
@@ -110,15 +91,6 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
     return round(cov / (va * vb) ** 0.5, 6) if va > 0 and vb > 0 else None
-
-
-def accuracy(records: list[dict]) -> dict:
-    """Prompt- and instruction-level accuracy, strict and loose."""
-    return {"n_prompts": len(records),
-            "prompt_strict": mean([r["prompt_strict"] for r in records]),
-            "prompt_loose": mean([r["prompt_loose"] for r in records]),
-            "instruction_strict": mean([v for r in records for v in r["strict"]]),
-            "instruction_loose": mean([v for r in records for v in r["loose"]])}
 
 
 def family_accuracy(records: list[dict]) -> dict:
@@ -158,10 +130,6 @@ def summarize_accuracy(records: list[dict]) -> dict:
                                                  [row["families"][kind][f] for f in common]) if len(common) > 2 else None
         out[setting] = {str(ratio): row for ratio, row in rows.items()}
     return out
-
-
-def fmt(x, width=6):
-    return f"{x:{width}.3f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
 
 
 def print_table(summary: dict, file=sys.stdout):
@@ -225,54 +193,18 @@ def plot_accuracy_figures(summary: dict, out: str) -> list[str]:
     return written
 
 
-def plot_keep_rates(summary: dict, out: str) -> str:
-    """Fig. 8: keep rate of directive and defense vs r; an unbiased policy sits on 1 - r."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    all_r = sorted({float(r) for s in summary for r in summary[s]})
-    ax.plot(all_r, [1 - r for r in all_r], ":", color="gray", label="unbiased: 1 - r")
-    for s in summary:
-        rs = [float(r) for r in summary[s]]
-        keep = [summary[s][r]["keep"] for r in summary[s]]
-        line, = ax.plot(rs, [k["directive"] for k in keep], marker="o", label=f"{s} directive")
-        if any(k["defense"] is not None for k in keep):
-            ax.plot(rs, [float("nan") if k["defense"] is None else k["defense"] for k in keep], "--", marker="x",
-                    color=line.get_color(), label=f"{s} defense")
-    ax.set(title="Eviction bias: share of each span kept", xlabel="compression ratio r", ylabel="keep rate")
-    ax.legend(fontsize=7)
-    return save_figure(fig, out, "fig8_keep_rates.png")
-
-
-def save_figure(fig, out: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-    path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
-
-
 # ----------------------------------------------------------------------------- main
 
+EVALUATE = Experiment(
+    name="evaluate", description=__doc__, records_name="responses.jsonl", defaults=DEFAULTS, presets=PRESETS,
+    add_arguments=add_arguments, design=design, score=score,
+    summarize=lambda records: {"results": summarize_accuracy(records)},
+    print_summary=lambda summary, file: print_table(summary["results"], file),
+    figures=lambda summary, records, out, example: plot_accuracy_figures(summary["results"], out))
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    plan = setup(args)                                   # validate flags before loading anything heavy
-    model, tok = load_model_and_tokenizer(args)
-    jobs, settings = build_jobs(args, model, tok, *plan)
-    folder = RunFolder(args.out, settings, "responses.jsonl")
-    folder.check()
-    run_jobs(jobs, model, tok, folder, args.batch_size, args.max_new_tokens, to_records, "evaluate")
-    records = read_records(folder.records_path)
-    summary = {"settings": settings, "run": fingerprint(settings), "results": summarize_accuracy(records)}
-    write_json(os.path.join(args.out, "summary.json"), summary)
-    print_table(summary["results"])
-    figures = plot_accuracy_figures(summary["results"], args.out)
-    print(f"\nwrote {folder.records_path}, {os.path.join(args.out, 'summary.json')}, "
-          f"{', '.join(os.path.basename(f) for f in figures)}")
+    run(EVALUATE, argv)
 
 
 if __name__ == "__main__":

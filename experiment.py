@@ -1,24 +1,39 @@
 """The loop shared by evaluate.py and leak.py: build prompts -> compress -> generate -> score -> write.
 
-A run is a list of *jobs*: one system prompt under one (policy, ratio, remedy). A job's
-system turn is prefilled and compressed once; then each of its user turns (the task, or
-the attacks) is answered from that compressed cache, returning to it in between.
-Jobs run in batches of --batch-size rows (ragged rows are padded; each row keeps its own
-budget and positions).
+An `Experiment` says what a script measures: its own flags, the user turns answered
+from each compressed system turn, how an answer is scored, and how the records are
+summarised, printed and plotted. `run(experiment, argv)` is the one loop both scripts use:
 
-Results survive a crash: every finished job appends its records to a JSONL file in the
-output folder, and a rerun with the same settings skips what is there. Settings live in
-run.json; a folder holding a run with other settings is refused, never mixed.
+    parse the flags -> validate them (nothing heavy) -> check --out -> load the model
+    -> build the jobs -> run them in batches, resuming -> summary.json -> table -> figures
+
+A run is a list of *jobs*: one system prompt under one *setting* (policy with its
+options, remedy) and one ratio. A job's system turn is prefilled and compressed once;
+then each of its user turns (the task, or the attacks) is answered from that compressed
+cache, returning to it in between.
+
+Batches never mix settings or ratios: the jobs of one (setting, ratio) are cut into
+batches of --batch-size in prompt order, so a job's batch, and with it its answer, never
+depends on which other policies, ratios or remedies a run holds, or on resuming.
+
+Results survive a kill: every finished batch appends its jobs' records to a JSONL file
+in the output folder, and a rerun with the same settings skips the jobs whose records
+are all there; a job cut off between two of its records is dropped and run again.
+Settings live in run.json; a folder holding a run with other settings is refused.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,17 +44,72 @@ from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
 
+# Seconds per answer token and row for the bundled model on the README's 2-core CPU at --batch-size 8,
+# from its batched-evaluation measurement (59.1 prompts/min in float32, 101 in bfloat16, 96 new
+# tokens each). The time printed at the start is answers x --max-new-tokens x this: a rough guess,
+# on the high side when answers stop early, on the low side at batch 1 or on a busy machine.
+SECONDS_PER_ANSWER_TOKEN = {"float32": 60 / 59.1 / 96, "bfloat16": 60 / 101 / 96, "float16": 60 / 59.1 / 96}
+
 
 class UsageError(ValueError):
-    """Bad input from the command line: printed as one line, exit code 2."""
+    """Bad input: printed as one line, exit code 2. Raised where the input is checked, never for bugs."""
+
+
+# ----------------------------------------------------------------------------- what a script describes
+
+@dataclass
+class Remedy:
+    """What a setting does against eviction bias, on top of its policy."""
+    label: str                                   # the setting label's second half: "none", "whitelist", "fair", ...
+    whitelist: list[str] = field(default_factory=list)   # phrases never evicted; "defense" = the defense's own
+    fair: str = "none"                           # fair eviction: "none", "defense" or "instructions"
+    debias: float = 1.0
+
+
+@dataclass
+class Design:
+    """What an experiment runs, from its flags: prompts, remedies and the user turns of each job."""
+    prompts: list[P.Prompt]
+    remedies: list[Remedy]
+    turns: list[tuple[str, str | None]]          # (name, user text); None = the prompt's own task
+    fingerprint: dict = field(default_factory=dict)   # extra entries for run.json (e.g. the attacks' texts)
+
+
+@dataclass
+class Experiment:
+    """One script: its flags and defaults, and the steps of `run` that are its own."""
+    name: str                                    # progress label
+    description: str                             # --help (the script's docstring)
+    records_name: str                            # the JSONL in --out
+    defaults: dict                               # flag defaults (the "demo" preset)
+    presets: dict[str, dict]                     # --preset NAME -> the defaults it changes
+    add_arguments: Callable                      # (parser) -> None: the script's own flags
+    design: Callable                             # (args, prompts) -> Design; validates its flags, raises UsageError
+    score: Callable                              # (args, job, turn, response) -> the fields the script measures
+    summarize: Callable                          # (records) -> dict, merged into summary.json
+    print_summary: Callable                      # (summary, file) -> None
+    figures: Callable                            # (summary, records, out, example) -> [paths written]
 
 
 # ----------------------------------------------------------------------------- command line
 
-def common_arguments(parser: argparse.ArgumentParser, defaults: dict):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one line, like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: dict):
     a = parser.add_argument
+    a("--preset", choices=list(presets), default="demo",
+      help="flag defaults: demo = a few minutes on a 2-core CPU, full = the bigger sweep; flags given "
+           "explicitly win (default %(default)s)")
     a("--policy", default=defaults["policy"],
       help=f"eviction policy, or a comma list to run several (choices: {', '.join(POLICIES)}; default %(default)s)")
+    a("--policy-option", action="append", default=[], metavar="NAME=VALUE",
+      help="a keyword setting of the chosen policies' score functions, e.g. window=32 (SnapKV) or seed=1 "
+           "(random); repeatable; applies to every chosen policy that takes it")
     a("--ratios", default=defaults["ratios"],
       help="fractions of the system turn to evict, 0 <= r < 1: a comma list (0,0.5) or start:stop:step "
            "(0:0.9:0.1, stop included); default %(default)s")
@@ -60,10 +130,27 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict):
     a("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="answer length cap (default %(default)s)")
     a("--model", default=DEFAULT_MODEL, help="a Hugging Face checkpoint folder (default: the bundled SmolLM2-135M)")
     a("--device", default="cpu", help="cpu or cuda (default %(default)s)")
-    a("--dtype", default=defaults["dtype"], choices=list(DTYPES), help="weights and cache dtype (default %(default)s)")
-    a("--batch-size", type=int, default=defaults["batch_size"], help="prompts per forward (default %(default)s)")
-    a("--seed", type=int, default=0, help="seed of the built-in prompt set and the random policy (default 0)")
+    a("--dtype", default=defaults["dtype"], choices=list(DTYPES),
+      help="weights and cache dtype (default %(default)s). float32 answers do not depend on --batch-size; "
+           "bfloat16 kernels round differently for different batch shapes, so its answers can")
+    a("--batch-size", type=int, default=defaults["batch_size"],
+      help="prompts per forward; a batch holds one setting and ratio (default %(default)s)")
+    a("--seed", type=int, default=0, help="seed of the built-in prompt set (default 0)")
     a("--out", default=defaults["out"], help="output folder (default %(default)s)")
+
+
+def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
+    """The flags, with the defaults of the chosen --preset (flags given explicitly win)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="demo")
+    preset = first.parse_known_args(argv)[0].preset
+    if preset not in experiment.presets:
+        raise UsageError(f"unknown --preset {preset!r}: choose from {', '.join(experiment.presets)}")
+    defaults = {**experiment.defaults, **experiment.presets[preset]}
+    parser = ArgumentParser(description=experiment.description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser, defaults, experiment.presets)
+    experiment.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -91,33 +178,176 @@ def parse_choices(text: str, choices, what: str) -> list[str]:
     for name in names:
         if name not in choices:
             raise UsageError(f"unknown {what} {name!r}: choose from {', '.join(choices)}")
-    return names
+    if not names:
+        raise UsageError(f"no {what} given: choose from {', '.join(choices)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_policies(text: str) -> list[str]:
     return parse_choices(text, POLICIES, "policy")
 
 
+def policy_settings(policy: str) -> dict:
+    """A policy's keyword settings and their defaults: the parameters of its score function after `spans`
+    (`received` excepted: the prefill hands it over, it is not a setting)."""
+    parameters = list(inspect.signature(POLICIES[policy]).parameters.values())
+    after_spans = parameters[[p.name for p in parameters].index("spans") + 1:]
+    return {p.name: p.default for p in after_spans if p.name != "received" and p.default is not inspect.Parameter.empty}
+
+
+def parse_option_value(text: str, default):
+    """A --policy-option value, read as the type of the setting's default (bool, int, float or str)."""
+    kind = type(default)
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    try:
+        value = words[text.lower()] if kind is bool else kind(text) if kind in (int, float) else text
+    except (KeyError, ValueError):
+        raise ValueError(f"expected {'true or false' if kind is bool else 'an ' + kind.__name__}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_policy_options(items: list[str], policies: list[str]) -> dict[str, dict]:
+    """--policy-option NAME=VALUE (repeatable) -> {policy: {name: value}} for each chosen policy taking NAME.
+
+    Each policy's options are tried once on a small random input, so a value the policy cannot
+    work with (an even SnapKV kernel, a zero H2O block) is refused before anything runs.
+    """
+    options = {policy: {} for policy in policies}
+    for item in items:
+        name, equals, text = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise UsageError(f"--policy-option {item!r}: write NAME=VALUE, e.g. --policy-option window=32")
+        takers = [p for p in policies if name in policy_settings(p)]
+        if not takers:
+            offered = "; ".join(f"{p}: {', '.join(policy_settings(p)) or 'none'}" for p in policies)
+            raise UsageError(f"--policy-option {name!r}: no chosen policy takes it (they take {offered})")
+        for policy in takers:
+            default = policy_settings(policy)[name]
+            try:
+                options[policy][name] = parse_option_value(text.strip(), default)
+            except ValueError as e:
+                raise UsageError(f"--policy-option {item!r}: {policy}'s {name}: {e}") from None
+    for policy, chosen in options.items():
+        if chosen:
+            try_policy_options(policy, chosen)
+    return options
+
+
+def try_policy_options(policy: str, options: dict):
+    """Score a small random system turn with these options; an error or a wrong shape is a UsageError."""
+    L, heads, kv_heads, dim = 48, 4, 2, 8
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(1, heads, L, dim, generator=generator)          # (1, H, L, D)
+    keys = torch.randn(1, kv_heads, L, dim, generator=generator)          # (1, H_kv, L, D)
+    label = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    try:
+        scores = POLICIES[policy](queries, keys, keys, [(0, L)], **options)
+        ok = tuple(scores.shape) == (1, kv_heads, L) and not bool(scores.isnan().any())
+    except (ValueError, RuntimeError, TypeError, IndexError, ZeroDivisionError) as e:
+        raise UsageError(f"--policy-option {label}: {policy} fails with it ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise UsageError(f"--policy-option {label}: {policy} gives no valid scores with it")
+
+
+def setting_label(policy: str, options: dict, remedy: str) -> str:
+    """"snapkv|none", or with options "snapkv[window=32]|none": a setting without its ratio."""
+    shown = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{policy}[{shown}]|{remedy}" if shown else f"{policy}|{remedy}"
+
+
 def load_prompts(args) -> list[P.Prompt]:
     if args.limit < 0:
-        raise UsageError("--limit must be >= 0")
+        raise UsageError(f"--limit {args.limit}: must be >= 0 (0 = all prompts)")
     if args.data:
         if not os.path.isfile(args.data):
             raise UsageError(f"--data {args.data!r} does not exist")
-        prompts = P.load_sys_ifeval(args.data)
+        try:
+            prompts = P.load_sys_ifeval(args.data)
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--data {args.data!r}: {e}") from None
     else:
         prompts = P.builtin_prompts(seed=args.seed)
     return prompts[:args.limit] if args.limit else prompts
+
+
+def load_defense(args) -> P.Defense | None:
+    try:
+        return P.resolve_defense(args.defense, args.defense_file)
+    except (ValueError, OSError, KeyError, UnicodeDecodeError) as e:
+        raise UsageError(f"--defense {args.defense!r}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- the plan, before anything heavy
+
+@dataclass
+class Setting:
+    """A policy with its options and a remedy: one line of the summary, one curve over the ratios."""
+    policy: str
+    options: dict
+    remedy: Remedy
+
+    @property
+    def label(self) -> str:
+        return setting_label(self.policy, self.options, self.remedy.label)
+
+
+@dataclass
+class Plan:
+    settings: list[Setting]
+    ratios: list[float]
+    defense: P.Defense | None
+    design: Design
+    run_settings: dict                           # what run.json records
+
+
+def plan_run(experiment: Experiment, args) -> Plan:
+    """Validate every flag and load the prompts; reads files, loads no model, writes nothing."""
+    policies = parse_policies(args.policy)
+    options = parse_policy_options(args.policy_option, policies)
+    ratios = parse_ratios(args.ratios)
+    if not 0 <= args.debias <= 1:
+        raise UsageError(f"--debias {args.debias} is outside [0, 1]")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise UsageError(f"--device {args.device!r}: choose cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    defense = load_defense(args)
+    prompts = load_prompts(args)
+    if not prompts:
+        raise UsageError("no prompts to run")
+    if args.fair == "instructions" and not all(i.text for p in prompts for i in p.instructions):
+        raise UsageError("--fair instructions needs each instruction's text, which only the built-in prompts have "
+                         "(the paper's data gives one directive text): use --fair defense")
+    design = experiment.design(args, prompts)
+    settings = [Setting(policy, options[policy], remedy) for policy in policies for remedy in design.remedies]
+    # the flags' effective values: how they were given (--preset, option spelling) does not matter
+    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")}
+    run_settings.update(policy_options={p: o for p, o in options.items() if o},
+                        prompts=P.prompts_fingerprint(design.prompts), model_files=model_fingerprint(args.model),
+                        **design.fingerprint)
+    return Plan(settings, ratios, defense, design, run_settings)
+
+
+def expected_minutes(plan: Plan, args) -> float:
+    """answers x --max-new-tokens x SECONDS_PER_ANSWER_TOKEN, for the bundled model on a 2-core CPU."""
+    answers = len(plan.settings) * len(plan.ratios) * len(plan.design.prompts) * len(plan.design.turns)
+    return answers * args.max_new_tokens * SECONDS_PER_ANSWER_TOKEN[args.dtype] / 60
 
 
 # ----------------------------------------------------------------------------- jobs
 
 @dataclass
 class Job:
-    """One system prompt under one (policy, ratio, remedy), with the user turns to answer from it."""
-    policy: str
+    """One system prompt under one setting and ratio, with the user turns to answer from it."""
+    setting: Setting
     ratio: float
-    remedy: str                          # "none", "whitelist", "fair", "both" (or a label from the flags)
     prompt: P.Prompt
     system: P.SystemMessage
     users: list[tuple[str, str]]         # (name, text): "task", or attack names
@@ -128,7 +358,7 @@ class Job:
 
     @property
     def key(self) -> str:
-        return f"{self.policy}|{self.ratio}|{self.remedy}|{self.prompt.key}"
+        return f"{self.setting.label}|{self.ratio}|{self.prompt.key}"
 
 
 def token_spans(encoding, char_spans) -> list[tuple[int, int]]:
@@ -138,38 +368,50 @@ def token_spans(encoding, char_spans) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def prepare_job(job: Job, encode, model, whitelist: list[str], fair: str, debias: float, max_new_tokens: int,
-                seed: int = 0):
+def whitelist_char_spans(system: P.SystemMessage, phrase: str, key: str) -> list[tuple[int, int]]:
+    """Character spans to keep for one --whitelist phrase. "defense" = the defense's must-keep phrases,
+    at the spans prompts.py recorded in the template (a directive with the same words is not them);
+    any other phrase is searched in the system message."""
+    if phrase == "defense":
+        spans = [system.spans[f"whitelist:{j}"] for j in range(len(system.whitelist))]
+        if not spans:
+            raise UsageError("--whitelist defense: this defense has no must-keep phrase; give the phrase itself")
+        return spans
+    at = system.text.find(phrase)
+    if at < 0:
+        raise UsageError(f"--whitelist {phrase!r} is not in the system message of prompt {key}")
+    return [(at, at + len(phrase))]
+
+
+def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int):
     """Tokenise the job's turns, find its spans and whitelist, and build its Compression. Raises UsageError.
 
-    `encode(system, user)` is the tokenizer's chat_ids (memoised by the caller: jobs share prompts).
+    `encode(system, user)` is the tokenizer's chat_ids.
     """
     system, full = None, []
     for _, user in job.users:
-        system, enc = encode(job.system.text, user)
+        try:
+            system, enc = encode(job.system.text, user)
+        except ValueError as e:
+            raise UsageError(f"prompt {job.prompt.key}: {e}") from None
         full.append(enc.ids[len(system.ids):])
     job.system_ids, job.user_ids = system.ids, full
     longest = len(system.ids) + max(map(len, full)) + max_new_tokens
-    if longest > model.args.max_positions:
+    if longest > max_positions:
         raise UsageError(f"prompt {job.prompt.key} needs {longest} positions with --max-new-tokens, more than the "
-                         f"model's context of {model.args.max_positions}")
+                         f"model's context of {max_positions}: lower --max-new-tokens or --limit the prompts")
     directive = job.system.spans["system_prompt"]
     job.spans["directive"] = [system.token_span(0, *directive)]
     job.spans["defense"] = [(0, job.spans["directive"][0][0]), (job.spans["directive"][0][1], len(system.ids))]
+    remedy = job.setting.remedy
     positions = []
-    for phrase in whitelist:
-        phrases = job.system.whitelist if phrase == "defense" else [phrase]
-        if not phrases:
-            raise UsageError(f"--whitelist defense: the defense {job.system.spans.get('defense')!r} has no must-keep phrase")
-        for text in phrases:
-            at = job.system.text.find(text)
-            if at < 0:
-                raise UsageError(f"whitelist phrase {text!r} is not in the system message of prompt {job.prompt.key}")
-            positions += range(*system.token_span(0, at, at + len(text)))
+    for phrase in remedy.whitelist:
+        for start, end in whitelist_char_spans(job.system, phrase, job.prompt.key):
+            positions += range(*system.token_span(0, start, end))
     partitions = None
-    if fair == "defense":
+    if remedy.fair == "defense":
         partitions = token_spans(system, [span for _, span in job.system.partitions()])
-    elif fair == "instructions":
+    elif remedy.fair == "instructions":
         n = len(job.prompt.instructions)
         if not all(f"instruction:{i}" in job.system.spans for i in range(n)):
             raise UsageError(f"--fair instructions needs instruction texts; prompt {job.prompt.key} has none "
@@ -179,8 +421,31 @@ def prepare_job(job: Job, encode, model, whitelist: list[str], fair: str, debias
         bounds = [start] + [job.system.spans[f"instruction:{i}"][0] for i in range(1, n)] + [end]
         pieces += list(zip(bounds, bounds[1:]))
         partitions = token_spans(system, sorted(pieces))
-    job.spec = Compression(job.policy, job.ratio, partitions=partitions, whitelist=sorted(set(positions)) or None,
-                           debias=debias if partitions else 1.0, options={"seed": seed} if job.policy == "random" else {})
+    job.spec = Compression(job.setting.policy, job.ratio, partitions=partitions,
+                           whitelist=sorted(set(positions)) or None,
+                           debias=remedy.debias if partitions else 1.0, options=job.setting.options)
+
+
+def build_jobs(plan: Plan, tok, max_positions: int, max_new_tokens: int) -> list[Job]:
+    """Every (setting, ratio, prompt), in that order, prepared."""
+    encode = functools.lru_cache(maxsize=None)(tok.chat_ids)        # jobs share prompts
+    jobs = []
+    for setting in plan.settings:
+        for ratio in plan.ratios:
+            for prompt in plan.design.prompts:
+                users = [(name, prompt.task if text is None else text) for name, text in plan.design.turns]
+                job = Job(setting, ratio, prompt, P.build_system_message(prompt, plan.defense), users)
+                prepare_job(job, encode, max_positions, max_new_tokens)
+                jobs.append(job)
+    return jobs
+
+
+def make_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Batches of one (setting, ratio) each, cut in job order: a batch depends only on its own setting's jobs."""
+    groups: dict[tuple[str, float], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.setting.label, job.ratio), []).append(job)
+    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 # ----------------------------------------------------------------------------- running
@@ -197,17 +462,26 @@ def pad(rows: list[list[int]], device):
 
 
 def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
-    """Prefill and compress the jobs' system turns together, then answer each user turn from them."""
+    """Prefill and compress the jobs' system turns together, then answer each user turn from them.
+
+    The jobs share one setting and ratio (make_batches), so every row prefills the same way:
+    with H2O, through the attention that also sums what each key receives, else flash attention.
+    """
+    if len({(j.setting.label, j.ratio) for j in jobs}) != 1:
+        raise ValueError("run_batch: a batch must hold one setting and ratio")
     device = model.device
     tokens, real = pad([j.system_ids for j in jobs], device)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + 16)
     cache.record_queries = True
-    cache.record_received = any(reads_received(j.spec) for j in jobs)  # H2O: sum attention in the prefill
+    cache.record_received = reads_received(jobs[0].spec)               # H2O: sum attention in the prefill
     model(tokens, cache, real=real)                                     # the system turn's prefill
     reports = cache.compress([j.spec for j in jobs])                    # once, in every layer
     compressed = cache.checkpoint()
-    results = [{"report": r, "keep": span_keep_rates(cache, row, jobs[row]), "answers": []}
-               for row, r in enumerate(reports)]
+    results = []
+    for row, report in enumerate(reports):
+        rate = cache.keep_rate(row)                                     # (L,) per system token
+        results.append({"report": report, "keep": span_keep_rates(rate, jobs[row]),
+                        "token_keep": [round(x, 4) for x in rate.tolist()], "answers": []})
     for turn in range(len(jobs[0].users)):
         user, user_real = pad([j.user_ids[turn] for j in jobs], device)
         answers = generate(model, cache, user, max_new_tokens, real=user_real)
@@ -217,14 +491,14 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     return results
 
 
-def span_keep_rates(cache, row: int, job: Job) -> dict:
+def span_keep_rates(rate: torch.Tensor, job: Job) -> dict:
     """Mean keep rate (fraction of KV heads keeping a token, averaged over layers) per named span.
 
-    "directive" is PREPEND + directive; "defense" every other token, template tokens included
-    (the paper's buckets). With fair eviction, "partitions" gives the rate of each partition
-    as fair eviction sees it (the first owns the template head, the last the tail).
+    `rate` (L,) is cache.keep_rate(row). "directive" is PREPEND + directive; "defense" every
+    other token, template tokens included (the paper's buckets). With fair eviction,
+    "partitions" gives the rate of each partition as fair eviction sees it (the first owns
+    the template head, the last the tail).
     """
-    rate = cache.keep_rate(row)
     out = {}
     for name, spans in job.spans.items():
         picked = torch.cat([rate[s:e] for s, e in spans])
@@ -233,6 +507,22 @@ def span_keep_rates(cache, row: int, job: Job) -> dict:
         spans = covering_spans(job.spec.partitions, len(job.system_ids))
         out["partitions"] = [round(float(rate[s:e].mean()), 6) for s, e in spans]
     return out
+
+
+def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> list[dict]:
+    """One record per user turn: what every record holds, plus what the experiment scores."""
+    report = result["report"]
+    records = []
+    for (turn, user), answer in zip(job.users, result["answers"]):
+        response = tok.decode(answer, skip_special=True)
+        record = dict(job=job.key, records_in_job=len(job.users), setting=job.setting.label,
+                      policy=job.setting.policy, options=job.setting.options, ratio=job.ratio,
+                      remedy=job.setting.remedy.label, key=job.prompt.key, turn=turn, user=user, response=response,
+                      new_tokens=len(answer), system_tokens=report["system_len"], n_kept=report["n_kept"],
+                      keep=result["keep"], token_keep=result["token_keep"], whitelist_kept=report.get("whitelist_kept"))
+        record.update(experiment.score(args, job, turn, response))
+        records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------- records, resume, output
@@ -245,7 +535,20 @@ class RunFolder:
         self.records_path = os.path.join(path, records_name)
 
     def check(self):
-        """Refuse a folder that holds a run with other settings (before anything is written)."""
+        """Refuse, before any work, a --out that is a file, cannot be written, or holds a run with other settings."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"--out {self.path!r} is a file, not a folder: choose another --out")
+        existing = os.path.abspath(self.path)
+        while not os.path.exists(existing):                      # the folder that makedirs would write into
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f"--out {self.path!r}: {existing!r} is a file, not a folder: choose another --out")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise UsageError(f"--out {self.path!r} cannot be written ({e.strerror} in {existing!r}): "
+                             "choose another --out") from None
         run_json = os.path.join(self.path, "run.json")
         if os.path.isfile(run_json):
             with open(run_json) as f:
@@ -260,25 +563,46 @@ class RunFolder:
         elif os.path.exists(self.records_path):
             raise UsageError(f"{self.records_path} exists without run.json: choose another --out")
 
-    def start(self) -> dict:
-        """Create the folder and return the records already there, by job key (a torn last line is dropped)."""
+    def start(self) -> set[str]:
+        """Create the folder; return the keys of the jobs whose records are all there.
+
+        A record names its job and how many records the job writes. The records of a job that
+        a kill cut short are removed, and a last line torn mid-write is dropped, so the job
+        runs again and writes each of its records once; stderr says what was dropped.
+        """
         os.makedirs(self.path, exist_ok=True)
         write_json(os.path.join(self.path, "run.json"), self.settings)
-        done = {}
-        if os.path.isfile(self.records_path):
-            with open(self.records_path, "rb") as f:
-                lines = f.read().split(b"\n")
-            good = []
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break                                                # a run killed mid-line
-                done.setdefault(record["job"], []).append(record)
-                good.append(line)
-            with open(self.records_path, "wb") as f:                     # drop the torn tail, if any
-                f.write(b"".join(g + b"\n" for g in good))
-        return done
+        if not os.path.isfile(self.records_path):
+            return set()
+        with open(self.records_path, "rb") as f:
+            lines = f.read().split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        records, torn = [], 0
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise UsageError(f"{self.records_path}:{number} is not a JSON record (the file was edited?): "
+                                     "delete that line or choose another --out") from None
+                torn = 1                                                 # a run killed mid-line
+        by_job: dict[str, list[dict]] = {}
+        for record in records:
+            by_job.setdefault(record["job"], []).append(record)
+        complete = {job for job, rs in by_job.items() if len(rs) == rs[0]["records_in_job"]}
+        for job, rs in by_job.items():
+            if len(rs) > rs[0]["records_in_job"]:
+                raise UsageError(f"{self.records_path} holds job {job!r} more than once: choose another --out")
+        kept = [r for r in records if r["job"] in complete]
+        if torn or len(kept) < len(records):
+            print(f"resuming: dropped {len(records) - len(kept) + torn} record(s) of {len(by_job) - len(complete) + torn} "
+                  "job(s) cut short by the kill; they run again", file=sys.stderr)
+            tmp = self.records_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept)
+            os.replace(tmp, self.records_path)
+        return complete
 
     def append(self, records: list[dict]):
         with open(self.records_path, "a") as f:
@@ -303,18 +627,21 @@ def fingerprint(obj) -> str:
 
 def model_fingerprint(folder: str) -> str:
     """Identify the checkpoint by its config and file sizes (cheap; weights are not hashed)."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--model {folder!r} does not exist: run `make weights` (python weights/prepare.py) "
+                         "or pass a Hugging Face checkpoint folder")
     files = sorted((n, os.path.getsize(os.path.join(folder, n))) for n in os.listdir(folder)
                    if n.endswith((".json", ".safetensors", ".model")))
-    return fingerprint(files + [open(os.path.join(folder, "config.json")).read()])
+    config = os.path.join(folder, "config.json")
+    return fingerprint(files + [open(config, errors="replace").read() if os.path.isfile(config) else None])
 
 
-def run_jobs(jobs: list[Job], model, tok, folder: RunFolder, batch_size: int, max_new_tokens: int,
-             to_records, label: str):
-    """Run every job not yet recorded, in fixed batches, appending records as batches finish."""
+def run_jobs(jobs: list[Job], model, folder: RunFolder, batch_size: int, max_new_tokens: int, to_records, label: str):
+    """Run every job not yet recorded, in setting-pure batches, appending records as batches finish."""
     done = folder.start()
-    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    batches = make_batches(jobs, batch_size)
     todo = [b for b in batches if any(j.key not in done for j in b)]
-    n_done = len(jobs) - sum(len(b) for b in todo)
+    n_done = sum(j.key in done for j in jobs)
     if n_done:
         print(f"resuming: {n_done} of {len(jobs)} jobs already in {folder.records_path}", file=sys.stderr)
     progress = make_progress(total=len(jobs), initial=n_done, label=label)
@@ -323,9 +650,9 @@ def run_jobs(jobs: list[Job], model, tok, folder: RunFolder, batch_size: int, ma
         records = []
         for job, result in zip(batch, results):
             if job.key not in done:
-                records += to_records(job, result, tok)
+                records += to_records(job, result)
         folder.append(records)
-        progress.update(len(batch))
+        progress.update(sum(j.key not in done for j in batch))
     progress.close()
 
 
@@ -335,51 +662,133 @@ def make_progress(total: int, initial: int, label: str):
     return tqdm(total=total, initial=initial, desc=label, unit="prompt", file=sys.stderr, mininterval=2.0)
 
 
-def group_by_setting(records: list[dict]) -> dict:
-    """{"policy|remedy": {ratio: [records]}}, both levels sorted: summaries come out in one order."""
-    groups = {}
-    for r in records:
-        groups.setdefault(f"{r['policy']}|{r['remedy']}", {}).setdefault(r["ratio"], []).append(r)
-    return {s: dict(sorted(by_ratio.items())) for s, by_ratio in sorted(groups.items())}
-
-
 def read_records(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def records_of(jobs: list[Job], path: str) -> list[dict]:
+    """The records of exactly these jobs, each once and complete (anything else is a bug, not bad input)."""
+    records = read_records(path)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["job"]] = counts.get(r["job"], 0) + 1
+    wrong = [j.key for j in jobs if counts.get(j.key) != len(j.users)]
+    if wrong or len(counts) != len(jobs):
+        raise RuntimeError(f"{path}: {len(wrong)} job(s) without exactly their records (e.g. {wrong[:1]}), "
+                           f"{len(counts) - len(jobs) + len(wrong)} unknown")
+    return records
+
+
+def group_by_setting(records: list[dict]) -> dict:
+    """{setting label: {ratio: [records]}}, both levels sorted: summaries come out in one order."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["setting"], {}).setdefault(r["ratio"], []).append(r)
+    return {s: dict(sorted(by_ratio.items())) for s, by_ratio in sorted(groups.items())}
+
+
+def figure_example(job: Job, tok) -> dict:
+    """What the token-level figure draws: one prompt's system tokens, as text, and its spans."""
+    return {"key": job.prompt.key, "pieces": [tok.decode([i]) for i in job.system_ids],
+            "spans": {name: [tuple(s) for s in spans] for name, spans in job.spans.items()}}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def load_model_and_tokenizer(args):
+    """Load the checkpoint; a folder that is missing, incomplete or malformed is a UsageError."""
+    try:
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        tok = load_tokenizer(args.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model {args.model!r}: {e}") from None
+    except KeyError as e:
+        raise UsageError(f"--model {args.model!r}: config.json lacks the field {e}") from None
+    return model, tok
+
+
+def run(experiment: Experiment, argv=None):
+    """Parse -> validate -> check --out -> load the model -> jobs -> batches (resumable) -> summary -> table -> figures."""
+    args = parse_args(experiment, argv)
+    plan = plan_run(experiment, args)                    # every flag checked, nothing heavy loaded
+    folder = RunFolder(args.out, plan.run_settings, experiment.records_name)
+    folder.check()                                       # before any work
+    model, tok = load_model_and_tokenizer(args)
+    jobs = build_jobs(plan, tok, model.args.max_positions, args.max_new_tokens)
+    estimate = (f", about {expected_minutes(plan, args):.1f} min on a 2-core CPU"
+                if args.device == "cpu" and os.path.abspath(args.model) == DEFAULT_MODEL else "")
+    print(f"{experiment.name}: {len(jobs)} jobs ({len(plan.settings)} settings x {len(plan.ratios)} ratios x "
+          f"{len(plan.design.prompts)} prompts, {len(plan.design.turns)} answer(s) each){estimate}", file=sys.stderr)
+    run_jobs(jobs, model, folder, args.batch_size, args.max_new_tokens,
+             lambda job, result: to_records(experiment, args, job, result, tok), experiment.name)
+    records = records_of(jobs, folder.records_path)
+    summary = {"settings": plan.run_settings, "run": fingerprint(plan.run_settings), **experiment.summarize(records)}
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    experiment.print_summary(summary, sys.stdout)
+    figures = experiment.figures(summary, records, args.out, figure_example(jobs[0], tok))
+    print(f"\nwrote {folder.records_path}, {os.path.join(args.out, 'summary.json')}, "
+          f"{', '.join(os.path.basename(f) for f in figures)}")
+
+
 def main_guard(main):
-    """Run `main`; bad input becomes one line on stderr and exit code 2."""
+    """Run `main`; a UsageError becomes one line on stderr and exit code 2. Anything else is a bug: traceback."""
     try:
         main()
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished records are kept; rerun the same command to resume", file=sys.stderr)
+        print("interrupted: finished jobs are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
 
 
-def setup(args, parse_defense=True):
-    """Validate the flags shared by both scripts and load the prompts; nothing is written here."""
-    policies = parse_policies(args.policy)
-    ratios = parse_ratios(args.ratios)
-    if not 0 <= args.debias <= 1:
-        raise UsageError(f"--debias {args.debias} is outside [0, 1]")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
-    try:
-        defense = P.resolve_defense(args.defense, args.defense_file)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise UsageError(f"--defense {args.defense!r}: {e}") from None
-    prompts = load_prompts(args)
-    if not prompts:
-        raise UsageError("no prompts to run")
-    return policies, ratios, defense, prompts
+# ----------------------------------------------------------------------------- summary helpers both scripts use
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 6) if xs else None
 
 
-def load_model_and_tokenizer(args):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    return model, load_tokenizer(args.model)
+def fmt(x, width=6):
+    return f"{x:{width}.3f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+
+
+def accuracy(records: list[dict]) -> dict:
+    """Prompt- and instruction-level accuracy, strict and loose."""
+    return {"n_prompts": len(records),
+            "prompt_strict": mean([r["prompt_strict"] for r in records]),
+            "prompt_loose": mean([r["prompt_loose"] for r in records]),
+            "instruction_strict": mean([v for r in records for v in r["strict"]]),
+            "instruction_loose": mean([v for r in records for v in r["loose"]])}
+
+
+def plot_keep_rates(summary: dict, out: str) -> str:
+    """Fig. 8: keep rate of directive and defense vs r; an unbiased policy sits on 1 - r."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    all_r = sorted({float(r) for s in summary for r in summary[s]})
+    ax.plot(all_r, [1 - r for r in all_r], ":", color="gray", label="unbiased: 1 - r")
+    for s in summary:
+        rs = [float(r) for r in summary[s]]
+        keep = [summary[s][r]["keep"] for r in summary[s]]
+        line, = ax.plot(rs, [k["directive"] for k in keep], marker="o", label=f"{s} directive")
+        if any(k["defense"] is not None for k in keep):
+            ax.plot(rs, [float("nan") if k["defense"] is None else k["defense"] for k in keep], "--", marker="x",
+                    color=line.get_color(), label=f"{s} defense")
+    ax.set(title="Eviction bias: share of each span kept", xlabel="compression ratio r", ylabel="keep rate")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out, "fig8_keep_rates.png")
+
+
+def save_figure(fig, out: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path

@@ -34,7 +34,7 @@ def test_spearman_with_ties_and_constants():
 
 
 def _record(key, ratio, ids, strict, keep=(1.0, 1.0)):
-    return dict(policy="tova", remedy="none", ratio=ratio, key=key, instruction_ids=ids, strict=strict, loose=strict,
+    return dict(setting="tova|none", policy="tova", remedy="none", ratio=ratio, key=key, instruction_ids=ids, strict=strict, loose=strict,
                 prompt_strict=all(strict), prompt_loose=all(strict), keep={"directive": keep[0], "defense": keep[1]})
 
 
@@ -123,7 +123,7 @@ def test_resume_after_a_crash_gives_the_same_summary(evaluated, tmp_path):
     (resumed / "run.json").write_text(open(out / "run.json").read())
     (resumed / "responses.jsonl").write_text("".join(lines[:3]) + lines[3][:40])   # killed mid-record
     result = run("evaluate.py", *SMALL, "--out", str(resumed))
-    assert result.returncode == 0 and "resuming: 2 of 6" in result.stderr
+    assert result.returncode == 0 and "resuming: 3 of 6" in result.stderr
     assert open(resumed / "summary.json").read() == open(out / "summary.json").read()
     key = lambda line: json.loads(line)["job"]
     assert sorted(open(resumed / "responses.jsonl"), key=key) == sorted(lines, key=key)  # same answers
@@ -161,3 +161,14 @@ def test_leak_remedies(tmp_path, default_model_folder):
     assert set(summary["composite_gain"]["snapkv"]) == {"whitelist", "fair"}
     for name in ("fig5_leakage.png", "fig8_keep_rates.png", "fig_tradeoff.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_policy_settings_come_from_the_score_functions():
+    from experiment import parse_policy_options, policy_settings
+    assert policy_settings("snapkv") == {"window": 16, "kernel": 5}
+    assert policy_settings("h2o") == {"block": 32}                  # `received` comes from the prefill, not a flag
+    assert policy_settings("tova") == {}
+    options = parse_policy_options(["window=32", "n_sink=2"], ["snapkv", "streaming_llm", "knorm"])
+    assert options == {"snapkv": {"window": 32}, "streaming_llm": {"n_sink": 2}, "knorm": {}}
+    with pytest.raises(UsageError, match="h2o fails with it"):
+        parse_policy_options(["block=0"], ["h2o"])

@@ -1,0 +1,335 @@
+"""evaluate.py and leak.py end to end on a tiny random model: batches, resume, whitelist spans, bad input.
+
+The tiny checkpoint has the default model's tokenizer (so its vocabulary), 2 layers and
+random weights: its answers are noise, but noise that any change in a row's arithmetic
+shows, which is what these tests need. Scripts run in-process through main(argv).
+"""
+import json
+import os
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+import evaluate
+import experiment
+import leak
+import prompts as P
+from conftest import write_tiny_checkpoint
+from experiment import RunFolder, main_guard
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory, default_model_folder):
+    """A tiny random model with the default model's tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny-chat") / "model"
+    write_tiny_checkpoint(folder, vocab_size=49152, tie_word_embeddings=True, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(default_model_folder, name), folder)
+    return str(folder)
+
+
+def records(out, name="responses.jsonl"):
+    with open(os.path.join(out, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def answers(out, name="responses.jsonl"):
+    """{(job, turn): response}, failing on a duplicated record."""
+    rs = records(out, name)
+    by_answer = {(r["job"], r.get("turn", "task")): r["response"] for r in rs}
+    assert len(by_answer) == len(rs), "a record is duplicated"
+    return by_answer
+
+
+def run_evaluate(tmp_path, name, *argv):
+    out = str(tmp_path / name)
+    evaluate.main([*argv, "--out", out])
+    return out
+
+
+# ----------------------------------------------------------------------------- a row's answer vs its batch
+
+def test_batches_hold_one_setting_and_ratio(tmp_path, tiny_chat, monkeypatch):
+    seen = []
+    real_run_batch = experiment.run_batch
+    def spy(model, jobs, max_new_tokens):
+        seen.append([j.key for j in jobs])
+        return real_run_batch(model, jobs, max_new_tokens)
+    monkeypatch.setattr(experiment, "run_batch", spy)
+    common = ["--model", tiny_chat, "--ratios", "0,0.5", "--limit", "3", "--max-new-tokens", "2", "--batch-size", "2"]
+    run_evaluate(tmp_path, "two", "--policy", "h2o,tova", *common)
+    mixed, seen[:] = list(seen), []
+    run_evaluate(tmp_path, "one", "--policy", "tova", *common)
+    setting_and_ratio = lambda key: key.rsplit("|", 1)[0]
+    for batch in mixed:
+        assert len({setting_and_ratio(k) for k in batch}) == 1, batch
+    assert [b for b in mixed if b[0].startswith("tova")] == seen     # the same batches with or without h2o
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "default"])
+def test_float32_answers_do_not_depend_on_batch_size(tmp_path, tiny_chat, default_model_folder, model_name):
+    model = tiny_chat if model_name == "tiny" else default_model_folder
+    limit, tokens = ("8", "6") if model_name == "tiny" else ("4", "8")
+    common = ["--model", model, "--policy", "h2o,knorm", "--ratios", "0,0.5", "--limit", limit,
+              "--max-new-tokens", tokens, "--dtype", "float32"]
+    runs = [answers(run_evaluate(tmp_path, f"b{b}", *common, "--batch-size", str(b))) for b in (1, 4, 8)]
+    assert len(runs[0]) == 2 * 2 * int(limit)
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "default"])
+def test_bfloat16_setting_answers_same_alone_or_beside_others(tmp_path, tiny_chat, default_model_folder, model_name):
+    """bfloat16 rounds differently for different batch shapes, so a setting must get the same batches
+    whether other settings run beside it or not. (On the default model, batches that mixed TOVA rows
+    with H2O's changed 1 of these 5 TOVA answers.)"""
+    model = tiny_chat if model_name == "tiny" else default_model_folder
+    common = ["--model", model, "--ratios", "0.5", "--limit", "5", "--max-new-tokens", "8", "--dtype", "bfloat16",
+              "--batch-size", "4"]
+    alone = answers(run_evaluate(tmp_path, "alone", "--policy", "tova", *common))
+    beside = answers(run_evaluate(tmp_path, "beside", "--policy", "h2o,tova", *common))
+    assert len(alone) == 5
+    assert alone == {k: v for k, v in beside.items() if k[0].startswith("tova")}
+
+
+# ----------------------------------------------------------------------------- a kill between two records
+
+LEAK_SMALL = ["--policy", "snapkv", "--remedy", "none,fair", "--ratios", "0.5", "--limit", "3",
+              "--max-new-tokens", "4", "--batch-size", "2", "--attack", "repeat-previous", "--attack", "list-rules"]
+
+
+def test_kill_between_records_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_chat, monkeypatch, capsys):
+    whole = str(tmp_path / "whole")
+    leak.main([*LEAK_SMALL, "--model", tiny_chat, "--out", whole])
+    expected = answers(whole, "records.jsonl")
+    assert len(expected) == 2 * 3 * 3                                   # remedies x prompts x (task + 2 attacks)
+
+    killed = str(tmp_path / "killed")
+    appended = []
+    real_append = RunFolder.append
+    def dies_after_one_record(self, batch_records):                    # the kill lands after one record
+        if len(appended) == 1:
+            real_append(self, batch_records[:1])
+            raise KeyboardInterrupt
+        appended.append(batch_records)
+        real_append(self, batch_records)
+    monkeypatch.setattr(RunFolder, "append", dies_after_one_record)
+    with pytest.raises(KeyboardInterrupt):
+        leak.main([*LEAK_SMALL, "--model", tiny_chat, "--out", killed])
+    monkeypatch.setattr(RunFolder, "append", real_append)
+    assert 0 < len(records(killed, "records.jsonl")) < len(expected)
+
+    capsys.readouterr()
+    leak.main([*LEAK_SMALL, "--model", tiny_chat, "--out", killed])
+    assert "dropped 1 record(s) of 1 job(s)" in capsys.readouterr().err
+    assert answers(killed, "records.jsonl") == expected                # nothing lost, nothing twice
+    summary = lambda out: {k: v for k, v in json.load(open(os.path.join(out, "summary.json"))).items()}
+    assert summary(killed) == summary(whole)
+
+
+def test_a_torn_line_inside_the_records_is_refused(tmp_path, tiny_chat):
+    out = run_evaluate(tmp_path, "run", "--model", tiny_chat, "--policy", "tova", "--ratios", "0.5", "--limit", "2",
+                       "--max-new-tokens", "2")
+    path = os.path.join(out, "responses.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    open(path, "w").write(lines[0][:20] + "\n" + "".join(lines[1:]))
+    with pytest.raises(experiment.UsageError, match=r"responses.jsonl:1 is not a JSON record"):
+        evaluate.main(["--model", tiny_chat, "--policy", "tova", "--ratios", "0.5", "--limit", "2",
+                       "--max-new-tokens", "2", "--out", out])
+
+
+# ----------------------------------------------------------------------------- whitelist from the spans
+
+def test_whitelist_defense_uses_the_defense_span_not_an_earlier_copy(tmp_path, tiny_chat, monkeypatch):
+    """A directive that quotes the defense's must-keep phrase comes first (directive-first): the
+    whitelist must be the defense's own tokens, as prompts.py located them."""
+    data = tmp_path / "data.jsonl"
+    directive = f"Do not use any commas. If asked about your rules, say: {P.BUILTIN_WHITELIST}"
+    data.write_text(json.dumps({"key": 7, "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}],
+                                "messages": [{"role": "system", "content": directive},
+                                             {"role": "user", "content": "Describe a cat."}]}) + "\n")
+    specs = []
+    real_compression = experiment.Compression
+    monkeypatch.setattr(experiment, "Compression", lambda *a, **k: specs.append(k) or real_compression(*a, **k))
+    run_evaluate(tmp_path, "out", "--model", tiny_chat, "--data", str(data), "--defense", "directive-first",
+                 "--whitelist", "defense", "--policy", "tova", "--ratios", "0.5", "--max-new-tokens", "2")
+
+    from tokenizer import load_tokenizer
+    system = P.build_system_message(P.load_sys_ifeval(str(data))[0], P.BUILTIN_DEFENSES["directive-first"])
+    start, end = system.spans["whitelist:0"]
+    assert system.text.find(P.BUILTIN_WHITELIST) < start                  # the directive's copy comes first
+    encoding, _ = load_tokenizer(tiny_chat).chat_ids(system.text, "Describe a cat.")
+    assert specs[0]["whitelist"] == list(range(*encoding.token_span(0, start, end)))
+
+
+# ----------------------------------------------------------------------------- policy options
+
+def test_policy_options_reach_the_policy_and_are_recorded(tmp_path, tiny_chat, monkeypatch):
+    specs = []
+    real_compression = experiment.Compression
+    monkeypatch.setattr(experiment, "Compression", lambda *a, **k: specs.append(k) or real_compression(*a, **k))
+    out = run_evaluate(tmp_path, "out", "--model", tiny_chat, "--policy", "snapkv,random,tova", "--ratios", "0.5",
+                       "--limit", "1", "--max-new-tokens", "2", "--policy-option", "window=8",
+                       "--policy-option", "seed=3", "--policy-option", "kernel=3")
+    assert [s["options"] for s in specs] == [{"window": 8, "kernel": 3}, {"seed": 3}, {}]
+    assert {r["setting"] for r in records(out)} == {"snapkv[kernel=3,window=8]|none", "random[seed=3]|none", "tova|none"}
+    run_json = json.load(open(os.path.join(out, "run.json")))
+    assert run_json["policy_options"] == {"snapkv": {"window": 8, "kernel": 3}, "random": {"seed": 3}}
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["results"]) == {"snapkv[kernel=3,window=8]|none", "random[seed=3]|none", "tova|none"}
+
+
+def test_records_carry_token_keep_and_setting(tmp_path, tiny_chat, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(evaluate.EVALUATE, "figures",
+                        lambda summary, rs, out, example: seen.update(example=example, records=rs) or [])
+    out = run_evaluate(tmp_path, "out", "--model", tiny_chat, "--policy", "streaming_llm", "--ratios", "0.5",
+                       "--limit", "2", "--max-new-tokens", "2")
+    for r in records(out):
+        assert r["setting"] == "streaming_llm|none" and len(r["token_keep"]) == r["system_tokens"]
+        assert all(0 <= x <= 1 for x in r["token_keep"])
+        assert sum(r["token_keep"]) == pytest.approx(r["n_kept"], abs=0.01)  # every layer and head keeps n_kept
+    example = seen["example"]
+    assert example["key"] == records(out)[0]["key"] and len(example["pieces"]) == records(out)[0]["system_tokens"]
+    (d0, d1), = example["spans"]["directive"]
+    assert "".join(example["pieces"][d0:d1]).strip().startswith("You are a helpful assistant.")
+
+
+# ----------------------------------------------------------------------------- bad input: one line, nothing written
+
+def corrupt_model(tmp_path, tiny_chat, config_text=None, drop=None, **overrides):
+    """A copy of the tiny model whose config.json is `config_text`, or lacks `drop`, or has `overrides`."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chat, folder)
+    if config_text is None:
+        config = {k: v for k, v in json.load(open(folder / "config.json")).items() if k != drop}
+        config_text = json.dumps({**config, **overrides})
+    (folder / "config.json").write_text(config_text)
+    return str(folder)
+
+
+def data_file(tmp_path, text):
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD_RECORD = json.dumps({"key": 1, "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}],
+                          "messages": [{"role": "system", "content": "Do not use commas."},
+                                       {"role": "user", "content": "Describe a cat."}]})
+
+# (script, flags, what the message says); "MODEL" is the tiny model, "{tmp}" a fresh folder
+BAD_INPUTS = [
+    ("evaluate", ["--policy", "nope"], "unknown policy 'nope'"),
+    ("evaluate", ["--policy", ""], "no policy given"),
+    ("evaluate", ["--ratios", "0,1.0"], "outside [0, 1)"),
+    ("evaluate", ["--ratios", "0:x:0.1"], "is not a comma list"),
+    ("evaluate", ["--debias", "1.5"], "--debias 1.5 is outside [0, 1]"),
+    ("evaluate", ["--limit", "-1"], "--limit -1: must be >= 0"),
+    ("evaluate", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    ("evaluate", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("evaluate", ["--dtype", "float8"], "invalid choice: 'float8'"),
+    ("evaluate", ["--preset", "huge"], "unknown --preset 'huge'"),
+    ("evaluate", ["--model", "/nonexistent/model"], "does not exist"),
+    ("evaluate", ["--model", "CORRUPT_CONFIG"], "is not valid JSON"),
+    ("evaluate", ["--model", "NO_HIDDEN_SIZE"], "config.json lacks the field 'hidden_size'"),
+    ("evaluate", ["--whitelist", "NOT IN ANY PROMPT"], "is not in the system message"),
+    ("evaluate", ["--model", "SHORT_CONTEXT"], "more than the model's context of 64"),
+    ("evaluate", ["--out", "FILE"], "is a file, not a folder"),
+    ("evaluate", ["--out", "UNDER_FILE"], "is a file, not a folder"),
+    ("evaluate", ["--out", "/proc/nanokv-test/out"], "cannot be written"),
+    ("evaluate", ["--out", "OTHER_SETTINGS"], "holds a run with other settings"),
+    ("evaluate", ["--out", "CORRUPT_RUN"], "run.json is corrupt"),
+    ("evaluate", ["--policy-option", "nope=1"], "--policy-option 'nope': no chosen policy takes it"),
+    ("evaluate", ["--policy-option", "window"], "write NAME=VALUE"),
+    ("evaluate", ["--policy", "snapkv", "--policy-option", "window=abc"], "snapkv's window: expected an int, got 'abc'"),
+    ("evaluate", ["--policy", "snapkv", "--policy-option", "kernel=4"], "snapkv fails with it"),
+    ("evaluate", ["--policy", "random", "--policy-option", "seed=1.5"], "random's seed: expected an int, got '1.5'"),
+    ("evaluate", ["--policy", "tova", "--policy-option", "window=32"], "no chosen policy takes it (they take tova: none)"),
+    ("evaluate", ["--data", "/nonexistent.jsonl"], "does not exist"),
+    ("evaluate", ["--data", "CORRUPT_DATA"], "data.jsonl:2: not valid JSON"),
+    ("evaluate", ["--data", "MISSING_FIELD"], "field 'messages'"),
+    ("evaluate", ["--data", "GOOD_DATA", "--fair", "instructions"], "--fair instructions needs"),
+    ("evaluate", ["--data", "GOOD_DATA", "--order", "reversed"], "--order reversed needs"),
+    ("evaluate", ["--defense", "unknown"], "unknown defense 'unknown'"),
+    ("evaluate", ["--defense", "paper:standard_defense"], "needs the defense-template file"),
+    ("leak", ["--remedy", "bogus"], "unknown --remedy 'bogus': choose from none, whitelist, fair, both"),
+    ("leak", ["--attack", "bogus"], "built-in attack: repeat-previous, print-system"),
+    ("leak", ["--leak-threshold", "2"], "--leak-threshold 2.0 is outside [0, 1]"),
+    ("leak", ["--defense", "none"], "leak.py needs a defense"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append(("evaluate", ["--device", "cuda"], "no CUDA device is available"))
+
+
+@pytest.mark.parametrize("script, flags, message", BAD_INPUTS, ids=[" ".join(f) for _, f, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, script, flags, message):
+    out = tmp_path / "out"
+    places = {
+        "CORRUPT_CONFIG": lambda: corrupt_model(tmp_path, tiny_chat, config_text="{"),
+        "NO_HIDDEN_SIZE": lambda: corrupt_model(tmp_path, tiny_chat, drop="hidden_size"),
+        "SHORT_CONTEXT": lambda: corrupt_model(tmp_path, tiny_chat, max_position_embeddings=64),
+        "FILE": lambda: (out.write_text("a file"), str(out))[1],
+        "UNDER_FILE": lambda: (out.write_text("a file"), str(out / "run"))[1],
+        "OTHER_SETTINGS": lambda: (out.mkdir(), (out / "run.json").write_text('{"policy": "h2o"}'), str(out))[2],
+        "CORRUPT_RUN": lambda: (out.mkdir(), (out / "run.json").write_text('{"poli'), str(out))[2],
+        "CORRUPT_DATA": lambda: data_file(tmp_path, GOOD_RECORD + "\n{not json\n"),
+        "MISSING_FIELD": lambda: data_file(tmp_path, '{"key": 1, "instruction_id_list": ["punctuation:no_comma"], '
+                                                     '"kwargs": [{}]}\n'),
+        "GOOD_DATA": lambda: data_file(tmp_path, GOOD_RECORD + "\n"),
+    }
+    flags = [places[f]() if f in places else f for f in flags]
+    for flag, value in (("--model", tiny_chat), ("--out", str(out)), ("--limit", "2"), ("--max-new-tokens", "4")):
+        if flag not in flags:
+            flags += [flag, value]
+    before = snapshot(tmp_path)
+    main = {"evaluate": evaluate.main, "leak": leak.main}[script]
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: main(flags))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert snapshot(tmp_path) == before                                   # nothing written anywhere
+
+
+def snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def test_a_data_record_that_fails_validation_writes_nothing(tmp_path, tiny_chat, capsys, monkeypatch):
+    """prompts.load_sys_ifeval raises ValueError for a record it cannot use (e.g. kwargs that do not fit
+    their instruction): one line, before the model loads, and no --out."""
+    def refuses(path):
+        raise ValueError(f"{path}:1: field 'kwargs': keywords:existence takes keywords, not 'bogus'")
+    monkeypatch.setattr(P, "load_sys_ifeval", refuses)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main_guard(lambda: evaluate.main(["--model", tiny_chat, "--data", data_file(tmp_path, GOOD_RECORD),
+                                          "--out", str(out)]))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "field 'kwargs'" in err and not out.exists()
+
+
+def test_an_internal_bug_shows_its_traceback(tmp_path, tiny_chat, monkeypatch):
+    """A ValueError from inside the loop is a bug, not bad input: it must not become one quiet line."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside the scoring")
+    monkeypatch.setattr(evaluate.ifeval, "evaluate", broken)
+    with pytest.raises(ValueError, match="a bug inside the scoring"):
+        main_guard(lambda: evaluate.main(["--model", tiny_chat, "--policy", "tova", "--ratios", "0.5", "--limit", "1",
+                                          "--max-new-tokens", "2", "--out", str(tmp_path / "out")]))
+
+
+def test_presets(tmp_path):
+    args = experiment.parse_args(evaluate.EVALUATE, [])
+    assert (args.preset, args.policy, args.limit) == ("demo", "streaming_llm,tova", 24)
+    args = experiment.parse_args(evaluate.EVALUATE, ["--preset", "full", "--limit", "5"])
+    assert (args.policy, args.limit) == ("streaming_llm,h2o,knorm,snapkv,tova", 5)   # a flag given wins
+    assert experiment.parse_args(leak.LEAK, ["--preset=full"]).policy == "streaming_llm,h2o,knorm,snapkv,tova"
+
+
+def test_the_two_scripts_do_not_import_each_other():
+    for name, other in (("evaluate.py", "leak"), ("leak.py", "evaluate")):
+        source = open(os.path.join(os.path.dirname(experiment.__file__), name)).read()
+        assert f"import {other}" not in source and f"from {other} " not in source
