@@ -187,11 +187,11 @@ def composite_gains(results: dict) -> dict:
 
 # ----------------------------------------------------------------------------- tables
 
-def pm(value, error=None) -> str:
+def pm(value, error=None, digits=2) -> str:
     """0.22±0.07; a bare mean when there is no SEM; '-' when there is no mean."""
     if value is None:
         return "-"
-    return f"{value:.2f}" if error is None else f"{value:.2f}±{error:.2f}"
+    return f"{value:.{digits}f}" if error is None else f"{value:.{digits}f}±{error:.{digits}f}"
 
 
 def print_columns(header: list[str], lines: list[list[str]], file):
@@ -245,7 +245,8 @@ def print_leak(summary: dict, file=sys.stdout):
         print(f"\nComposite gain over the plain policy (accuracy gain + leakage drop, mean over r in "
               f"{', '.join(str(r) for r in GAIN_RATIOS)} where run)", file=file)
         print_columns(["policy", *remedies],
-                      [[policy, *(pm(g.get(r, {}).get("gain")) for r in remedies)] for policy, g in gains.items()],
+                      [[policy, *(pm(g.get(r, {}).get("gain"), digits=3) for r in remedies)]
+                       for policy, g in gains.items()],
                       file)
 
 
@@ -289,11 +290,11 @@ def curve(ax, xs, ys, errors, shift=0.0, **style):
     ax.errorbar([x + shift for x in xs], ys, yerr=errors, capsize=2, elinewidth=0.8, markersize=4, **style)
 
 
-def ratio_axis(ax, ratios, ylabel, top=1.0):
+def ratio_axis(ax, ratios, ylabel):
     ax.set_xticks(ratios)
-    ax.set_xlabel("compression ratio r")
+    ax.set_xlabel("compression ratio r (curves shifted sideways so that equal values stay visible)")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(-0.03 * top, 1.03 * top)        # a full axis: values at 0 or 1 stay visible off the frame
+    ax.set_ylim(-0.03, 1.03)                    # a full axis: values at 0 or 1 stay visible off the frame
     ax.grid(alpha=0.3)
 
 
@@ -350,7 +351,8 @@ def rank_figure(results: dict, out: str) -> str:
         ys = [rows[r].get("spearman", {}).get(kind) for r in rows]
         undefined = sum(y is None for y in ys)
         note = f", undefined at {undefined} of {len(ys)} r" if undefined else ""
-        curve(ax, [float(r) for r in rows], ys, [None] * len(ys), shifts[i], color=f"C{i // 2}",
+        width = 1 + 2 * (len(lines) - 1 - i) / max(len(lines) - 1, 1)        # a line under another shows its edges
+        curve(ax, [float(r) for r in rows], ys, [None] * len(ys), shifts[i], color=f"C{i // 2}", linewidth=width,
               linestyle="-" if kind == "single" else "--", marker=MARKERS[i % len(MARKERS)],
               label=f"{s} {kind} ({n_text(rows[r][kind]['n_prompts'] for r in rows)} prompts{note})")
     ax.set_title("Rank correlation of family accuracies with r = 0\n(undefined where every family scores alike)",
@@ -409,7 +411,8 @@ def leak_style(results: dict, setting: str) -> dict:
     """Colour = policy, line and marker = remedy."""
     policies = sorted({s.partition("|")[0] for s in results})
     policy, _, remedy = setting.partition("|")
-    line, marker = {"none": ("-", "o"), "whitelist": ("--", "s"), "fair": (":", "^"), "both": ("-.", "D")}.get(remedy, ("-", "o"))
+    styles = {"none": ("-", "o"), "whitelist": ("--", "s"), "fair": (":", "^"), "both": ("-.", "D")}
+    line, marker = styles.get(remedy, ("-", "o"))
     return dict(color=f"C{policies.index(policy)}", linestyle=line, marker=marker)
 
 
@@ -432,50 +435,73 @@ def leakage_figure(results: dict, out: str) -> str:
     for i, (s, rows) in enumerate(results.items()):
         rs = [float(r) for r in rows]
         label = f"{s} ({n_text(rows[r]['n_answers'] for r in rows)} answers)"
+        style = dict(label=label, **leak_style(results, s))
         curve(ax1, rs, [rows[r]["rouge_recall"]["directive"] for r in rows],
-              [rows[r]["rouge_recall_sem"]["directive"] for r in rows], shifts[i], label=label, **leak_style(results, s))
-        curve(ax2, rs, [rows[r]["leak_rate"] for r in rows], [rows[r]["leak_rate_sem"] for r in rows], shifts[i],
-              label=label, **leak_style(results, s))
+              [rows[r]["rouge_recall_sem"]["directive"] for r in rows], shifts[i], **style)
+        curve(ax2, rs, [rows[r]["leak_rate"] for r in rows], [rows[r]["leak_rate_sem"] for r in rows], shifts[i], **style)
     ax1.set_title("Leakage: ROUGE-L recall of the directive, ±SEM", fontsize=10)
     ratio_axis(ax1, all_ratios, "mean recall")
-    ax2.set_title("Leak rate (recall > threshold), ±SEM; lines side by side", fontsize=10)
+    ax2.set_title("Leak rate (recall > threshold), ±SEM", fontsize=10)
     ratio_axis(ax2, all_ratios, "share of answers")
     ax1.legend(fontsize=7)
     return save_figure(fig, out, "fig5_leakage.png")
 
 
-def tradeoff_figure(results: dict, out: str) -> str:
-    """Directive following vs leakage, one point per ratio; coinciding points share one label of their ratios."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    points = []                                  # (x, y, ratio) of every point, for the labels
-    for s, rows in results.items():
-        xs = [rows[r]["rouge_recall"]["directive"] for r in rows]
-        ys = [rows[r]["directive_following"]["instruction_strict"] for r in rows]
-        xerr = [rows[r]["rouge_recall_sem"]["directive"] or 0.0 for r in rows]
-        yerr = [rows[r]["directive_following"]["instruction_strict_sem"] or 0.0 for r in rows]
-        style = leak_style(results, s)
-        n_task = n_text(rows[r]["directive_following"]["n_prompts"] for r in rows)
-        n_attack = n_text(rows[r]["n_answers"] for r in rows)
-        ax.errorbar([math.nan if x is None else x for x in xs], [math.nan if y is None else y for y in ys],
-                    xerr=xerr, yerr=yerr, capsize=2, elinewidth=0.7, markersize=4,
-                    label=f"{s} ({n_task} tasks, {n_attack} attacks)", **style)
-        points += [(x, y, float(r)) for r, x, y in zip(rows, xs, ys) if x is not None and y is not None]
-    labels = []                                  # [x, y, {ratios}]: points within 3% of the axes share a label
+def ratio_labels(points: list[tuple[float, float, float]], near: tuple[float, float]) -> list[tuple[float, float, str]]:
+    """One label per cluster of (x, y, ratio) points closer than `near` = (dx, dy): 'r=0,0.5'."""
+    clusters = []                                # [x, y, {ratios}]
     for x, y, r in points:
-        near = next((lab for lab in labels if abs(lab[0] - x) < 0.03 and abs(lab[1] - y) < 0.03), None)
-        if near:
-            near[2].add(r)
+        cluster = next((c for c in clusters if abs(c[0] - x) < near[0] and abs(c[1] - y) < near[1]), None)
+        if cluster:
+            cluster[2].add(r)
         else:
-            labels.append([x, y, {r}])
-    for x, y, ratios in labels:
-        ax.annotate("r=" + ",".join(f"{r:g}" for r in sorted(ratios)), (x, y), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points", color="0.25")
-    ax.set(xlabel="leakage (directive ROUGE-L recall)", ylabel="directive accuracy (instruction, strict)",
-           xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
-    ax.set_title("Trade-off: directive following vs leakage, ±SEM (labels: r)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+            clusters.append([x, y, {r}])
+    return [(x, y, "r=" + ",".join(f"{r:g}" for r in sorted(ratios))) for x, y, ratios in clusters]
+
+
+def tradeoff_figure(results: dict, out: str) -> str:
+    """Directive following vs leakage, one panel per policy, one point per ratio (nearby points share a label)."""
+    plt = pyplot()
+    policies = sorted({s.partition("|")[0] for s in results})
+    remedies = sorted({s.partition("|")[2] for s in results}, key=lambda m: (m != "none", m))
+    columns = min(3, len(policies))
+    n_rows = math.ceil(len(policies) / columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 4.2 * n_rows), squeeze=False)
+    curves = {}                                  # setting: (xs, ys, xerr, yerr, ratios)
+    for s, rows in results.items():
+        follow = [rows[r]["directive_following"] for r in rows]
+        curves[s] = ([rows[r]["rouge_recall"]["directive"] for r in rows], [f["instruction_strict"] for f in follow],
+                     [rows[r]["rouge_recall_sem"]["directive"] or 0.0 for r in rows],
+                     [f["instruction_strict_sem"] or 0.0 for f in follow], [float(r) for r in rows])
+    ends = [(x - dx, x + dx, y - dy, y + dy) for xs, ys, xerr, yerr, _ in curves.values()
+            for x, y, dx, dy in zip(xs, ys, xerr, yerr) if x is not None and y is not None] or [(0, 1, 0, 1)]
+    x_lim = (max(-0.03, min(e[0] for e in ends) - 0.05), min(1.03, max(e[1] for e in ends) + 0.05))
+    y_lim = (max(-0.03, min(e[2] for e in ends) - 0.05), min(1.03, max(e[3] for e in ends) + 0.05))
+    for ax, policy in zip(axes.flat, policies):
+        points = []                              # (x, y, ratio) of every point, for the labels
+        for s, (xs, ys, xerr, yerr, ratios) in curves.items():
+            if s.partition("|")[0] != policy:
+                continue
+            remedy = s.partition("|")[2]
+            style = leak_style(results, s)
+            style["color"] = f"C{remedies.index(remedy)}"                  # colour = remedy inside a policy's panel
+            rows = results[s]
+            n = (f"{n_text(rows[r]['directive_following']['n_prompts'] for r in rows)} tasks, "
+                 f"{n_text(rows[r]['n_answers'] for r in rows)} attacks")
+            ax.errorbar([math.nan if x is None else x for x in xs], [math.nan if y is None else y for y in ys],
+                        xerr=xerr, yerr=yerr, capsize=2, elinewidth=0.7, markersize=4, label=f"{remedy} ({n})", **style)
+            points += [(x, y, r) for x, y, r in zip(xs, ys, ratios) if x is not None and y is not None]
+        near = (0.06 * (x_lim[1] - x_lim[0]), 0.04 * (y_lim[1] - y_lim[0]))
+        for x, y, text in ratio_labels(points, near):
+            ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points", color="0.2")
+        ax.set(xlim=x_lim, ylim=y_lim, xlabel="leakage (directive ROUGE-L recall)",
+               ylabel="directive accuracy (instruction, strict)")
+        ax.set_title(policy, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(policies):]:
+        ax.axis("off")
+    fig.suptitle("Trade-off: directive following vs leakage, ±SEM (labels: r)", fontsize=10)
     return save_figure(fig, out, "fig_tradeoff.png")
 
 
