@@ -334,8 +334,9 @@ def family_figure(results: dict, out: str) -> str:
             n_prompts = n_text(rows[r][kind]["n_prompts"] for r in rows)
             ax.set_title(f"{s}: {kind}-instruction prompts ({n_prompts} prompts)", fontsize=10)
             ratio_axis(ax, ratios, "instruction accuracy (strict), ±SEM")
-            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16),
-                      title="family (n = instructions)", title_fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                          title="family (n = instructions)", title_fontsize=7)
     return save_figure(fig, out, "fig2_family_accuracy.png")
 
 
