@@ -680,14 +680,6 @@ def records_of(jobs: list[Job], path: str) -> list[dict]:
     return records
 
 
-def group_by_setting(records: list[dict]) -> dict:
-    """{setting label: {ratio: [records]}}, both levels sorted: summaries come out in one order."""
-    groups = {}
-    for r in records:
-        groups.setdefault(r["setting"], {}).setdefault(r["ratio"], []).append(r)
-    return {s: dict(sorted(by_ratio.items())) for s, by_ratio in sorted(groups.items())}
-
-
 def figure_example(job: Job, tok) -> dict:
     """What the token-level figure draws: one prompt's system tokens, as text, and its spans."""
     return {"key": job.prompt.key, "pieces": [tok.decode([i]) for i in job.system_ids],
@@ -741,54 +733,3 @@ def main_guard(main):
     except KeyboardInterrupt:
         print("interrupted: finished jobs are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
-
-
-# ----------------------------------------------------------------------------- summary helpers both scripts use
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return round(sum(xs) / len(xs), 6) if xs else None
-
-
-def fmt(x, width=6):
-    return f"{x:{width}.3f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
-
-
-def accuracy(records: list[dict]) -> dict:
-    """Prompt- and instruction-level accuracy, strict and loose."""
-    return {"n_prompts": len(records),
-            "prompt_strict": mean([r["prompt_strict"] for r in records]),
-            "prompt_loose": mean([r["prompt_loose"] for r in records]),
-            "instruction_strict": mean([v for r in records for v in r["strict"]]),
-            "instruction_loose": mean([v for r in records for v in r["loose"]])}
-
-
-def plot_keep_rates(summary: dict, out: str) -> str:
-    """Fig. 8: keep rate of directive and defense vs r; an unbiased policy sits on 1 - r."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    all_r = sorted({float(r) for s in summary for r in summary[s]})
-    ax.plot(all_r, [1 - r for r in all_r], ":", color="gray", label="unbiased: 1 - r")
-    for s in summary:
-        rs = [float(r) for r in summary[s]]
-        keep = [summary[s][r]["keep"] for r in summary[s]]
-        line, = ax.plot(rs, [k["directive"] for k in keep], marker="o", label=f"{s} directive")
-        if any(k["defense"] is not None for k in keep):
-            ax.plot(rs, [float("nan") if k["defense"] is None else k["defense"] for k in keep], "--", marker="x",
-                    color=line.get_color(), label=f"{s} defense")
-    ax.set(title="Eviction bias: share of each span kept", xlabel="compression ratio r", ylabel="keep rate")
-    ax.legend(fontsize=7)
-    return save_figure(fig, out, "fig8_keep_rates.png")
-
-
-def save_figure(fig, out: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-    path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path

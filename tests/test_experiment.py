@@ -7,9 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from evaluate import spearman, summarize_accuracy
 from experiment import UsageError, parse_policies, parse_ratios
-from leak import composite_gains
+from report import composite_gains, evaluate_summary, spearman
 
 
 def test_parse_ratios():
@@ -43,7 +42,7 @@ def test_accuracy_summary_by_hand():
                _record("b", 0.0, ["punctuation:no_comma", "change_case:english_lowercase"], [True, False]),
                _record("a", 0.5, ["keywords:existence"], [False], keep=(0.8, 0.2)),
                _record("b", 0.5, ["punctuation:no_comma", "change_case:english_lowercase"], [True, True], keep=(0.6, 0.4))]
-    rows = summarize_accuracy(records)["tova|none"]
+    rows = evaluate_summary(records)["results"]["tova|none"]
     assert rows["0.0"]["prompt_strict"] == 0.5 and rows["0.0"]["instruction_strict"] == pytest.approx(2 / 3)
     assert rows["0.5"]["single"]["instruction_strict"] == 0.0 and rows["0.5"]["multi"]["prompt_strict"] == 1.0
     assert rows["0.5"]["families"]["multi"] == {"change_case": 1.0, "punctuation": 1.0}
