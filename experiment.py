@@ -562,23 +562,22 @@ class RunFolder:
                                  "choose another --out or delete it")
         elif os.path.exists(self.records_path):
             raise UsageError(f"{self.records_path} exists without run.json: choose another --out")
+        self.records, self.complete, self.torn = self.read_finished()
 
-    def start(self) -> set[str]:
-        """Create the folder; return the keys of the jobs whose records are all there.
+    def read_finished(self) -> tuple[list[dict], set[str], bool]:
+        """The records of the jobs whose records are all there, their keys, and whether the last line was torn.
 
-        A record names its job and how many records the job writes. The records of a job that
-        a kill cut short are removed, and a last line torn mid-write is dropped, so the job
-        runs again and writes each of its records once; stderr says what was dropped.
+        A record names its job and how many records the job writes. A job that a kill cut short
+        between two of its records is left out (it runs again and writes each record once), and
+        so is a last line torn mid-write; any other unreadable line is refused.
         """
-        os.makedirs(self.path, exist_ok=True)
-        write_json(os.path.join(self.path, "run.json"), self.settings)
         if not os.path.isfile(self.records_path):
-            return set()
+            return [], set(), False
         with open(self.records_path, "rb") as f:
             lines = f.read().split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        records, torn = [], 0
+        records, torn = [], False
         for number, line in enumerate(lines, 1):
             try:
                 records.append(json.loads(line))
@@ -586,23 +585,31 @@ class RunFolder:
                 if number < len(lines):
                     raise UsageError(f"{self.records_path}:{number} is not a JSON record (the file was edited?): "
                                      "delete that line or choose another --out") from None
-                torn = 1                                                 # a run killed mid-line
+                torn = True                                              # a run killed mid-line
         by_job: dict[str, list[dict]] = {}
         for record in records:
             by_job.setdefault(record["job"], []).append(record)
-        complete = {job for job, rs in by_job.items() if len(rs) == rs[0]["records_in_job"]}
         for job, rs in by_job.items():
             if len(rs) > rs[0]["records_in_job"]:
                 raise UsageError(f"{self.records_path} holds job {job!r} more than once: choose another --out")
-        kept = [r for r in records if r["job"] in complete]
-        if torn or len(kept) < len(records):
-            print(f"resuming: dropped {len(records) - len(kept) + torn} record(s) of {len(by_job) - len(complete) + torn} "
-                  "job(s) cut short by the kill; they run again", file=sys.stderr)
-            tmp = self.records_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept)
-            os.replace(tmp, self.records_path)
-        return complete
+        complete = {job for job, rs in by_job.items() if len(rs) == rs[0]["records_in_job"]}
+        return [r for r in records if r["job"] in complete], complete, torn
+
+    def start(self) -> set[str]:
+        """Create the folder and write run.json; drop what check() found unfinished; return the finished jobs."""
+        os.makedirs(self.path, exist_ok=True)
+        write_json(os.path.join(self.path, "run.json"), self.settings)
+        if os.path.isfile(self.records_path):
+            with open(self.records_path) as f:
+                n_lines = sum(1 for _ in f)
+            if n_lines > len(self.records):
+                print(f"resuming: dropped {n_lines - len(self.records)} record line(s) of jobs cut short by a kill"
+                      f"{' (the last line torn)' if self.torn else ''}; those jobs run again", file=sys.stderr)
+                tmp = self.records_path + ".tmp"
+                with open(tmp, "w") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in self.records)
+                os.replace(tmp, self.records_path)
+        return self.complete
 
     def append(self, records: list[dict]):
         with open(self.records_path, "a") as f:

@@ -122,7 +122,7 @@ def test_kill_between_records_then_rerun_loses_and_duplicates_nothing(tmp_path, 
 
     capsys.readouterr()
     leak.main([*LEAK_SMALL, "--model", tiny_chat, "--out", killed])
-    assert "dropped 1 record(s) of 1 job(s)" in capsys.readouterr().err
+    assert "dropped 1 record line(s) of jobs cut short by a kill" in capsys.readouterr().err
     assert answers(killed, "records.jsonl") == expected                # nothing lost, nothing twice
     summary = lambda out: {k: v for k, v in json.load(open(os.path.join(out, "summary.json"))).items()}
     assert summary(killed) == summary(whole)
