@@ -14,7 +14,7 @@ The defaults (--preset demo) take about 2 minutes on a 2-core CPU: the bundled 1
 all five policies on all 155 built-in prompts at 4 ratios (about an hour there). The
 paper's full run:
 
-  python evaluate.py --model weights/Llama-3.1-8B-Instruct --data sys_ifeval.jsonl --defense none \\
+  python evaluate.py --model weights/Llama-3.1-8B-Instruct --data paper --defense none \\
       --policy streaming_llm,h2o,knorm,snapkv,tova --ratios 0:0.9:0.1 --limit 0 \\
       --max-new-tokens 1280 --device cuda --dtype bfloat16 --batch-size 16
 
@@ -70,7 +70,8 @@ def score(args, job, turn: str, response: str) -> dict:
 # ----------------------------------------------------------------------------- main
 
 EVALUATE = Experiment(
-    name="evaluate", description=__doc__, records_name="responses.jsonl", defaults=DEFAULTS, presets=PRESETS,
+    name="evaluate", description=__doc__, records_name="responses.jsonl",
+    paper_data="sys_ifeval.jsonl", defaults=DEFAULTS, presets=PRESETS,
     add_arguments=add_arguments, design=design, score=score,
     summarize=evaluate_summary,
     print_summary=print_evaluate,

@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 
+import paperdata
 import prompts as P
 from model import DTYPES, generate, load_model
 from policies import POLICIES, Compression, covering_spans, reads_received
@@ -81,6 +82,7 @@ class Experiment:
     name: str                                    # progress label
     description: str                             # --help (the script's docstring)
     records_name: str                            # the JSONL in --out
+    paper_data: str                              # the paper's file that --data paper means (paperdata.py)
     defaults: dict                               # flag defaults (the "demo" preset)
     presets: dict[str, dict]                     # --preset NAME -> the defaults it changes
     add_arguments: Callable                      # (parser) -> None: the script's own flags
@@ -114,9 +116,10 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
       help="fractions of the system turn to evict, 0 <= r < 1: a comma list (0,0.5) or start:stop:step "
            "(0:0.9:0.1, stop included); default %(default)s")
     a("--defense", default=defaults["defense"],
-      help=f"defense around the directive: {', '.join(P.DEFENSE_CHOICES)} (paper:NAME reads --defense-file; "
-           "default %(default)s)")
-    a("--defense-file", help="the paper's defense_template.json, for --defense paper:NAME")
+      help=f"defense around the directive: {', '.join(P.DEFENSE_CHOICES)}, or paper:NAME for one of the paper's "
+           "(e.g. paper:standard_defense, read from --defense-file or downloaded; default %(default)s)")
+    a("--defense-file", help="the paper's defense_template.json, for --defense paper:NAME (default: the paper's own, "
+                             "downloaded once and checksum-verified)")
     a("--whitelist", action="append", default=None, metavar="PHRASE",
       help="a phrase of the system message whose tokens are never evicted (repeatable); 'defense' = the "
            "defense's own must-keep phrase")
@@ -125,7 +128,8 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
            "and the defense ('instructions', built-in prompts only); default %(default)s")
     a("--debias", type=float, default=1.0,
       help="with --fair: 0 = the plain policy, 1 = fully fair, in between = budgets interpolated (default 1)")
-    a("--data", help="a sys_ifeval-style JSONL file (the paper's data); default: the built-in prompt set")
+    a("--data", help="a sys_ifeval-style JSONL file, or 'paper' for the paper's own file (downloaded once from its "
+                     "repository and checksum-verified; see paperdata.py); default: the built-in prompt set")
     a("--limit", type=int, default=defaults["limit"], help="use the first N prompts (default %(default)s; 0 = all)")
     a("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="answer length cap (default %(default)s)")
     a("--model", default=DEFAULT_MODEL, help="a Hugging Face checkpoint folder (default: the bundled SmolLM2-135M)")
@@ -258,14 +262,15 @@ def setting_label(policy: str, options: dict, remedy: str) -> str:
     return f"{policy}[{shown}]|{remedy}" if shown else f"{policy}|{remedy}"
 
 
-def load_prompts(args) -> list[P.Prompt]:
+def load_prompts(args, paper_data: str) -> list[P.Prompt]:
     if args.limit < 0:
         raise UsageError(f"--limit {args.limit}: must be >= 0 (0 = all prompts)")
     if args.data:
-        if not os.path.isfile(args.data):
+        path = paper_file(paper_data, "--data paper") if args.data == "paper" else args.data
+        if not os.path.isfile(path):
             raise UsageError(f"--data {args.data!r} does not exist")
         try:
-            prompts = P.load_sys_ifeval(args.data)
+            prompts = P.load_sys_ifeval(path)
         except (ValueError, OSError, UnicodeDecodeError) as e:
             raise UsageError(f"--data {args.data!r}: {e}") from None
     else:
@@ -273,9 +278,20 @@ def load_prompts(args) -> list[P.Prompt]:
     return prompts[:args.limit] if args.limit else prompts
 
 
+def paper_file(name: str, flag: str) -> str:
+    """A file of the paper's data (paperdata.py: cached, downloaded once, checksum-verified)."""
+    try:
+        return paperdata.paper_file(name)
+    except paperdata.PaperDataError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
 def load_defense(args) -> P.Defense | None:
     try:
-        return P.resolve_defense(args.defense, args.defense_file)
+        defense_file = args.defense_file
+        if defense_file is None and args.defense.startswith("paper:"):
+            defense_file = paper_file("defense_template.json", f"--defense {args.defense}")
+        return P.resolve_defense(args.defense, defense_file)
     except (ValueError, OSError, KeyError, UnicodeDecodeError) as e:
         raise UsageError(f"--defense {args.defense!r}: {e}") from None
 
@@ -319,7 +335,7 @@ def plan_run(experiment: Experiment, args) -> Plan:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     defense = load_defense(args)
-    prompts = load_prompts(args)
+    prompts = load_prompts(args, experiment.paper_data)
     if not prompts:
         raise UsageError("no prompts to run")
     if args.fair == "instructions" and not all(i.text for p in prompts for i in p.instructions):

@@ -17,9 +17,9 @@ The defaults (--preset demo) take a few minutes on a 2-core CPU: the bundled 135
 8 built-in prompts, StreamingLLM and SnapKV at 3 ratios with 3 remedies, 48 new tokens;
 --preset full runs all five policies on 32 prompts at 4 ratios. The paper's setup:
 
-  python leak.py --model weights/Llama-3.1-8B-Instruct --data sys_ifeval_shuffled.jsonl --limit 100 \\
-      --defense paper:standard_defense --defense-file defense_template.json \\
-      --attack plain__prompt1.txt --max-new-tokens 256 --ratios 0:0.9:0.1 \\
+  python leak.py --model weights/Llama-3.1-8B-Instruct --data paper --limit 100 \\
+      --defense paper:standard_defense \\
+      --attack paper:plain__prompt1 --max-new-tokens 256 --ratios 0:0.9:0.1 \\
       --policy streaming_llm,h2o,knorm,snapkv,tova --remedy none,whitelist,fair --device cuda --dtype bfloat16
 
 Outputs in --out: records.jsonl (one record per answer, resumable), summary.json, fig*.png.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import ifeval
+import paperdata
 import prompts as P
 from experiment import Design, Experiment, Remedy, UsageError, fingerprint, main_guard, parse_choices, run
 from report import leak_figures, leak_summary, print_leak
@@ -46,9 +47,10 @@ def add_arguments(parser):
                              "phrase (or the --whitelist phrases), fair = equal keep rate for defense and directive "
                              "(or the --fair partitioning), both = the two together (default %(default)s)")
     parser.add_argument("--attack", action="append", metavar="FILE_OR_NAME",
-                        help="an attack text file (e.g. the paper's plain__prompt1.txt), a folder of them, or a "
-                             f"built-in attack name ({', '.join(P.BUILTIN_ATTACKS)}); repeatable "
-                             "(default: repeat-previous)")
+                        help="an attack text file, a folder of them, a built-in attack name "
+                             f"({', '.join(P.BUILTIN_ATTACKS)}), paper:NAME for one of the paper's attack files "
+                             "(e.g. paper:plain__prompt1, downloaded once and checksum-verified) or 'paper' for all "
+                             "44; repeatable (default: repeat-previous)")
     parser.add_argument("--leak-threshold", type=float, default=0.3,
                         help="an answer leaks when its ROUGE-L recall of the directive exceeds this (default 0.3)")
 
@@ -58,6 +60,13 @@ def load_attacks(specs: list[str] | None) -> list[P.Attack]:
     for spec in specs or ["repeat-previous"]:
         if spec in P.BUILTIN_ATTACKS:
             attacks.append(P.BUILTIN_ATTACKS[spec])
+        elif spec == "paper" or spec.startswith("paper:"):        # the paper's attack files (paperdata.py)
+            try:
+                path = (paperdata.paper_attacks_dir() if spec == "paper"
+                        else paperdata.paper_file(f"attacks/{spec[len('paper:'):]}.txt"))
+                attacks += P.load_attacks(path)
+            except (paperdata.PaperDataError, OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--attack {spec!r}: {e}") from None
         else:
             try:
                 attacks += P.load_attacks(spec)
@@ -114,7 +123,8 @@ def score(args, job, turn: str, response: str) -> dict:
 
 
 LEAK = Experiment(
-    name="leak", description=__doc__, records_name="records.jsonl", defaults=DEFAULTS, presets=PRESETS,
+    name="leak", description=__doc__, records_name="records.jsonl",
+    paper_data="sys_ifeval_shuffled.jsonl", defaults=DEFAULTS, presets=PRESETS,
     add_arguments=add_arguments, design=design, score=score, summarize=leak_summary, print_summary=print_leak,
     figures=leak_figures)
 

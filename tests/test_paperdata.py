@@ -186,3 +186,36 @@ def test_cli_offline_is_one_line_and_nonzero(tmp_path):
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot download sys_ifeval.jsonl") and "by hand" in result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- wired into the scripts
+
+def test_data_paper_offline_is_one_line_nonzero_and_writes_nothing(fake_web, monkeypatch, tmp_path, capsys):
+    import evaluate
+    from experiment import main_guard
+    monkeypatch.setenv("NANOKV_DATA", str(tmp_path / "cache"))
+    fake_web.failure = urllib.error.URLError("offline")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        main_guard(lambda: evaluate.main(["--data", "paper", "--out", str(out)]))
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: --data paper:")
+    assert "sys_ifeval.jsonl" in err and not out.exists() and not (tmp_path / "cache").exists()
+
+
+@needs_shared
+def test_data_paper_with_files_placed_by_hand_is_the_shared_file(fake_web, monkeypatch, tmp_path):
+    import argparse
+    import evaluate
+    import leak
+    from experiment import load_defense, load_prompts
+    shutil.copytree(SHARED, tmp_path / "paper")
+    monkeypatch.setenv("NANOKV_DATA", str(tmp_path / "paper"))
+    fake_web.failure = urllib.error.URLError("offline")
+    args = argparse.Namespace(data="paper", limit=0, seed=0, defense="paper:standard_defense", defense_file=None)
+    assert load_prompts(args, evaluate.EVALUATE.paper_data) == P.load_sys_ifeval(SHARED / "sys_ifeval.jsonl")
+    assert len(load_prompts(args, leak.LEAK.paper_data)) == 539
+    assert load_defense(args) == P.resolve_defense("paper:standard_defense", str(SHARED / "defense_template.json"))
+    assert [a.name for a in leak.load_attacks(["paper:plain__prompt1"])] == ["plain__prompt1"]
+    assert len(leak.load_attacks(["paper"])) == 44
+    assert fake_web.asked == []
