@@ -51,11 +51,12 @@ def tokens_for(model, seed=7):
     return torch.randint(0, model.args.vocab_size, (1, L + USER), generator=torch.Generator().manual_seed(seed))
 
 
-def compressed(model, system, spec):
+def compressed(model, system, spec, real=None):
+    specs = spec if isinstance(spec, list) else [spec] * system.shape[0]
     cache = model.new_cache(system.shape[0])
-    cache.record_queries = True
-    model(system, cache)
-    cache.compress(spec)
+    cache.prepare(specs)
+    model(system, cache, real=real)
+    cache.reports = cache.compress(specs)
     return cache
 
 
@@ -74,7 +75,7 @@ def test_positions_do_not_restart_at_the_compressed_length(tiny_model):
     """A cache that re-numbered positions from n_kept would fail the naive reference."""
     tokens = tokens_for(tiny_model)
     cache = compressed(tiny_model, tokens[:, :L], Compression("streaming_llm", 0.5))
-    cache.next_pos[:] = cache.length                                     # simulate the bug
+    cache.next_pos[:] = cache.lengths[0]                                 # simulate the bug
     wrong = tiny_model(tokens[:, L:], cache, all_logits=True)[0]
     reference = naive_logits(tiny_model, tokens[0], L, [k[0] for k in cache.kept])[L:]
     assert (wrong.double() - reference).abs().max() > 1e-3
@@ -97,20 +98,21 @@ def test_restore_returns_to_the_compressed_state_bit_identically(tiny_model):
     tokens = tokens_for(tiny_model)
     cache = compressed(tiny_model, tokens[:, :L], Compression("snapkv", 0.6))
     saved = cache.checkpoint()
-    before = [(k[:, :, :cache.length].clone(), v[:, :, :cache.length].clone()) for k, v in zip(cache.keys, cache.values)]
+    n = list(cache.lengths)
+    before = [(k[:, :, :m].clone(), v[:, :, :m].clone()) for k, v, m in zip(cache.keys, cache.values, n)]
     first = generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[])            # grows the buffers too
     cache.restore(saved)
-    assert cache.length == saved["length"] and torch.equal(cache.next_pos, saved["next_pos"])
-    assert torch.equal(cache.valid[:, :cache.length], saved["valid"]) and not cache.valid[:, cache.length:].any()
-    for (k0, v0), k, v in zip(before, cache.keys, cache.values):
-        assert torch.equal(k0, k[:, :, :cache.length]) and torch.equal(v0, v[:, :, :cache.length])
+    assert cache.lengths == n == saved["lengths"] and torch.equal(cache.next_pos, saved["next_pos"])
+    for (k0, v0), k, v, valid, m, valid0 in zip(before, cache.keys, cache.values, cache.valid, n, saved["valid"]):
+        assert torch.equal(valid[:, :, :m], valid0) and not valid[:, :, m:].any()
+        assert torch.equal(k0, k[:, :, :m]) and torch.equal(v0, v[:, :, :m])
     assert generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[]) == first
 
 
 def test_compress_needs_a_recorded_prefill(tiny_model):
     cache = tiny_model.new_cache()
     tiny_model(tokens_for(tiny_model)[:, :L], cache)
-    with pytest.raises(RuntimeError, match="record_queries"):
+    with pytest.raises(RuntimeError, match="prepare"):
         cache.compress(Compression("tova", 0.5))
 
 
@@ -132,15 +134,11 @@ def test_batched_rows_compress_like_rows_alone(tiny_model, policy):
     real = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
     user_real = torch.arange(USER)[None] < torch.tensor(user_lengths)[:, None]
     specs = [Compression(policy, r, whitelist=[5]) for r in (0.5, 0.3, 0.7)]
-    batch = tiny_model.new_cache(3)
-    batch.record_queries = True
-    batch.record_received = policy == "h2o"          # H2O from the padded prefill's sums vs its own pass alone
-    tiny_model(systems, batch, real=real)
-    reports = batch.compress(specs)
+    batch = compressed(tiny_model, systems, specs, real=real)   # H2O: the padded prefill's sums
     answers = generate(tiny_model, batch, users, 10, real=user_real, stop_ids=[])
     for row in range(3):
         alone = compressed(tiny_model, systems[row:row + 1, :lengths[row]], specs[row])
-        assert reports[row]["n_kept"] == alone.length
+        assert batch.reports[row] == alone.reports[0]
         for a, b in zip(batch.kept, alone.kept):
             assert torch.equal(a[row, :, :lengths[row]], b[0])
         assert answers[row] == generate(tiny_model, alone, users[row:row + 1, :user_lengths[row]], 10, stop_ids=[])[0]
