@@ -320,10 +320,11 @@ ALLOCATIONS = {"uniform": uniform, "pyramid": pyramid, "adakv": adakv}
 class Compression:
     """What to evict from a system turn of L tokens.
 
-    ratio      fraction evicted, 0 <= r < 1; n_kept = max(1, int(L * (1 - r))) per layer and KV head
-    allocation how scores become counts per layer and KV head (ALLOCATIONS): "uniform" (n_kept
-               everywhere, the paper's), "pyramid" (PyramidKV: more in early layers), "adakv"
-               (AdaKV: per KV head, from the scores); allocation_options, e.g. {"alpha": 0.1}
+    ratio      fraction evicted, 0 <= r < 1; the budget n_kept = max(1, int(L * (1 - r)))
+    allocation how the budget becomes counts per layer and KV head (ALLOCATIONS): "uniform"
+               (n_kept everywhere: the paper's), "pyramid" (PyramidKV: more in early layers),
+               "adakv" (AdaKV: per KV head, from the scores); settings in allocation_options,
+               e.g. {"alpha": 0.1} or {"window": 32, "beta": 10}
     partitions token spans (start, end) of the instructions for fair eviction; tokens outside
                them go to a neighbour (the first partition owns the head, the last the tail,
                a gap goes to the partition before it)

@@ -173,6 +173,7 @@ def run(n_prompts: int = 10, runs=RUNS, ratios=RATIOS, folder: Path = DEFAULT_MO
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("kvpress").setLevel(logging.ERROR)
     say = print if verbose else (lambda *a, **k: None)
     ours_model = nk_model.load_model(str(folder))

@@ -213,3 +213,15 @@ def test_policies_are_told_their_layer_and_keep_state_per_row(tiny_model, monkey
 def test_unknown_allocation_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown allocation 'wedge'.*pyramid"):
         Compression("snapkv", 0.5, allocation="wedge")
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_adakv_with_snapkv_equals_the_reference_from_the_full_attention_matrix(layers, ratio):
+    """End to end: the float64 SnapKV reference (full attention matrix) fed to the list-sorting AdaKV."""
+    from test_policies import L as REF_L, ref_snapkv
+    assert REF_L == L
+    spec = Compression("snapkv", ratio, allocation="adakv")
+    for index, (q, k, v) in enumerate(layers):
+        counts = select_kept(spec, q, k, v, Layer(index, len(layers))).sum(-1)
+        reference = ref_snapkv(q, k, [(0, L)])                                      # (H_kv, L) float64
+        assert counts.tolist() == ref_adakv_counts(reference.tolist(), spec.budget(L))
