@@ -50,7 +50,7 @@ class KVCache:
         self.scratch: dict = {}          # the observer's work buffers, lent from layer to layer
         self.kept: list[torch.Tensor] = []    # after compress: per layer (B, H_kv, L) bool, True = kept
         self.system_len: torch.Tensor | None = None                      # (B,) L of each row, after compress
-        self._real, self._masks = None, {}
+        self._real, self._padded, self._masks = None, False, {}
 
     def nbytes(self) -> int:
         """Bytes of the key and value buffers held now (every layer, headroom included)."""
@@ -71,7 +71,7 @@ class KVCache:
         """Start a chunk of tokens; `real` (B, T) is False for padding. Returns their positions (B, T)."""
         positions = (self.next_pos[:, None] + real.long().cumsum(1) - 1).clamp(min=0)   # (B, T)
         self.next_pos += real.sum(1)
-        self._real, self._masks = real, {}
+        self._real, self._padded, self._masks = real, not bool(real.all()), {}
         return positions
 
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -118,6 +118,8 @@ class KVCache:
             return None
         if bool((valid == valid[:, :1]).all()):
             valid = valid[:, :1]                                          # every head holds the same slots
+        if T == 1 and not self._padded:                                   # a decoding step sees every valid slot
+            return valid[:, :, None, :]                                   # (B, 1 or H_kv, 1, S)
         slots = torch.arange(S, device=self.device)
         own = start + torch.arange(T, device=self.device)
         causal = slots[None, :] <= own[:, None]                           # (T, S)
