@@ -134,7 +134,7 @@ def h2o(queries, keys, values, spans, layer, block: int = 32):
 def attention_with_received(q, k, v, mask, block: int | None = None, scratch: dict | None = None):
     """Attention over a chunk that starts the cache, which also sums what each key receives.
 
-    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T) as cache.begin
+    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T) as cache.update
     makes it. Returns the output (B, H, T, D) in q's dtype and received (B, H_kv, T), float32:
     sum over query heads sharing the KV head and over queries q of softmax(q . k) -- exactly
     what H2O ranks keys by (h2o). Summing it here costs a fraction of a second

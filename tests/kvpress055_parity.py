@@ -17,6 +17,12 @@ presses gather, and each press's `compress` is wrapped to recover the `topk` ind
 (checked against the gathered keys). Each press's scores are recorded too (before AdaKV raises
 its safeguards to the float32 maximum).
 
+SnapKV in kvpress 0.5.5 differs from 0.2.10 (the paper's) only in the score it pads the observation
+window with: scores.max() + 1 instead of scores.max(), so the window no longer ties with the best
+real token. The window's own columns are still dropped, the pooling is the same (average, kernel 5,
+zero padding counted), and the GQA mean is taken after pooling. nanokv gives the window +inf, which
+selects the same as max + 1 (and as 0.2.10 except at its max-pad ties), so its snapkv needs no option.
+
 Where the kept sets of a (prompt, layer, KV head) differ, every differing position's kvpress score
 is compared with the score at kvpress's cut: the k-th largest of the head (uniform, pyramid), or
 of the whole layer after AdaKV's safeguard (adakv), relative gap:
