@@ -43,6 +43,7 @@ line in POLICIES; adding an allocation = one function and one line in ALLOCATION
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -446,10 +447,8 @@ def select_kept(spec: Compression, queries, keys, values, layer: Layer | None = 
         scores = POLICIES[spec.policy](queries, keys, values, spans, layer, **spec.options)[0]
         return scores, tiers(scores, spec.whitelist)
 
-    whole, plain_scores = [(0, L)], []
-    def plain():                           # the whole-turn scores, computed once and only if needed
-        plain_scores[:] = plain_scores or [scored(whole)]
-        return plain_scores[0]
+    whole = [(0, L)]
+    plain = functools.cache(lambda: scored(whole))   # the whole-turn scores, computed once, only if needed
 
     counts = ALLOCATIONS[spec.allocation](plain, L, n_kept, layer, spec.ratio, **spec.allocation_options)
     counts = torch.as_tensor(counts).expand(H).cpu()                              # (H,) per KV head
