@@ -14,6 +14,9 @@ Sections (each prints one plain table):
               full L x L matrix
   batch       prompts per minute of the default evaluate.py workload at batch 1/4/8/16, float32
               and bfloat16, and KV-cache memory per row
+  ragged      decode tokens/s at batch 1 after compressing a long system turn (snapkv, r = 0.5) with
+              each allocation, and the KV bytes held; with --baseline REV also the code of git
+              revision REV (e.g. the commit before ragged eviction), all interleaved in one run
 
 Timings are medians of `--repeats` runs with the ours/HF (or policy) runs interleaved, since
 the machine is shared and noisy. transformers is used only here, never by the project itself.
@@ -33,8 +36,8 @@ import time
 
 import torch
 
-from model import ModelArgs, attention_with_received, generate, load_model, prefill
-from policies import Compression, h2o
+from model import ModelArgs, generate, load_model, prefill
+from policies import ALLOCATIONS, Compression, Layer, attention_with_received, h2o
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -186,8 +189,8 @@ def _same_prefix(a: list[int], b: list[int]) -> int:
 
 # ----------------------------------------------------------------------------- compress
 
-def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0) -> list[int]:
-    """Ids of a chat-templated system turn of about `target_len` tokens of varied synthetic sentences."""
+def synthetic_system_text(tokenizer, target_len: int, seed: int = 0) -> str:
+    """A system message whose chat-templated turn has about `target_len` tokens of varied synthetic sentences."""
     rng = random.Random(seed)
     overhead = len(tokenizer.encode_chat([{"role": "system", "content": ""}], add_generation_prompt=False).ids)
     sentences, n_tokens = [], overhead
@@ -195,7 +198,12 @@ def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0) -> list[int
         sentence = rng.choice(SENTENCES).format(**{k: rng.choice(v) for k, v in WORDS.items()})
         sentences.append(sentence)
         n_tokens += len(tokenizer.encode(" " + sentence))       # close: BPE pieces never cross a space
-    messages = [{"role": "system", "content": " ".join(sentences)}]
+    return " ".join(sentences)
+
+
+def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0) -> list[int]:
+    """Ids of a chat-templated system turn of about `target_len` tokens of varied synthetic sentences."""
+    messages = [{"role": "system", "content": synthetic_system_text(tokenizer, target_len, seed)}]
     return tokenizer.encode_chat(messages, add_generation_prompt=False).ids
 
 
@@ -224,8 +232,7 @@ def bench_compress(args) -> dict:
 
         def recorded_prefill(received: bool):
             cache = model.new_cache(capacity=L + 64)
-            cache.record_queries = True
-            cache.record_received = received
+            cache.prepare([Compression("h2o" if received else "snapkv", 0.5)])   # h2o: its observer sums
             prefill(model, cache, ids)
             return cache
 
@@ -346,7 +353,7 @@ def memory_probe(folder: str, method: str, L: int):
     """Run in a fresh process: print the growth of peak RSS (bytes) while scoring one layer."""
     shape = model_shape(folder)
     score = {"in prefill": lambda q, k: attention_with_received(q, k, k, None),
-             "own pass": lambda q, k: h2o(q, k, k, [(0, q.shape[2])]), "full": full_matrix_h2o}[method]
+             "own pass": lambda q, k: h2o(q, k, k, [(0, q.shape[2])], Layer(0, 1)), "full": full_matrix_h2o}[method]
     def inputs(n):
         gen = torch.Generator().manual_seed(0)
         return (torch.randn(1, shape.n_heads, n, shape.head_dim, generator=gen),
@@ -418,11 +425,105 @@ def bench_batch(args) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- ragged
+
+def bench_ragged(args) -> dict:
+    """Decode tokens/s at batch 1 after compression, per allocation, and the KV bytes held.
+
+    The system turn (about --ragged-length tokens of synthetic sentences) is prefilled and
+    compressed once per variant (snapkv, r = 0.5; uniform, pyramid, adakv, and with --baseline
+    the code of that git revision). Each of `repeats` rounds restores every variant's compressed
+    cache and prefills the chat question, then times --new-tokens greedy decoding steps (one
+    model forward of one token), interleaved step by step across the variants so that the
+    machine's load falls on all of them alike; decode tok/s = 1 / the median step.
+    uniform keeps every layer and head dense, so attention runs without a mask; pyramid gives
+    layers different lengths (still no mask at batch 1); adakv's heads hold different counts,
+    so every layer attends through a mask per KV head: the difference is the cost of those masks.
+    """
+    tokenizer = load_tokenizer(args.folder)
+    model = load_model(args.folder)
+    system, whole = tokenizer.chat_ids(synthetic_system_text(tokenizer, args.ragged_length), CHAT_USER)
+    system_ids = torch.tensor([system.ids])                                              # (1, L)
+    user_ids = torch.tensor([whole.ids[len(system.ids):]])                               # (1, T)
+    entry_bytes = 2 * model.args.head_dim * model.dtype.itemsize                         # one key + value
+    variants = {}                                        # name -> (model, cache, checkpoint, bytes held, sized, kept)
+    for allocation in ALLOCATIONS:
+        spec = Compression("snapkv", 0.5, allocation=allocation)
+        cache = model.new_cache(capacity=system_ids.shape[1])
+        cache.prepare([spec])
+        prefill(model, cache, system_ids)
+        report = cache.compress([spec])[0]
+        kept = sum(int(k.sum()) for k in cache.kept) * entry_bytes
+        variants[allocation] = (model, cache, cache.checkpoint(), cache.nbytes(), report["kv_bytes"], kept)
+    if args.baseline:
+        old = load_baseline(args.baseline)
+        old_model = old["model"].load_model(args.folder)
+        cache = old_model.new_cache(capacity=system_ids.shape[1])
+        cache.record_queries = True
+        prefill(old_model, cache, system_ids)
+        cache.compress(old["policies"].Compression("snapkv", 0.5))
+        held = sum(k.nbytes + v.nbytes for k, v in zip(cache.keys, cache.values))
+        kept = sum(int(k.sum()) for k in cache.kept) * entry_bytes
+        variants[f"baseline {args.baseline}"] = (old_model, cache, cache.checkpoint(), held, kept, kept)
+
+    steps = {name: [] for name in variants}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            tokens = {}
+            for name, (run_model, cache, saved, *_) in variants.items():
+                cache.restore(saved)
+                tokens[name] = run_model(user_ids, cache).argmax(-1)[:, None]           # the question, untimed
+            for _ in range(min(args.new_tokens, 60)):                                   # within the headroom
+                for name, (run_model, cache, *_) in variants.items():                   # interleaved, step by step
+                    start = time.perf_counter()
+                    tokens[name] = run_model(tokens[name], cache).argmax(-1)[:, None]
+                    steps[name].append(time.perf_counter() - start)
+    rows, out = [], {"system_len": system_ids.shape[1], "steps_per_round": min(args.new_tokens, 60), "runs": {}}
+    base = None
+    for name, (_, _, _, held, sized, kept) in variants.items():
+        quartiles = statistics.quantiles(steps[name], n=4)
+        speed = 1 / quartiles[1]
+        base = base or speed
+        rows.append([name, speed, speed / base, f"{1000 * quartiles[0]:.0f}-{1000 * quartiles[2]:.0f}",
+                     held / 2**20, sized / 2**20, kept / 2**20])
+        out["runs"][name] = {"decode_tok_s": speed, "vs_uniform": speed / base, "step_s_quartiles": quartiles,
+                             "kv_bytes_held": held, "kv_bytes_sized": sized, "kv_bytes_kept": kept,
+                             "step_s": steps[name]}
+    print_table(f"ragged: decode after compression (snapkv, r = 0.5), batch 1, float32, system turn "
+                f"{system_ids.shape[1]} tokens, {args.repeats} rounds x {out['steps_per_round']} steps, "
+                "interleaved step by step",
+                ["allocation", "decode tok/s", "vs uniform", "step ms IQR", "KV MB held", "KV MB sized",
+                 "KV MB kept"], rows)
+    print("KV MB held: the buffers (headroom included); sized: each layer as large as its largest head; "
+          "kept: the entries kept")
+    return out
+
+
+def load_baseline(revision: str) -> dict:
+    """model.py, cache.py and policies.py of a git revision, imported as separate modules (for `ragged`)."""
+    import importlib.util
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="nanokv-baseline-")
+    modules = {}
+    for name in ("policies", "cache", "model"):                                          # dependency order
+        source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:{name}.py"], capture_output=True,
+                                text=True, check=True).stdout
+        source = source.replace("from cache import", "from baseline_cache import")
+        source = source.replace("from policies import", "from baseline_policies import")
+        path = os.path.join(folder, f"baseline_{name}.py")
+        with open(path, "w") as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+        modules[name] = sys.modules[f"baseline_{name}"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    return modules
+
+
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
-            "batch": bench_batch}
-DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory", "batch"]
+            "batch": bench_batch, "ragged": bench_ragged}
+DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory", "batch", "ragged"]
 
 
 def int_list(text: str) -> list[int]:
@@ -448,6 +549,10 @@ def main(argv=None):
     parser.add_argument("--batch-prompts", type=int, default=16, help="batch: built-in prompts (default: %(default)s)")
     parser.add_argument("--batch-ratios", default="0.5", help="batch: ratios (default: %(default)s)")
     parser.add_argument("--batch-dtypes", default="float32,bfloat16", help="batch: dtypes (default: %(default)s)")
+    parser.add_argument("--ragged-length", type=int, default=1000,
+                        help="ragged: approximate system-turn length (default: %(default)s)")
+    parser.add_argument("--baseline", metavar="REV", help="ragged: also time the model, cache and policies "
+                        "of this git revision, e.g. the commit before ragged eviction")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)

@@ -40,7 +40,7 @@ import torch
 import paperdata
 import prompts as P
 from model import DTYPES, generate, load_model
-from policies import POLICIES, Compression, covering_spans, reads_received
+from policies import ALLOCATIONS, POLICIES, Compression, Layer, covering_spans
 from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
@@ -109,6 +109,12 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
            "explicitly win (default %(default)s)")
     a("--policy", default=defaults["policy"],
       help=f"eviction policy, or a comma list to run several (choices: {', '.join(POLICIES)}; default %(default)s)")
+    a("--allocation", default="uniform",
+      help="how the budget is spread over layers and KV heads, or a comma list to compare several: uniform = "
+           "max(1, int(L(1-r))) in every layer and KV head (the paper's); pyramid = more in early layers, fewer "
+           "in late ones (PyramidKV, Cai et al. 2024, arXiv 2406.02069; kvpress 0.5.5's budgets); adakv = per "
+           "layer, KV heads share the budget by score, each keeping at least 20%% of its share (AdaKV, Feng et "
+           "al. 2024, arXiv 2407.11550; kvpress 0.5.5's AdaKVPress). Default %(default)s")
     a("--policy-option", action="append", default=[], metavar="NAME=VALUE",
       help="a keyword setting of the chosen policies' score functions, e.g. window=32 (SnapKV) or seed=1 "
            "(random); repeatable; applies to every chosen policy that takes it")
@@ -192,11 +198,10 @@ def parse_policies(text: str) -> list[str]:
 
 
 def policy_settings(policy: str) -> dict:
-    """A policy's keyword settings and their defaults: the parameters of its score function after `spans`
-    (`received` excepted: the prefill hands it over, it is not a setting)."""
+    """A policy's keyword settings and their defaults: the parameters of its score function after `layer`."""
     parameters = list(inspect.signature(POLICIES[policy]).parameters.values())
-    after_spans = parameters[[p.name for p in parameters].index("spans") + 1:]
-    return {p.name: p.default for p in after_spans if p.name != "received" and p.default is not inspect.Parameter.empty}
+    after_layer = parameters[[p.name for p in parameters].index("layer") + 1:]
+    return {p.name: p.default for p in after_layer if p.default is not inspect.Parameter.empty}
 
 
 def parse_option_value(text: str, default):
@@ -248,7 +253,7 @@ def try_policy_options(policy: str, options: dict):
     keys = torch.randn(1, kv_heads, L, dim, generator=generator)          # (1, H_kv, L, D)
     label = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     try:
-        scores = POLICIES[policy](queries, keys, keys, [(0, L)], **options)
+        scores = POLICIES[policy](queries, keys, keys, [(0, L)], Layer(0, 1), **options)
         ok = tuple(scores.shape) == (1, kv_heads, L) and not bool(scores.isnan().any())
     except (ValueError, RuntimeError, TypeError, IndexError, ZeroDivisionError) as e:
         raise UsageError(f"--policy-option {label}: {policy} fails with it ({type(e).__name__}: {e})") from None
@@ -256,10 +261,14 @@ def try_policy_options(policy: str, options: dict):
         raise UsageError(f"--policy-option {label}: {policy} gives no valid scores with it")
 
 
-def setting_label(policy: str, options: dict, remedy: str) -> str:
-    """"snapkv|none", or with options "snapkv[window=32]|none": a setting without its ratio."""
+def setting_label(policy: str, options: dict, remedy: str, allocation: str = "uniform") -> str:
+    """"snapkv|none"; with options "snapkv[window=32]|none"; with an allocation "snapkv@adakv|none".
+
+    A setting without its ratio: one curve of the figures, one line per ratio of the table.
+    """
     shown = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return f"{policy}[{shown}]|{remedy}" if shown else f"{policy}|{remedy}"
+    name = f"{policy}[{shown}]" if shown else policy
+    return f"{name}@{allocation}|{remedy}" if allocation != "uniform" else f"{name}|{remedy}"
 
 
 def load_prompts(args, paper_data: str) -> list[P.Prompt]:
@@ -300,14 +309,15 @@ def load_defense(args) -> P.Defense | None:
 
 @dataclass
 class Setting:
-    """A policy with its options and a remedy: one line of the summary, one curve over the ratios."""
+    """A policy with its options, an allocation and a remedy: one line of the summary, one curve over the ratios."""
     policy: str
     options: dict
     remedy: Remedy
+    allocation: str = "uniform"
 
     @property
     def label(self) -> str:
-        return setting_label(self.policy, self.options, self.remedy.label)
+        return setting_label(self.policy, self.options, self.remedy.label, self.allocation)
 
 
 @dataclass
@@ -323,6 +333,7 @@ def plan_run(experiment: Experiment, args) -> Plan:
     """Validate every flag and load the prompts; reads files, loads no model, writes nothing."""
     policies = parse_policies(args.policy)
     options = parse_policy_options(args.policy_option, policies)
+    allocations = parse_choices(args.allocation, ALLOCATIONS, "allocation")
     ratios = parse_ratios(args.ratios)
     if not 0 <= args.debias <= 1:
         raise UsageError(f"--debias {args.debias} is outside [0, 1]")
@@ -342,7 +353,8 @@ def plan_run(experiment: Experiment, args) -> Plan:
         raise UsageError("--fair instructions needs each instruction's text, which only the built-in prompts have "
                          "(the paper's data gives one directive text): use --fair defense")
     design = experiment.design(args, prompts)
-    settings = [Setting(policy, options[policy], remedy) for policy in policies for remedy in design.remedies]
+    settings = [Setting(policy, options[policy], remedy, allocation)
+                for policy in policies for allocation in allocations for remedy in design.remedies]
     # the flags' effective values: how they were given (--preset, option spelling) does not matter
     run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")}
     run_settings.update(policy_options={p: o for p, o in options.items() if o},
@@ -439,7 +451,8 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int):
         partitions = token_spans(system, sorted(pieces))
     job.spec = Compression(job.setting.policy, job.ratio, partitions=partitions,
                            whitelist=sorted(set(positions)) or None,
-                           debias=remedy.debias if partitions else 1.0, options=job.setting.options)
+                           debias=remedy.debias if partitions else 1.0, options=job.setting.options,
+                           allocation=job.setting.allocation)
 
 
 def build_jobs(plan: Plan, tok, max_positions: int, max_new_tokens: int) -> list[Job]:
@@ -488,8 +501,7 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     device = model.device
     tokens, real = pad([j.system_ids for j in jobs], device)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + 16)
-    cache.record_queries = True
-    cache.record_received = reads_received(jobs[0].spec)               # H2O: sum attention in the prefill
+    cache.prepare([j.spec for j in jobs])                               # record what the policy will read
     model(tokens, cache, real=real)                                     # the system turn's prefill
     reports = cache.compress([j.spec for j in jobs])                    # once, in every layer
     compressed = cache.checkpoint()

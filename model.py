@@ -5,9 +5,10 @@ explicit KV cache (cache.py). The modules come in reading order: config, RMSNorm
 Attention, FeedForward, TransformerBlock, Transformer, then loading and generation.
 
 The attention layer is where the data meets the cache: it writes its RoPE'd keys and
-values into the cache and hands over its queries (and, for H2O, the attention each key
-received), so that after the system turn's prefill `cache.compress(...)` can ask a policy
-(policies.py) which entries to keep.
+values into the cache and gets back every entry it may attend to, with the mask of what
+each query may see. During the system turn's prefill the cache also keeps the queries, and
+a policy that reads the prefill's attention (H2O) computes it there (`cache.observe`), so
+that afterwards `cache.compress(...)` can ask a policy (policies.py) which entries to keep.
 
 Names of parameters follow Hugging Face (`q_proj`, `input_layernorm`, ...), so a
 checkpoint loads with no renaming beyond the leading "model.".
@@ -144,82 +145,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, cache: KVCache, mask):
+    def forward(self, x, cos, sin, cache: KVCache):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # the cache stores k, v (and, during a system prefill, q for the policy) and
-        # returns every key and value this layer may attend to
-        keys, values = cache.update(self.layer_idx, q, k, v)                           # (B, H_kv, S, D)
-        if cache.record_received:
-            # H2O's scores are the attention each key receives: sum it in the prefill's own pass
-            y, cache.received[self.layer_idx] = attention_with_received(q, keys, values, mask, scratch=cache.scratch)
+        # the cache stores k, v (and, during a system prefill, q for the policy) and returns every
+        # key and value this layer may attend to, with the mask of what each query may see
+        keys, values, mask = cache.update(self.layer_idx, q, k, v)                     # (B, H_kv, S, D)
+        if mask is not None and mask.shape[1] > 1:                                     # per KV head (ragged eviction):
+            mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # to its query heads (B, H, T, S)
+        if cache.observer is not None:
+            # a policy reads this prefill's attention (H2O: what each key receives): its observer computes it
+            y = cache.observe(self.layer_idx, q, keys, values, mask)
         else:
             # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
             # and is plainly causal, which lets attention skip the masked half of its work
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def attention_with_received(q, k, v, mask, block: int | None = None, scratch: dict | None = None):
-    """Attention over a chunk that starts the cache, which also sums what each key receives.
-
-    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T) as cache.begin
-    makes it. Returns the output (B, H, T, D) in q's dtype and received (B, H_kv, T), float32:
-    sum over query heads sharing the KV head and over queries q of softmax(q . k) -- exactly
-    what H2O ranks keys by (policies.h2o). Summing it here costs a fraction of a second
-    attention pass, which would recompute every q . k (kvpress reads the same sums from eager
-    attention weights).
-
-    Blocks of `block` queries see only the keys up to their last one, so memory is
-    O(block * T) per head, never T x T. The query heads sharing a KV head are stacked into
-    one matmul per block, cut in two halves so that the batch of matmuls is even and splits
-    evenly over CPU threads. Probabilities are float32: y = softmax(s) @ v, and received adds
-    up the rows of softmax(s). `scratch` (a dict the caller keeps, e.g. the cache's) lends the
-    large work buffers from one layer to the next: on CPU, fresh memory for every layer costs
-    a third of this function's extra time over flash attention in page faults.
-    """
-    B, H, T, D = q.shape
-    kv, group = k.shape[1], H // k.shape[1]
-    block = block or (64 if q.device.type == "cpu" else 512)   # 64: a block's logits stay in a CPU core's cache
-    scratch = {} if scratch is None else scratch
-
-    def buffer(name: str, shape) -> torch.Tensor:             # float32 work memory, reused when it fits
-        size = math.prod(shape)
-        if name not in scratch or scratch[name].numel() < size:
-            scratch[name] = torch.empty(size, device=q.device)
-        return scratch[name][:size].view(shape)
-
-    queries = (q.float() * D ** -0.5).view(B, kv, group, T, D)
-    keys_t = buffer("keys", (B * kv, 2, D, T))                  # each KV head twice, transposed
-    keys_t.copy_(k.transpose(2, 3).reshape(B * kv, 1, D, T).expand(-1, 2, -1, -1))
-    values = buffer("values", (B * kv, 2, T, D))
-    values.copy_(v.reshape(B * kv, 1, T, D).expand(-1, 2, -1, -1))
-    most = B * kv * group * min(block, T) * T                   # a block's logits, at most
-    logits_buffer, probs_buffer = buffer("logits", (most,)), buffer("probs", (most,))
-    y = torch.empty(B, kv, group, T, D, device=q.device)
-    received = torch.zeros(B * kv, 2, T, device=q.device)
-    future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        n = end - start
-        halves = 2 if group * n % 2 == 0 else 1                 # an odd last block runs as one matmul per KV head
-        shape = (B * kv * halves, group * n // halves, end)     # (matmuls, stacked query rows, keys seen)
-        size = math.prod(shape)
-        rows = queries[:, :, :, start:end].reshape(shape[:2] + (D,))
-        logits = torch.bmm(rows, keys_t[:, :halves, :, :end].reshape(-1, D, end), out=logits_buffer[:size].view(shape))
-        if mask is None:
-            logits.view(B, kv, group, n, end)[..., start:].masked_fill_(future[:n, :n], -math.inf)
-        else:
-            logits.view(B, kv, group, n, end).masked_fill_(~mask[:, :, None, start:end, :end], -math.inf)
-        probs = torch.softmax(logits, -1, out=probs_buffer[:size].view(shape))
-        y[:, :, :, start:end] = torch.bmm(probs, values[:, :halves, :end].reshape(-1, end, D)).view(B, kv, group, n, D)
-        ones = torch.ones(shape[0], 1, shape[1], device=q.device)
-        received[:, :halves, :end] += torch.bmm(ones, probs).view(B * kv, halves, end)   # sum over the queries
-    return y.view(B, H, T, D).to(q.dtype), received.sum(1).view(B, kv, T)
 
 
 class FeedForward(nn.Module):
@@ -241,8 +186,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -283,7 +228,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if real is None:
             real = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        positions, mask = cache.begin(real)                 # (B, T), (B, 1, T, S) or None if plainly causal
+        positions = cache.begin(real)                       # (B, T) original positions
         last = int(positions.max()) if T else 0
         if last >= self.args.max_positions:
             raise ValueError(f"the sequence reaches position {last}, past the model's context of "
@@ -294,7 +239,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
         x = self.embed_tokens(tokens)                       # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask)
+            x = layer(x, cos, sin, cache)
         if not all_logits:                                  # only each row's last real token
             last_real = real.cumsum(1).argmax(1)            # index of the last True per row
             x = x[torch.arange(B, device=x.device), last_real][:, None]

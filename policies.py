@@ -1,10 +1,11 @@
-"""Eviction policies: each is a score function, higher = keep. Then the code that turns
-scores into kept positions, written once for all of them: budgets, protected tokens,
+"""Eviction policies and budget allocations. A policy is a score function, higher = keep; an
+allocation turns a layer's scores into how many entries each KV head keeps. Then the code that
+turns scores into kept positions, written once for all of them: budgets, protected tokens,
 whitelists, and fair eviction over partitions (docs/method.md).
 
-A policy is called on one row of the system turn's prefill:
+A policy is called on one row of the system turn's prefill, one layer at a time:
 
-    scores = policy(queries, keys, values, spans, **options)   # -> (1, H_kv, L)
+    scores = policy(queries, keys, values, spans, layer, **options)   # -> (1, H_kv, L)
 
     queries (1, H, L, D)     post-RoPE, as the attention layer computed them
     keys    (1, H_kv, L, D)  post-RoPE, as cached
@@ -13,18 +14,36 @@ A policy is called on one row of the system turn's prefill:
             plain policy, one per partition for fair eviction. A policy scores every span
             on its own terms (its own window, its own anchor, its own recency), and the
             selection gives each span its share of the budget.
+    layer   Layer: which layer (index, count), a dict the policy may keep across the layers
+            of one row, and what the prefill observed for it (H2O's attention sums).
 
-H2O may also be handed `received` (1, H_kv, L): the attention each key received during the
-prefill, summed over queries and the query heads sharing the KV head. The prefill computes
-it when `cache.record_received` is on (model.attention_with_received), far cheaper than a
-second pass over every q . k; without it, h2o computes the same sums itself.
+An allocation is called once per layer and row with the budget n_kept = max(1, int(L (1 - r))):
+
+    counts = allocation(plain, L, n_kept, layer, ratio, **options)   # -> int, or (H_kv,) per KV head
+
+    plain() returns the policy's whole-turn scores (H_kv, L) and their tiers (see `tiers`),
+    computed on first use; only allocations that rank scores call it.
+
+How the remedies combine with an allocation: the allocation decides HOW MANY entries each
+(layer, KV head) keeps; the whitelist and fair eviction decide WHICH. A whitelist ranks its
+tokens above every unprotected token, in the allocation (AdaKV's ranking across heads) and in
+each head's selection; a head's count smaller than the whitelist keeps its best-scored
+whitelisted tokens. Fair eviction splits each head's count over the partitions in proportion
+to their lengths (largest remainder), so every partition keeps the same fraction of every
+layer; debias blends that split with where the plain policy put the head's count.
+
+H2O's scores are the attention each key receives in the prefill. A policy may name an
+*observer* (OBSERVERS): an attention function that the cache runs in the system prefill
+instead of flash attention, which returns the output and what the policy reads. H2O's is
+`attention_with_received`, far cheaper than a second pass over every q . k.
 
 Tokens a policy must never drop (sinks, SnapKV's window, TOVA's anchor) get +inf.
 Attention probabilities are computed in float32. Adding a policy = one function and one
-line in POLICIES.
+line in POLICIES; adding an allocation = one function and one line in ALLOCATIONS.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -61,9 +80,18 @@ def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return scores.view(kv_heads, H // kv_heads, L).mean(1)[None]
 
 
+@dataclass
+class Layer:
+    """Which layer a policy scores: a policy may depend on depth, or keep state across layers."""
+    index: int                              # 0 .. count - 1
+    count: int                              # layers in the model
+    state: dict = field(default_factory=dict)    # one dict per row, shared by the layers of one compress()
+    observed: torch.Tensor | None = None    # what the prefill's observer recorded, e.g. H2O's sums (1, H_kv, L)
+
+
 # ----------------------------------------------------------------------------- policies
 
-def streaming_llm(queries, keys, values, spans, n_sink: int = 4):
+def streaming_llm(queries, keys, values, spans, layer, n_sink: int = 4):
     """StreamingLLM: keep the first `n_sink` tokens and the most recent ones.
 
     Recency is the position itself, so within each span the latest tokens win: with
@@ -75,21 +103,22 @@ def streaming_llm(queries, keys, values, spans, n_sink: int = 4):
     return scores.expand(1, keys.shape[1], L)
 
 
-def h2o(queries, keys, values, spans, received=None, block: int = 32):
+def h2o(queries, keys, values, spans, layer, block: int = 32):
     """H2O as kvpress's ObservedAttention: mean attention a key receives from the queries that see it.
 
     score[k] = sum_q A[q, k] / (number of queries that see k), GQA mean. The plain policy takes
-    the sums from the prefill when it recorded them (`received`). With partitions, the
-    attention that a later span's queries pay to an earlier span's keys is removed, so a key
-    counts only its own span's queries (softmax rows are not renormalised). The sums are
+    the sums from the prefill when its observer recorded them (`layer.observed`, from
+    attention_with_received). With partitions, the attention that a later span's queries pay
+    to an earlier span's keys is removed, so a key counts only its own span's queries
+    (softmax rows are not renormalised); without the prefill's sums, they are
     accumulated over blocks of `block` queries, each reading only the keys it can see: memory
     O(block * L) per head, never L x L. A block never straddles two spans, so the keys of the
     block's own span are one slice.
     """
     H, L = queries.shape[1], keys.shape[2]
-    if received is not None and len(spans) == 1:
+    if layer.observed is not None and len(spans) == 1:
         seen_by = torch.arange(L, 0, -1, device=keys.device)                      # L - k queries see key k
-        return received / (H // keys.shape[1]) / seen_by
+        return layer.observed / (H // keys.shape[1]) / seen_by
     queries, keys = queries.float(), keys.float()                                 # convert once, not per block
     totals = torch.zeros(H, L, device=keys.device)                                # (H, L)
     n_queries = torch.zeros(L, device=keys.device)                                # (L,) queries that see k
@@ -103,12 +132,70 @@ def h2o(queries, keys, values, spans, received=None, block: int = 32):
     return gqa_mean(totals / n_queries, keys.shape[1])
 
 
-def knorm(queries, keys, values, spans):
+def attention_with_received(q, k, v, mask, block: int | None = None, scratch: dict | None = None):
+    """Attention over a chunk that starts the cache, which also sums what each key receives.
+
+    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T) as cache.update
+    makes it. Returns the output (B, H, T, D) in q's dtype and received (B, H_kv, T), float32:
+    sum over query heads sharing the KV head and over queries q of softmax(q . k) -- exactly
+    what H2O ranks keys by (h2o). Summing it here costs a fraction of a second
+    attention pass, which would recompute every q . k (kvpress reads the same sums from eager
+    attention weights).
+
+    Blocks of `block` queries see only the keys up to their last one, so memory is
+    O(block * T) per head, never T x T. The query heads sharing a KV head are stacked into
+    one matmul per block, cut in two halves so that the batch of matmuls is even and splits
+    evenly over CPU threads. Probabilities are float32: y = softmax(s) @ v, and received adds
+    up the rows of softmax(s). `scratch` (a dict the caller keeps, e.g. the cache's) lends the
+    large work buffers from one layer to the next: on CPU, fresh memory for every layer costs
+    a third of this function's extra time over flash attention in page faults.
+    """
+    B, H, T, D = q.shape
+    kv, group = k.shape[1], H // k.shape[1]
+    block = block or (64 if q.device.type == "cpu" else 512)   # 64: a block's logits stay in a CPU core's cache
+    scratch = {} if scratch is None else scratch
+
+    def buffer(name: str, shape) -> torch.Tensor:             # float32 work memory, reused when it fits
+        size = math.prod(shape)
+        if name not in scratch or scratch[name].numel() < size:
+            scratch[name] = torch.empty(size, device=q.device)
+        return scratch[name][:size].view(shape)
+
+    queries = (q.float() * D ** -0.5).view(B, kv, group, T, D)
+    keys_t = buffer("keys", (B * kv, 2, D, T))                  # each KV head twice, transposed
+    keys_t.copy_(k.transpose(2, 3).reshape(B * kv, 1, D, T).expand(-1, 2, -1, -1))
+    values = buffer("values", (B * kv, 2, T, D))
+    values.copy_(v.reshape(B * kv, 1, T, D).expand(-1, 2, -1, -1))
+    most = B * kv * group * min(block, T) * T                   # a block's logits, at most
+    logits_buffer, probs_buffer = buffer("logits", (most,)), buffer("probs", (most,))
+    y = torch.empty(B, kv, group, T, D, device=q.device)
+    received = torch.zeros(B * kv, 2, T, device=q.device)
+    future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        n = end - start
+        halves = 2 if group * n % 2 == 0 else 1                 # an odd last block runs as one matmul per KV head
+        shape = (B * kv * halves, group * n // halves, end)     # (matmuls, stacked query rows, keys seen)
+        size = math.prod(shape)
+        rows = queries[:, :, :, start:end].reshape(shape[:2] + (D,))
+        logits = torch.bmm(rows, keys_t[:, :halves, :, :end].reshape(-1, D, end), out=logits_buffer[:size].view(shape))
+        if mask is None:
+            logits.view(B, kv, group, n, end)[..., start:].masked_fill_(future[:n, :n], -math.inf)
+        else:
+            logits.view(B, kv, group, n, end).masked_fill_(~mask[:, :, None, start:end, :end], -math.inf)
+        probs = torch.softmax(logits, -1, out=probs_buffer[:size].view(shape))
+        y[:, :, :, start:end] = torch.bmm(probs, values[:, :halves, :end].reshape(-1, end, D)).view(B, kv, group, n, D)
+        ones = torch.ones(shape[0], 1, shape[1], device=q.device)
+        received[:, :halves, :end] += torch.bmm(ones, probs).view(B * kv, halves, end)   # sum over the queries
+    return y.view(B, H, T, D).to(q.dtype), received.sum(1).view(B, kv, T)
+
+
+def knorm(queries, keys, values, spans, layer):
     """K-norm: keep the keys with the lowest L2 norm (RoPE does not change it)."""
     return -keys.float().norm(dim=-1)
 
 
-def snapkv(queries, keys, values, spans, window: int = 16, kernel: int = 5):
+def snapkv(queries, keys, values, spans, layer, window: int = 16, kernel: int = 5):
     """SnapKV: attention from the last `window` queries, averaged, smoothed by average pooling.
 
     Each span gets its own observation window at its end (the window is split evenly across
@@ -137,7 +224,7 @@ def snapkv(queries, keys, values, spans, window: int = 16, kernel: int = 5):
     return scores
 
 
-def tova(queries, keys, values, spans):
+def tova(queries, keys, values, spans, layer):
     """TOVA: the last token's attention, averaged over ALL query heads: one selection per layer.
 
     With partitions, each span's last token is its anchor and scores the span's keys.
@@ -153,19 +240,16 @@ def tova(queries, keys, values, spans):
     return scores.expand(1, keys.shape[1], L)
 
 
-def random(queries, keys, values, spans, seed: int = 0):
+def random(queries, keys, values, spans, layer, seed: int = 0):
     """Baseline: uniform random scores per KV head (the same draw in every layer)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(1, keys.shape[1], keys.shape[2], generator=generator).to(keys.device)
 
 
-def full(queries, keys, values, spans):
+def full(queries, keys, values, spans, layer):
     """Baseline: no eviction (Compression.budget keeps everything)."""
     return torch.zeros(1, keys.shape[1], keys.shape[2], device=keys.device)
 
-
-# the policies that read `received` when the prefill recorded it (cache.record_received)
-READS_RECEIVED = {"h2o"}
 
 POLICIES = {
     "streaming_llm": streaming_llm,
@@ -177,6 +261,59 @@ POLICIES = {
     "full": full,
 }
 
+# policies that read what the system prefill's attention computes: the attention function the
+# cache runs instead of flash attention in that prefill (it returns the output and the record)
+OBSERVERS = {"h2o": attention_with_received}
+
+
+# ----------------------------------------------------------------------------- allocations
+
+def uniform(plain, L: int, n_kept: int, layer: Layer, ratio: float) -> int:
+    """The paper's budget: n_kept = max(1, int(L (1 - r))) in every layer and every KV head."""
+    return n_kept
+
+
+def pyramid(plain, L: int, n_kept: int, layer: Layer, ratio: float, window: int = 16, beta: int = 20) -> int:
+    """PyramidKV (Cai et al., arXiv 2406.02069), as kvpress 0.5.5's PyramidKVPress.get_layer_budget.
+
+    Budgets fall linearly from the first layer to the last, the same for every KV head of a
+    layer, with a mean of about L (1 - r) over the layers. `window` is the part of every budget
+    the pyramid sets aside (kvpress ties it to SnapKV's window; here any policy may use it);
+    `beta` sets the steepness. When the pyramid does not fit (a short turn or a low ratio),
+    every layer keeps round(L (1 - r)).
+    """
+    capacity = window + L * (1 - ratio)
+    low = (capacity - window) / beta
+    high = (capacity - window) * 2 - low
+    if high >= L - window:
+        high = L - window
+        low = (capacity - window) * 2 - high
+    if not L >= high >= low >= window:
+        return max(1, round(L * (1 - ratio)))
+    step = (high - low) / (layer.count - 1) if layer.count > 1 else 0.0
+    return max(1, round(high - layer.index * step))
+
+
+def adakv(plain, L: int, n_kept: int, layer: Layer, ratio: float, alpha: float = 0.2) -> torch.Tensor:
+    """AdaKV (Feng et al., arXiv 2407.11550), as kvpress 0.5.5's AdaKVPress: budgets adapt per KV head.
+
+    The layer keeps H_kv * n_kept entries in all. Each head first keeps its best
+    max(1, int(n_kept * alpha)) (the safeguard); the rest of the layer's budget goes to the best
+    remaining scores over all heads together, so heads whose scores stand out keep more.
+    Ranking is by tier (protected, whitelisted, rest), then score. Returns counts (H_kv,).
+    """
+    scores, tier = plain()                                                        # (H_kv, L)
+    H = scores.shape[0]
+    tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
+    safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
+    safeguard = torch.zeros_like(tier)
+    safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                      # each head's best `safe`
+    order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
+    return torch.bincount(order[:H * n_kept] // L, minlength=H)                   # (H_kv,)
+
+
+ALLOCATIONS = {"uniform": uniform, "pyramid": pyramid, "adakv": adakv}
+
 
 # ----------------------------------------------------------------------------- from scores to kept positions
 
@@ -184,7 +321,11 @@ POLICIES = {
 class Compression:
     """What to evict from a system turn of L tokens.
 
-    ratio      fraction evicted, 0 <= r < 1; n_kept = max(1, int(L * (1 - r))) per layer and KV head
+    ratio      fraction evicted, 0 <= r < 1; the budget n_kept = max(1, int(L * (1 - r)))
+    allocation how the budget becomes counts per layer and KV head (ALLOCATIONS): "uniform"
+               (n_kept everywhere: the paper's), "pyramid" (PyramidKV: more in early layers),
+               "adakv" (AdaKV: per KV head, from the scores); settings in allocation_options,
+               e.g. {"alpha": 0.1} or {"window": 32, "beta": 10}
     partitions token spans (start, end) of the instructions for fair eviction; tokens outside
                them go to a neighbour (the first partition owns the head, the last the tail,
                a gap goes to the partition before it)
@@ -202,10 +343,14 @@ class Compression:
     whitelist: list[int] | None = None
     debias: float = 1.0
     options: dict = field(default_factory=dict)
+    allocation: str = "uniform"
+    allocation_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"compression ratio {self.ratio} is outside [0, 1)")
         if not 0.0 <= self.debias <= 1.0:
@@ -218,9 +363,17 @@ class Compression:
 
 
 def reads_received(spec: Compression) -> bool:
-    """Whether compressing with `spec` can use the attention sums a prefill records (cache.record_received)."""
-    plain_scores = not spec.partitions or spec.debias < 1           # fair eviction scores span by span
-    return spec.policy in READS_RECEIVED and spec.ratio > 0 and plain_scores
+    """Whether compressing with `spec` reads what its policy's observer records in the prefill."""
+    plain_scores = not spec.partitions or spec.debias < 1 or spec.allocation == "adakv"   # fair: span by span
+    return spec.policy in OBSERVERS and spec.ratio > 0 and plain_scores
+
+
+def prefill_observer(specs: list[Compression]):
+    """The attention function a system prefill should run so that these specs' policies can read it, or None."""
+    wanted = {spec.policy for spec in specs if reads_received(spec)}
+    if len(wanted) > 1:
+        raise ValueError(f"one prefill can observe for one policy, not {sorted(wanted)}: batch them apart")
+    return OBSERVERS[wanted.pop()] if wanted else None
 
 
 def covering_spans(partitions, L: int) -> list[tuple[int, int]]:
@@ -234,8 +387,8 @@ def covering_spans(partitions, L: int) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def largest_remainder(weights: torch.Tensor, total: int) -> torch.Tensor:
-    """Integers proportional to `weights` (..., n) summing exactly to `total` along the last dim."""
+def largest_remainder(weights: torch.Tensor, total) -> torch.Tensor:
+    """Integers proportional to `weights` (..., n) summing exactly to `total` (int or (..., 1)) along the last dim."""
     exact = weights / weights.sum(-1, keepdim=True) * total
     counts = exact.floor().long()
     short = total - counts.sum(-1, keepdim=True)                                  # (..., 1)
@@ -256,51 +409,57 @@ def tiers(scores: torch.Tensor, whitelist: list[int] | None) -> torch.Tensor | N
     return tier.masked_fill_(scores == INF, 2)
 
 
+def ranked(scores: torch.Tensor, *levels: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dim, best first: by the last level, then the one before, ..., then by score."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    for level in levels:
+        order = order.gather(-1, level.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+    return order
+
+
 def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tensor:
     """Indices of the best k keys along the last dim: by tier first, then by score (H, n) -> (H, k)."""
     if tier is None:
         return scores.topk(k, dim=-1).indices
-    order = scores.argsort(dim=-1, descending=True, stable=True)                  # by score ...
-    by_tier = tier.gather(-1, order).argsort(dim=-1, descending=True, stable=True)
-    return order.gather(-1, by_tier)[..., :k]                                     # ... then by tier
+    return ranked(scores, tier)[..., :k]
 
 
 def top_per_span(scores: torch.Tensor, tier, spans, quotas: torch.Tensor) -> torch.Tensor:
-    """Top-quota positions in each span for each head; scores (H, L), quotas (H, n_spans). -> (H, n_kept) sorted."""
-    kept = []
-    for h in range(scores.shape[0]):
-        picks = [top_k(scores[h, s:e], None if tier is None else tier[h, s:e], int(q)) + s
-                 for (s, e), q in zip(spans, quotas[h])]
-        kept.append(torch.cat(picks).sort().values)
-    return torch.stack(kept)
+    """Kept mask (H, L): the best quotas[h, j] keys of span j for head h; scores (H, L), quotas (H, n_spans)."""
+    kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for (s, e), quota in zip(spans, quotas.T.tolist()):
+        for h, q in enumerate(quota):                     # one head at a time: each its own quota
+            kept[h, s:e].scatter_(0, top_k(scores[h, s:e], None if tier is None else tier[h, s:e], q), True)
+    return kept
 
 
-def select_kept(spec: Compression, queries, keys, values, received=None) -> torch.Tensor:
-    """Kept positions (H_kv, n_kept), sorted, for one row and one layer."""
+def select_kept(spec: Compression, queries, keys, values, layer: Layer | None = None) -> torch.Tensor:
+    """Kept mask (H_kv, L) for one row and one layer: the allocation's count per KV head, chosen by score."""
     H, L = keys.shape[1], keys.shape[2]
+    layer = layer or Layer(0, 1)
     n_kept = spec.budget(L)
     if n_kept >= L:
-        return torch.arange(L, device=keys.device).expand(H, L)
+        return torch.ones(H, L, dtype=torch.bool, device=keys.device)
     if spec.whitelist and not all(0 <= p < L for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {L})")
 
-    options = spec.options
-    if received is not None and reads_received(spec):      # H2O: the sums the prefill recorded
-        options = dict(options, received=received)
-
     def scored(spans):                     # the policy's scores (H, L) and their tiers
-        scores = POLICIES[spec.policy](queries, keys, values, spans, **options)[0]
+        scores = POLICIES[spec.policy](queries, keys, values, spans, layer, **spec.options)[0]
         return scores, tiers(scores, spec.whitelist)
 
     whole = [(0, L)]
+    plain = functools.cache(lambda: scored(whole))   # the whole-turn scores, computed once, only if needed
+
+    counts = ALLOCATIONS[spec.allocation](plain, L, n_kept, layer, spec.ratio, **spec.allocation_options)
+    counts = torch.as_tensor(counts).expand(H).cpu()                              # (H,) per KV head
     if not spec.partitions or spec.debias == 0:
-        return top_per_span(*scored(whole), whole, torch.full((H, 1), n_kept))
+        return top_per_span(*plain(), whole, counts[:, None])
     spans = covering_spans(spec.partitions, L)
     lengths = torch.tensor([float(e - s) for s, e in spans])
-    quotas = largest_remainder(lengths, n_kept).expand(H, -1)                     # (H, n_spans) fair shares
+    quotas = largest_remainder(lengths.expand(H, -1), counts[:, None])            # (H, n_spans) fair shares
     if spec.debias < 1:
-        plain_kept = top_k(*scored(whole), n_kept).cpu()                           # (H, n_kept)
-        plain_counts = torch.stack([((plain_kept >= s) & (plain_kept < e)).sum(-1) for s, e in spans], -1)
+        plain_kept = top_per_span(*plain(), whole, counts[:, None]).cpu()        # (H, L)
+        plain_counts = torch.stack([plain_kept[:, s:e].sum(-1) for s, e in spans], -1)
         blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
-        quotas = largest_remainder(blend.float(), n_kept)
+        quotas = largest_remainder(blend.float(), counts[:, None])
     return top_per_span(*scored(spans), spans, quotas)

@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 import model as nk_model  # noqa: E402
 import prompts as nk_prompts  # noqa: E402
 import tokenizer as nk_tokenizer  # noqa: E402
-from policies import POLICIES, Compression  # noqa: E402
+from policies import POLICIES, Compression, Layer  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "weights" / "smollm2-135m-instruct"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "paper"
@@ -102,6 +102,8 @@ def system_turns(data_dir: Path, folder: Path, n: int) -> list[tuple[str, list[i
         ids = ours.chat_ids(text, "unused")[0].ids
         hf_ids = hf.apply_chat_template([{"role": "system", "content": text}], tokenize=True,
                                         add_generation_prompt=False)
+        if hasattr(hf_ids, "keys"):                        # transformers >= 5 returns a BatchEncoding
+            hf_ids = hf_ids["input_ids"]
         if list(hf_ids) != list(ids):
             raise SystemExit(f"prompt {p.key}: nanokv's system-turn ids differ from HF apply_chat_template's")
         turns.append((p.key, ids))
@@ -296,8 +298,7 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
         bases = {}
         for received in (False, True) if "h2o" in policies else (False,):   # h2o as run_batch runs it
             bases[received] = ours_model.new_cache(capacity=L)
-            bases[received].record_queries = True
-            bases[received].record_received = received
+            bases[received].prepare([Compression("h2o" if received else "snapkv", 0.5)])
             with torch.no_grad():
                 ours_model(ids, bases[received])
         base = bases[False]
@@ -327,8 +328,9 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
             for layer in range(base.n_layers):
                 if policy == "streaming_llm":
                     continue
-                extra = {"received": source.received[layer][:, :, :L]} if policy == "h2o" else {}
-                mine = POLICIES[policy](*qkv[layer], [(0, L)], **options, **extra)[0]   # r-independent scores
+                observed = source.observed[layer] if policy == "h2o" else None
+                where = Layer(layer, base.n_layers, observed=None if observed is None else observed[:, :, :L])
+                mine = POLICIES[policy](*qkv[layer], [(0, L)], where, **options)[0]   # r-independent scores
                 theirs = logs[(policy, ratios[0])][layer]["scores"][0].float()
                 _max_into(out["score_diffs"][policy], mine, theirs)
                 if policy == "h2o":

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
+from cache import HEADROOM
 from model import generate
-from policies import POLICIES, Compression
+from policies import ALLOCATIONS, POLICIES, Compression
 
 L, USER = 40, 7
+PAIRS = [(p, a) for p in POLICIES for a in ALLOCATIONS]
 
 
 def naive_logits(model, tokens, system_len, kept):
@@ -51,30 +53,62 @@ def tokens_for(model, seed=7):
     return torch.randint(0, model.args.vocab_size, (1, L + USER), generator=torch.Generator().manual_seed(seed))
 
 
-def compressed(model, system, spec):
+def compressed(model, system, spec, real=None):
+    specs = spec if isinstance(spec, list) else [spec] * system.shape[0]
     cache = model.new_cache(system.shape[0])
-    cache.record_queries = True
-    model(system, cache)
-    cache.compress(spec)
+    cache.prepare(specs)
+    model(system, cache, real=real)
+    cache.reports = cache.compress(specs)
     return cache
 
 
-@pytest.mark.parametrize("policy", ["streaming_llm", "snapkv", "knorm"])
-def test_decoding_after_compression_matches_naive_reference(tiny_model, policy):
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_decoding_after_compression_matches_naive_reference(tiny_model, policy, allocation):
+    """The user turn as one chunk, then one token: both against the reference hiding evicted (layer, head) entries."""
     tokens = tokens_for(tiny_model)
-    cache = compressed(tiny_model, tokens[:, :L], Compression(policy, 0.5))
-    ours = tiny_model(tokens[:, L:], cache, all_logits=True)[0]
+    cache = compressed(tiny_model, tokens[:, :L], Compression(policy, 0.5, allocation=allocation))
+    ours = tiny_model(tokens[:, L:-1], cache, all_logits=True)[0]
+    ours = torch.cat([ours, tiny_model(tokens[:, -1:], cache, all_logits=True)[0]])
     kept = [k[0] for k in cache.kept]
     reference = naive_logits(tiny_model, tokens[0], L, kept)[L:]
     assert (ours.double() - reference).abs().max() < 1e-4
     assert int(cache.next_pos[0]) == L + USER
 
 
+def test_adakv_leaves_heads_ragged_and_the_reference_notices(tiny_model):
+    """Not vacuous: AdaKV's heads keep different counts, and ignoring that (every head attends to
+    every slot up to the layer's longest head) would fail the reference."""
+    tokens = tokens_for(tiny_model)
+    cache = compressed(tiny_model, tokens[:, :L], Compression("snapkv", 0.5, allocation="adakv"))
+    counts = [k[0].sum(-1) for k in cache.kept]
+    assert any(len(set(c.tolist())) > 1 for c in counts)
+    for valid, n in zip(cache.valid, cache.lengths):
+        valid[:, :, :n] = True                                              # simulate a mask shared by all heads
+    wrong = tiny_model(tokens[:, L:], cache, all_logits=True)[0]
+    reference = naive_logits(tiny_model, tokens[0], L, [k[0] for k in cache.kept])[L:]
+    assert (wrong.double() - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_buffers_are_sized_by_each_layers_largest_head(tiny_model, policy, allocation):
+    tokens = tokens_for(tiny_model)
+    cache = compressed(tiny_model, tokens[:, :L], Compression(policy, 0.6, allocation=allocation))
+    largest = [int(k[0].sum(-1).max()) for k in cache.kept]
+    a = tiny_model.args
+    entry_bytes = 2 * a.n_kv_heads * a.head_dim * 4
+    assert cache.lengths == largest
+    assert [k.shape[2] for k in cache.keys] == [n + HEADROOM for n in largest]      # not L, not the max over layers
+    assert cache.nbytes() == sum(n + HEADROOM for n in largest) * entry_bytes
+    assert cache.reports[0]["kv_bytes"] == sum(largest) * entry_bytes
+    generate(tiny_model, cache, tokens[:, L:], 20, stop_ids=[])
+    assert [k.shape[2] for k in cache.keys] == [n + HEADROOM for n in largest]      # the answer fits the headroom
+
+
 def test_positions_do_not_restart_at_the_compressed_length(tiny_model):
     """A cache that re-numbered positions from n_kept would fail the naive reference."""
     tokens = tokens_for(tiny_model)
     cache = compressed(tiny_model, tokens[:, :L], Compression("streaming_llm", 0.5))
-    cache.next_pos[:] = cache.length                                     # simulate the bug
+    cache.next_pos[:] = cache.lengths[0]                                 # simulate the bug
     wrong = tiny_model(tokens[:, L:], cache, all_logits=True)[0]
     reference = naive_logits(tiny_model, tokens[0], L, [k[0] for k in cache.kept])[L:]
     assert (wrong.double() - reference).abs().max() > 1e-3
@@ -93,24 +127,26 @@ def test_no_eviction_gives_identical_logits_and_answers(tiny_model, spec):
     assert generate(tiny_model, a, tokens[:, L:], 12, stop_ids=[]) == generate(tiny_model, b, tokens[:, L:], 12, stop_ids=[])
 
 
-def test_restore_returns_to_the_compressed_state_bit_identically(tiny_model):
+@pytest.mark.parametrize("allocation", list(ALLOCATIONS))
+def test_restore_returns_to_the_compressed_state_bit_identically(tiny_model, allocation):
     tokens = tokens_for(tiny_model)
-    cache = compressed(tiny_model, tokens[:, :L], Compression("snapkv", 0.6))
+    cache = compressed(tiny_model, tokens[:, :L], Compression("snapkv", 0.6, allocation=allocation))
     saved = cache.checkpoint()
-    before = [(k[:, :, :cache.length].clone(), v[:, :, :cache.length].clone()) for k, v in zip(cache.keys, cache.values)]
+    n = list(cache.lengths)
+    before = [(k[:, :, :m].clone(), v[:, :, :m].clone()) for k, v, m in zip(cache.keys, cache.values, n)]
     first = generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[])            # grows the buffers too
     cache.restore(saved)
-    assert cache.length == saved["length"] and torch.equal(cache.next_pos, saved["next_pos"])
-    assert torch.equal(cache.valid[:, :cache.length], saved["valid"]) and not cache.valid[:, cache.length:].any()
-    for (k0, v0), k, v in zip(before, cache.keys, cache.values):
-        assert torch.equal(k0, k[:, :, :cache.length]) and torch.equal(v0, v[:, :, :cache.length])
+    assert cache.lengths == n == saved["lengths"] and torch.equal(cache.next_pos, saved["next_pos"])
+    for (k0, v0), k, v, valid, m, valid0 in zip(before, cache.keys, cache.values, cache.valid, n, saved["valid"]):
+        assert torch.equal(valid[:, :, :m], valid0) and not valid[:, :, m:].any()
+        assert torch.equal(k0, k[:, :, :m]) and torch.equal(v0, v[:, :, :m])
     assert generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[]) == first
 
 
 def test_compress_needs_a_recorded_prefill(tiny_model):
     cache = tiny_model.new_cache()
     tiny_model(tokens_for(tiny_model)[:, :L], cache)
-    with pytest.raises(RuntimeError, match="record_queries"):
+    with pytest.raises(RuntimeError, match="prepare"):
         cache.compress(Compression("tova", 0.5))
 
 
@@ -122,8 +158,8 @@ def test_keep_rate_is_the_mean_over_heads_and_layers(tiny_model):
     assert rate.mean() == pytest.approx(int(L * 0.5) / L)
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES])
-def test_batched_rows_compress_like_rows_alone(tiny_model, policy):
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_batched_rows_compress_like_rows_alone(tiny_model, policy, allocation):
     """Rows of different lengths, right-padded: same kept positions and same answers as batch 1."""
     gen = torch.Generator().manual_seed(11)
     lengths, user_lengths = [L, 29, 36], [USER, 4, 6]
@@ -131,26 +167,22 @@ def test_batched_rows_compress_like_rows_alone(tiny_model, policy):
     users = torch.randint(0, tiny_model.args.vocab_size, (3, USER), generator=gen)
     real = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
     user_real = torch.arange(USER)[None] < torch.tensor(user_lengths)[:, None]
-    specs = [Compression(policy, r, whitelist=[5]) for r in (0.5, 0.3, 0.7)]
-    batch = tiny_model.new_cache(3)
-    batch.record_queries = True
-    batch.record_received = policy == "h2o"          # H2O from the padded prefill's sums vs its own pass alone
-    tiny_model(systems, batch, real=real)
-    reports = batch.compress(specs)
+    specs = [Compression(policy, r, whitelist=[5], allocation=allocation) for r in (0.5, 0.3, 0.7)]
+    batch = compressed(tiny_model, systems, specs, real=real)   # H2O: the padded prefill's sums
     answers = generate(tiny_model, batch, users, 10, real=user_real, stop_ids=[])
     for row in range(3):
         alone = compressed(tiny_model, systems[row:row + 1, :lengths[row]], specs[row])
-        assert reports[row]["n_kept"] == alone.length
+        assert batch.reports[row] == alone.reports[0]
         for a, b in zip(batch.kept, alone.kept):
             assert torch.equal(a[row, :, :lengths[row]], b[0])
         assert answers[row] == generate(tiny_model, alone, users[row:row + 1, :user_lengths[row]], 10, stop_ids=[])[0]
 
 
-def test_rows_that_finish_leave_the_batch_and_restore_brings_them_back(tiny_model):
+@pytest.mark.parametrize("spec", [Compression("tova", 0.5), Compression("knorm", 0.5, allocation="adakv")])
+def test_rows_that_finish_leave_the_batch_and_restore_brings_them_back(tiny_model, spec):
     gen = torch.Generator().manual_seed(12)
     systems = torch.randint(0, tiny_model.args.vocab_size, (3, L), generator=gen)
     users = torch.randint(0, tiny_model.args.vocab_size, (3, USER), generator=gen)
-    spec = Compression("tova", 0.5)
     free = []
     for row in range(3):
         alone = compressed(tiny_model, systems[row:row + 1], spec)

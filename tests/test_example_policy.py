@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import policies
-from policies import Compression, covering_spans, largest_remainder
+from policies import Compression, Layer, covering_spans, largest_remainder
 
 L = 45
 POLICIES_BEFORE = dict(policies.POLICIES)
@@ -21,7 +21,7 @@ POLICIES_BEFORE = dict(policies.POLICIES)
 
 # ----------------------------------------------------------------------------- the policy (docs/adding-a-policy.md, step 1)
 
-def value_norm(queries, keys, values, spans):
+def value_norm(queries, keys, values, spans, layer):
     """Value norm: keep the entries whose values have the largest L2 norm (per KV head)."""
     return values.float().norm(dim=-1)                                   # (1, H_kv, L)
 
@@ -77,7 +77,7 @@ def compress(model, tokens, spec):
 
 def test_scores_equal_the_reference(prefill):
     for q, k, v in prefill[1]:
-        fast = value_norm(q, k, v, [(0, L)])[0]
+        fast = value_norm(q, k, v, [(0, L)], Layer(0, 1))[0]
         assert fast.shape == (k.shape[1], L)
         assert torch.allclose(fast.double(), ref_value_norm(v), atol=1e-5, rtol=0)
 
@@ -87,7 +87,7 @@ def test_kept_entries_are_the_reference_top_k(registered, tiny_model, prefill, r
     tokens, layers = prefill
     cache, report = compress(tiny_model, tokens, Compression("value_norm", ratio))
     n_kept = int(L * (1 - ratio))
-    assert report["n_kept"] == n_kept and cache.length == n_kept
+    assert report["n_kept"] == n_kept and cache.lengths == [n_kept] * len(layers)
     for layer, (q, k, v) in enumerate(layers):
         reference = ref_value_norm(v)                                    # (H_kv, L)
         for h in range(k.shape[1]):

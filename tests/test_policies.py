@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from policies import (POLICIES, Compression, covering_spans, h2o, knorm, largest_remainder, select_kept, snapkv,
-                      streaming_llm, tova)
+from policies import (POLICIES, Compression, Layer, covering_spans, h2o, knorm, largest_remainder, select_kept,
+                      snapkv, streaming_llm, tova)
+
+FIRST = Layer(0, 1)   # the layer a direct policy call scores
 
 L = 45
 
@@ -19,7 +21,7 @@ def prefill(tiny_model):
     """Queries and keys of every layer after a system prefill of L tokens."""
     tokens = torch.randint(0, tiny_model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(5))
     cache = tiny_model.new_cache()
-    cache.record_queries = True
+    cache.prepare([Compression("snapkv", 0.5)])
     tiny_model(tokens, cache)
     return tokens, [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
                     for i, q in enumerate(cache.queries)]
@@ -101,36 +103,36 @@ def close(a, b):
 def test_scores_equal_full_matrix_references(prefill, spans):
     spans = SPAN_SETS[spans]
     for q, k, v in prefill[1]:
-        assert close(h2o(q, k, v, spans), ref_h2o(q, k, spans))
-        assert close(snapkv(q, k, v, spans), ref_snapkv(q, k, spans))
-        assert close(tova(q, k, v, spans), ref_tova(q, k, spans))
-        assert close(knorm(q, k, v, spans), ref_knorm(k))
+        assert close(h2o(q, k, v, spans, FIRST), ref_h2o(q, k, spans))
+        assert close(snapkv(q, k, v, spans, FIRST), ref_snapkv(q, k, spans))
+        assert close(tova(q, k, v, spans, FIRST), ref_tova(q, k, spans))
+        assert close(knorm(q, k, v, spans, FIRST), ref_knorm(k))
 
 
 @pytest.mark.parametrize("block", [1, 7, L, 1000])
 def test_h2o_blockwise_equals_full_matrix(prefill, block):
     q, k, v = prefill[1][0]
-    assert close(h2o(q, k, v, [(0, L)], block=block), ref_h2o(q, k, [(0, L)]))
+    assert close(h2o(q, k, v, [(0, L)], FIRST, block=block), ref_h2o(q, k, [(0, L)]))
 
 
 def test_snapkv_window_longer_than_the_turn_shrinks(prefill):
     q, k, v = prefill[1][0]
     short = 10
-    scores = snapkv(q[:, :, :short], k[:, :, :short], v[:, :, :short], [(0, short)])
+    scores = snapkv(q[:, :, :short], k[:, :, :short], v[:, :, :short], [(0, short)], FIRST)
     assert scores[..., 1:].isinf().all() and scores[..., 0].isfinite().all()   # window of 9, one token scored
 
 
 def test_streaming_llm_keeps_sinks_and_the_most_recent(prefill):
     q, k, v = prefill[1][0]
     n_kept = 20
-    kept = streaming_llm(q, k, v, [(0, L)])[0].topk(n_kept).indices.sort().values
+    kept = streaming_llm(q, k, v, [(0, L)], FIRST)[0].topk(n_kept).indices.sort().values
     expected = torch.tensor(list(range(4)) + list(range(L - (n_kept - 4), L)))
     assert all(torch.equal(row, expected) for row in kept)
 
 
 def compress(model, tokens, spec):
     cache = model.new_cache()
-    cache.record_queries = True
+    cache.record_queries = True            # queries only: H2O scores by its own pass, as the references do
     model(tokens, cache)
     report = cache.compress(spec)[0]
     return cache, report
@@ -142,11 +144,11 @@ def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
     tokens, layers = prefill
     cache, report = compress(tiny_model, tokens, Compression(policy, ratio))
     n_kept = int(L * (1 - ratio))
-    assert report["n_kept"] == n_kept and cache.length == n_kept
+    assert report["n_kept"] == n_kept and cache.lengths == [n_kept] * len(layers)
     for layer, (q, k, v) in enumerate(layers):
         kept = cache.kept[layer][0]                                      # (H_kv, L)
         assert (kept.sum(1) == n_kept).all()
-        scores = POLICIES[policy](q, k, v, [(0, L)])[0]
+        scores = POLICIES[policy](q, k, v, [(0, L)], Layer(layer, len(layers)))[0]
         for h in range(kept.shape[0]):
             index = kept[h].nonzero()[:, 0]
             assert torch.equal(cache.keys[layer][0, h, :n_kept], k[0, h, index])   # gathered in sorted order
@@ -154,7 +156,7 @@ def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
             got = scores[h, index].sort(descending=True).values
             assert torch.equal(got.isinf(), best.isinf())
             assert torch.allclose(got[got.isfinite()], best[best.isfinite()])
-    assert cache.capacity <= n_kept + 64                                 # memory really shrinks
+    assert all(k.shape[2] <= n_kept + 64 for k in cache.keys)           # memory really shrinks
 
 
 @pytest.mark.parametrize("policy", ["streaming_llm", "snapkv", "tova"])
@@ -176,7 +178,7 @@ def test_whitelist_is_kept_within_the_budget(tiny_model, prefill):
 def test_whitelist_larger_than_budget_keeps_budget_and_reports(tiny_model, prefill):
     whitelist = list(range(5, 25))                                       # 20 tokens, budget 4
     cache, report = compress(tiny_model, prefill[0], Compression("knorm", 0.9, whitelist=whitelist))
-    assert report["n_kept"] == 4 and cache.length == 4
+    assert report["n_kept"] == 4 and cache.lengths == [4] * len(cache.kept)
     assert report["whitelist_kept"] == pytest.approx(4 / 20)
     assert all(k[0][:, whitelist].sum(1).eq(4).all() for k in cache.kept)  # every kept entry is whitelisted
 
@@ -244,8 +246,8 @@ def test_whitelist_larger_than_budget_keeps_the_best_scored_whitelisted(policy):
         k = torch.randn(1, kv_heads, n, dim, generator=g)
         whitelist = sorted(torch.randperm(n, generator=g)[:n // 2].tolist())
         spec = Compression(policy, 0.8, whitelist=whitelist)
-        kept = select_kept(spec, q, k, k)                                        # (H_kv, n_kept)
-        scores = POLICIES[policy](q, k, k, [(0, n)])[0]                          # (H_kv, n)
+        kept = [row.nonzero()[:, 0] for row in select_kept(spec, q, k, k)]     # per KV head, sorted
+        scores = POLICIES[policy](q, k, k, [(0, n)], FIRST)[0]                   # (H_kv, n)
         budget = spec.budget(n)
         for h in range(kv_heads):
             protected = (scores[h] == math.inf).nonzero()[:, 0].tolist()        # sinks, windows, anchors

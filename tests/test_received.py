@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import attention_with_received
-from policies import Compression, h2o, reads_received
+from policies import Compression, Layer, attention_with_received, h2o, reads_received
 
 from test_policies import L, ref_h2o
 
@@ -55,7 +54,8 @@ def test_padding_queries_send_no_attention_to_real_keys(tiny_model):
     q, k, v = random_qkv(3, 6, 2, 37, seed=1)
     real = torch.arange(37)[None] < torch.tensor(lengths)[:, None]
     cache = tiny_model.new_cache(3)
-    _, mask = cache.begin(real)
+    cache.begin(real)
+    mask = cache.update(0, q, k, v)[2]                                   # (B, 1, T, T): the prefill's mask
     y, received = attention_with_received(q, k, v, mask, block=8)
     expected = ref_received(q, k, real)
     for row, n in enumerate(lengths):
@@ -67,8 +67,7 @@ def test_padding_queries_send_no_attention_to_real_keys(tiny_model):
 
 def recorded(model, tokens, received: bool, real=None):
     cache = model.new_cache(tokens.shape[0])
-    cache.record_queries = True
-    cache.record_received = received
+    cache.prepare([Compression("h2o" if received else "snapkv", 0.5)])
     logits = model(tokens, cache, real=real)
     return cache, logits
 
@@ -81,7 +80,7 @@ def test_recording_received_leaves_the_prefill_unchanged(tiny_model):
     for layer in range(tiny_model.args.n_layers):
         assert torch.allclose(cache.keys[layer], plain.keys[layer], atol=1e-5, rtol=0)
         q, k = cache.queries[layer], cache.keys[layer][:, :, :L]
-        assert torch.allclose(cache.received[layer].double(), ref_received(q, k), atol=1e-5, rtol=1e-6)
+        assert torch.allclose(cache.observed[layer].double(), ref_received(q, k), atol=1e-5, rtol=1e-6)
 
 
 def test_h2o_from_received_equals_full_matrix_reference(tiny_model):
@@ -89,10 +88,11 @@ def test_h2o_from_received_equals_full_matrix_reference(tiny_model):
     cache, _ = recorded(tiny_model, tokens, True)
     for layer in range(tiny_model.args.n_layers):
         q, k = cache.queries[layer], cache.keys[layer][:, :, :L]
-        scores = h2o(q, k, k, [(0, L)], received=cache.received[layer])
+        observed = Layer(layer, tiny_model.args.n_layers, observed=cache.observed[layer])
+        scores = h2o(q, k, k, [(0, L)], observed)
         assert torch.allclose(scores.double(), ref_h2o(q, k, [(0, L)]), atol=1e-5, rtol=0)
         spans = [(0, 20), (20, L)]                                  # fair eviction: computed span by span
-        fair = h2o(q, k, k, spans, received=cache.received[layer])
+        fair = h2o(q, k, k, spans, observed)
         assert torch.allclose(fair.double(), ref_h2o(q, k, spans), atol=1e-5, rtol=0)
 
 
@@ -122,7 +122,7 @@ def test_reads_received_only_when_the_plain_h2o_scores_are_used():
 def test_received_needs_a_prefill_that_starts_the_cache(tiny_model):
     cache = tiny_model.new_cache()
     tiny_model(torch.tensor([[1, 2, 3]]), cache)
-    cache.record_received = True
+    cache.prepare([Compression("h2o", 0.5)])
     with pytest.raises(RuntimeError, match="empty cache"):
         tiny_model(torch.tensor([[4, 5]]), cache)
 
@@ -138,5 +138,5 @@ def test_bfloat16_prefill_records_float32_sums(tmp_path):
     assert logits.dtype == plain_logits.dtype and (logits - plain_logits).abs().max() < 0.1
     for layer in range(model.args.n_layers):
         q, k = cache.queries[layer], cache.keys[layer][:, :, :30]
-        assert cache.received[layer].dtype == torch.float32
-        assert torch.allclose(cache.received[layer].double(), ref_received(q, k), atol=1e-4, rtol=1e-5)
+        assert cache.observed[layer].dtype == torch.float32
+        assert torch.allclose(cache.observed[layer].double(), ref_received(q, k), atol=1e-4, rtol=1e-5)

@@ -1,0 +1,227 @@
+"""Budget allocations (policies.ALLOCATIONS) against slow references, and the invariants of every
+(policy, allocation) pair: a user's new policy or allocation is tested by registering it.
+
+References: AdaKV by sorting Python lists (each head's safeguard, then one ranking over all
+heads of the layer), PyramidKV by the formula of kvpress 0.5.5's get_layer_budget written out.
+"""
+import math
+
+import pytest
+import torch
+
+from policies import (ALLOCATIONS, POLICIES, Compression, Layer, adakv, covering_spans, largest_remainder, pyramid,
+                      select_kept)
+
+L = 45
+PAIRS = [(p, a) for p in POLICIES if p != "full" for a in ALLOCATIONS]
+
+
+@pytest.fixture(scope="module")
+def layers(tiny_model):
+    """Queries, keys and values of every layer after a system prefill of L tokens."""
+    tokens = torch.randint(0, tiny_model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(5))
+    cache = tiny_model.new_cache()
+    cache.record_queries = True
+    tiny_model(tokens, cache)
+    return [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
+            for i, q in enumerate(cache.queries)]
+
+
+# ----------------------------------------------------------------------------- references
+
+def ref_adakv_counts(scores, n_kept, alpha=0.2):
+    """Per-head counts: each head's best max(1, int(n_kept alpha)) first, then the best H * n_kept over all heads."""
+    H, n = len(scores), len(scores[0])
+    safe = max(1, int(n_kept * alpha))
+    entries = []
+    for h in range(H):
+        best = sorted(range(n), key=lambda j: -scores[h][j])[:safe]
+        entries += [(j in best, scores[h][j], h) for j in range(n)]
+    chosen = sorted(entries, key=lambda e: (e[0], e[1]), reverse=True)[:H * n_kept]
+    return [sum(1 for e in chosen if e[2] == h) for h in range(H)]
+
+
+def ref_pyramid_budget(L, ratio, layer, n_layers, window=16, beta=20):
+    """kvpress 0.5.5 PyramidKVPress.get_layer_budget, line by line."""
+    max_capacity_prompt = window + L * (1 - ratio)
+    min_num = (max_capacity_prompt - window) / beta
+    max_num = (max_capacity_prompt - window) * 2 - min_num
+    if max_num >= L - window:
+        max_num = L - window
+        min_num = (max_capacity_prompt - window) * 2 - max_num
+    if not (L >= max_num >= min_num >= window):
+        return max(1, round(L * (1 - ratio)))
+    steps = (max_num - min_num) / (n_layers - 1) if n_layers > 1 else 0.0
+    return round(max_num - layer * steps)
+
+
+def counts_of(spec, q, k, v, layer):
+    """What the allocation gives each KV head of this layer (H_kv,)."""
+    scores = POLICIES[spec.policy](q, k, v, [(0, k.shape[2])], layer, **spec.options)[0]
+    plain = lambda: (scores, None)                                                  # noqa: E731
+    counts = ALLOCATIONS[spec.allocation](plain, k.shape[2], spec.budget(k.shape[2]), layer, spec.ratio)
+    return torch.as_tensor(counts).expand(k.shape[1])
+
+
+# ----------------------------------------------------------------------------- AdaKV
+
+@pytest.mark.parametrize("trial", range(10))
+def test_adakv_counts_equal_the_reference_on_random_scores(trial):
+    g = torch.Generator().manual_seed(trial)
+    H, n = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(5, 80, (1,), generator=g))
+    scores = torch.rand(H, n, generator=g) * torch.rand(H, 1, generator=g) * 10    # heads on different scales
+    for n_kept in (1, 2, n // 3, n // 2, n - 1):
+        counts = adakv(lambda: (scores, None), n, n_kept, Layer(0, 1), 0.5)
+        assert counts.tolist() == ref_adakv_counts(scores.tolist(), n_kept)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "knorm", "h2o", "random"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
+def test_adakv_layer_totals_safeguard_and_top_sets(layers, policy, ratio):
+    spec = Compression(policy, ratio, allocation="adakv")
+    n_kept, safe = spec.budget(L), max(1, int(spec.budget(L) * 0.2))
+    for index, (q, k, v) in enumerate(layers):
+        where = Layer(index, len(layers))
+        kept = select_kept(spec, q, k, v, where)                                      # (H_kv, L)
+        scores = POLICIES[policy](q, k, v, [(0, L)], where)[0]
+        counts = kept.sum(-1)
+        assert int(counts.sum()) == k.shape[1] * n_kept                             # the layer's total
+        assert (counts >= safe).all()                                               # every head's safeguard
+        assert counts.tolist() == ref_adakv_counts(scores.tolist(), n_kept)
+        for h in range(k.shape[1]):                                                 # each head keeps a top set
+            best = scores[h].topk(int(counts[h])).values
+            got = scores[h, kept[h]].sort(descending=True).values
+            assert torch.equal(got, best)
+
+
+def test_adakv_moves_budget_between_heads(layers):
+    """Not vacuous: on the tiny model some heads keep more than n_kept and others less."""
+    spec = Compression("snapkv", 0.5, allocation="adakv")
+    counts = [select_kept(spec, q, k, v, Layer(i, len(layers))).sum(-1) for i, (q, k, v) in enumerate(layers)]
+    assert any(len(set(c.tolist())) > 1 for c in counts)
+
+
+# ----------------------------------------------------------------------------- PyramidKV
+
+@pytest.mark.parametrize("n_layers", [1, 2, 16, 30, 32])
+def test_pyramid_budgets_equal_the_formula(n_layers):
+    for length in (10, 40, 45, 100, 165, 1000):
+        for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
+            budgets = [pyramid(None, length, None, Layer(i, n_layers), ratio) for i in range(n_layers)]
+            assert budgets == [ref_pyramid_budget(length, ratio, i, n_layers) for i in range(n_layers)]
+            mean = sum(budgets) / n_layers
+            if n_layers > 1:                                    # one layer gets the pyramid's top, as in kvpress
+                assert abs(mean - length * (1 - ratio)) <= 0.5 + 1e-9, (length, ratio, budgets)
+            assert budgets == sorted(budgets, reverse=True)                       # more in early layers
+
+
+def test_pyramid_is_steep_when_it_fits():
+    budgets = [pyramid(None, 165, None, Layer(i, 30), 0.5) for i in range(30)]
+    assert budgets[0] == 149 and budgets[-1] == 16                             # L - window ... window
+    assert pyramid(None, 20, None, Layer(0, 30), 0.5) == 10                    # too short: round(L (1 - r))
+
+
+# ----------------------------------------------------------------------------- every policy x allocation
+
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+@pytest.mark.parametrize("ratio", [0.3, 0.8])
+def test_kept_counts_are_the_allocations_and_protected_tokens_stay(layers, policy, allocation, ratio):
+    spec = Compression(policy, ratio, allocation=allocation)
+    for index, (q, k, v) in enumerate(layers):
+        where = Layer(index, len(layers))
+        kept = select_kept(spec, q, k, v, where)
+        assert kept.shape == (k.shape[1], L) and kept.dtype == torch.bool
+        counts = counts_of(spec, q, k, v, where)
+        assert torch.equal(kept.sum(-1), counts) and (counts >= 1).all()
+        if allocation == "uniform":
+            assert (counts == spec.budget(L)).all()
+        scores = POLICIES[policy](q, k, v, [(0, L)], where)[0]
+        protected = scores == math.inf
+        for h in range(k.shape[1]):
+            if int(protected[h].sum()) <= int(counts[h]):
+                assert kept[h][protected[h]].all()
+
+
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_whitelist_is_kept_under_every_allocation(layers, policy, allocation):
+    whitelist = [10, 11, 12, 13]
+    spec = Compression(policy, 0.5, allocation=allocation, whitelist=whitelist)
+    for index, (q, k, v) in enumerate(layers):
+        where = Layer(index, len(layers))
+        kept = select_kept(spec, q, k, v, where)
+        counts = kept.sum(-1)
+        protected = POLICIES[policy](q, k, v, [(0, L)], where)[0] == math.inf
+        for h in range(k.shape[1]):
+            listed = torch.zeros(L, dtype=torch.bool)
+            listed[whitelist] = True
+            if int(counts[h]) >= int((protected[h] | listed).sum()):
+                assert kept[h, whitelist].all(), (index, h)
+            else:                                               # the budget wins: protected, then whitelisted
+                assert not (kept[h] & ~protected[h] & ~listed).any(), (index, h)
+        if allocation == "adakv":
+            assert int(counts.sum()) == k.shape[1] * spec.budget(L)
+
+
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_fair_eviction_splits_each_heads_count_by_length(layers, policy, allocation):
+    partitions = [(2, 15), (15, 33), (33, 43)]
+    spans = covering_spans(partitions, L)
+    lengths = torch.tensor([float(e - s) for s, e in spans])
+    fair = Compression(policy, 0.6, allocation=allocation, partitions=partitions, whitelist=[20, 21])
+    plain = Compression(policy, 0.6, allocation=allocation, whitelist=[20, 21])
+    for index, (q, k, v) in enumerate(layers):
+        where = Layer(index, len(layers))
+        kept = select_kept(fair, q, k, v, where)
+        counts = select_kept(plain, q, k, v, where).sum(-1)                 # how many: the allocation's
+        assert torch.equal(kept.sum(-1), counts)
+        for h in range(k.shape[1]):
+            quotas = largest_remainder(lengths, int(counts[h]))
+            assert [int(kept[h, s:e].sum()) for s, e in spans] == quotas.tolist()
+
+
+@pytest.mark.parametrize("allocation", list(ALLOCATIONS))
+def test_debias_zero_is_the_plain_policy(layers, allocation):
+    for index, (q, k, v) in enumerate(layers):
+        where = Layer(index, len(layers))
+        plain = select_kept(Compression("snapkv", 0.6, allocation=allocation), q, k, v, where)
+        zero = select_kept(Compression("snapkv", 0.6, allocation=allocation, partitions=[(0, 20), (20, L)], debias=0.0),
+                           q, k, v, where)
+        assert torch.equal(plain, zero)
+
+
+def test_policies_are_told_their_layer_and_keep_state_per_row(tiny_model, monkeypatch):
+    """A policy sees layer.index 0..n-1 with layer.count = n, and one state dict per row across layers."""
+    seen = []
+
+    def depth(queries, keys, values, spans, layer):
+        layer.state["calls"] = layer.state.get("calls", 0) + 1
+        seen.append((layer.index, layer.count, layer.state["calls"], id(layer.state)))
+        return torch.rand(1, keys.shape[1], keys.shape[2], generator=torch.Generator().manual_seed(layer.index))
+
+    monkeypatch.setitem(POLICIES, "depth", depth)
+    tokens = torch.randint(0, tiny_model.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    cache = tiny_model.new_cache(2)
+    specs = [Compression("depth", 0.5)] * 2
+    cache.prepare(specs)
+    tiny_model(tokens, cache)
+    cache.compress(specs)
+    n = tiny_model.args.n_layers
+    assert [(i, c, calls) for i, c, calls, _ in seen] == [(i, n, i + 1) for i in range(n) for _ in range(2)]
+    assert len({state for *_, state in seen}) == 2                             # one state per row
+
+
+def test_unknown_allocation_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown allocation 'wedge'.*pyramid"):
+        Compression("snapkv", 0.5, allocation="wedge")
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_adakv_with_snapkv_equals_the_reference_from_the_full_attention_matrix(layers, ratio):
+    """End to end: the float64 SnapKV reference (full attention matrix) fed to the list-sorting AdaKV."""
+    from test_policies import L as REF_L, ref_snapkv
+    assert REF_L == L
+    spec = Compression("snapkv", ratio, allocation="adakv")
+    for index, (q, k, v) in enumerate(layers):
+        counts = select_kept(spec, q, k, v, Layer(index, len(layers))).sum(-1)
+        reference = ref_snapkv(q, k, [(0, L)])                                      # (H_kv, L) float64
+        assert counts.tolist() == ref_adakv_counts(reference.tolist(), spec.budget(L))
