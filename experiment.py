@@ -296,10 +296,10 @@ def paper_file(name: str, flag: str) -> str:
 
 
 def load_defense(args) -> P.Defense | None:
+    defense_file = args.defense_file
+    if defense_file is None and args.defense.startswith("paper:"):
+        defense_file = paper_file("defense_template.json", f"--defense {args.defense}")
     try:
-        defense_file = args.defense_file
-        if defense_file is None and args.defense.startswith("paper:"):
-            defense_file = paper_file("defense_template.json", f"--defense {args.defense}")
         return P.resolve_defense(args.defense, defense_file)
     except (ValueError, OSError, KeyError, UnicodeDecodeError) as e:
         raise UsageError(f"--defense {args.defense!r}: {e}") from None

@@ -7,6 +7,8 @@ shows, which is what these tests need. Scripts run in-process through main(argv)
 import json
 import os
 import shutil
+import urllib.error
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -180,6 +182,21 @@ def test_policy_options_reach_the_policy_and_are_recorded(tmp_path, tiny_chat, m
     assert set(summary["results"]) == {"snapkv[kernel=3,window=8]|none", "random[seed=3]|none", "tova|none"}
 
 
+def test_allocations_are_settings_of_their_own(tmp_path, tiny_chat, monkeypatch):
+    specs = []
+    real_compression = experiment.Compression
+    monkeypatch.setattr(experiment, "Compression", lambda *a, **k: specs.append(k) or real_compression(*a, **k))
+    out = run_evaluate(tmp_path, "out", "--model", tiny_chat, "--policy", "snapkv", "--ratios", "0,0.5",
+                       "--limit", "2", "--max-new-tokens", "2", "--allocation", "uniform,pyramid,adakv")
+    assert [s["allocation"] for s in specs] == ["uniform"] * 4 + ["pyramid"] * 4 + ["adakv"] * 4
+    labels = {"snapkv|none", "snapkv@pyramid|none", "snapkv@adakv|none"}
+    assert {r["setting"] for r in records(out)} == labels and len(records(out)) == 12
+    assert json.load(open(os.path.join(out, "run.json")))["allocation"] == "uniform,pyramid,adakv"
+    assert set(json.load(open(os.path.join(out, "summary.json")))["results"]) == labels
+    adakv = [r for r in records(out) if r["setting"] == "snapkv@adakv|none" and r["ratio"] == 0.5]
+    assert all(sum(r["token_keep"]) == pytest.approx(r["n_kept"], abs=0.01) for r in adakv)  # same total budget
+
+
 def test_records_carry_token_keep_and_setting(tmp_path, tiny_chat, monkeypatch):
     seen = {}
     monkeypatch.setattr(evaluate.EVALUATE, "figures",
@@ -241,6 +258,7 @@ BAD_INPUTS = [
     ("evaluate", ["--out", "/proc/nanokv-test/out"], "cannot be written"),
     ("evaluate", ["--out", "OTHER_SETTINGS"], "holds a run with other settings"),
     ("evaluate", ["--out", "CORRUPT_RUN"], "run.json is corrupt"),
+    ("evaluate", ["--allocation", "pyramids"], "unknown allocation 'pyramids': choose from uniform, pyramid, adakv"),
     ("evaluate", ["--policy-option", "nope=1"], "--policy-option 'nope': no chosen policy takes it"),
     ("evaluate", ["--policy-option", "window"], "write NAME=VALUE"),
     ("evaluate", ["--policy", "snapkv", "--policy-option", "window=abc"], "snapkv's window: expected an int, got 'abc'"),
@@ -253,7 +271,9 @@ BAD_INPUTS = [
     ("evaluate", ["--data", "GOOD_DATA", "--fair", "instructions"], "--fair instructions needs"),
     ("evaluate", ["--data", "GOOD_DATA", "--order", "reversed"], "--order reversed needs"),
     ("evaluate", ["--defense", "unknown"], "unknown defense 'unknown'"),
-    ("evaluate", ["--defense", "paper:standard_defense"], "needs the defense-template file"),
+    ("evaluate", ["--defense", "paper:standard_defense"], "error: --defense paper:standard_defense: cannot download defense_template.json"),
+    ("evaluate", ["--data", "paper"], "error: --data paper: cannot download sys_ifeval.jsonl"),
+    ("leak", ["--attack", "paper:plain__prompt1"], "--attack 'paper:plain__prompt1': cannot download attacks/plain__prompt1.txt"),
     ("leak", ["--remedy", "bogus"], "unknown --remedy 'bogus': choose from none, whitelist, fair, both"),
     ("leak", ["--attack", "bogus"], "built-in attack: repeat-previous, print-system"),
     ("leak", ["--leak-threshold", "2"], "--leak-threshold 2.0 is outside [0, 1]"),
@@ -264,8 +284,10 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("script, flags, message", BAD_INPUTS, ids=[" ".join(f) for _, f, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, script, flags, message):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, monkeypatch, script, flags, message):
     out = tmp_path / "out"
+    monkeypatch.setenv("NANOKV_DATA", str(tmp_path / "paper-data"))          # the paper's files: none, offline
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     places = {
         "CORRUPT_CONFIG": lambda: corrupt_model(tmp_path, tiny_chat, config_text="{"),
         "NO_HIDDEN_SIZE": lambda: corrupt_model(tmp_path, tiny_chat, drop="hidden_size"),
