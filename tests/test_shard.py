@@ -110,7 +110,8 @@ def summary_bytes(out):
 
 @pytest.mark.parametrize("script", ["evaluate", "leak"])
 def test_two_ranks_write_the_summary_of_one_process(tmp_path, tiny_chat, script):
-    argv = [*ACCEPTANCE, *SMALL, "--model", tiny_chat]
+    fewer = ["--remedy", "none,fair", "--attack", "repeat-previous"] if script == "leak" else []   # test time
+    argv = [*ACCEPTANCE, *SMALL, *fewer, "--model", tiny_chat]
     single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
     {"evaluate": evaluate, "leak": leak}[script].main([*argv, "--out", single])
     stdout, _ = torchrun(f"{script}.py", *argv, "--out", sharded)
@@ -138,7 +139,8 @@ def rank_pid(parent: int, rank: int) -> int | None:
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's pid in /proc")
 def test_sigkill_one_rank_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_chat):
-    argv = [*ACCEPTANCE, "--max-new-tokens", "24", "--batch-size", "1", "--model", tiny_chat]   # 16 batches a rank
+    argv = ["--policy", "tova,snapkv", "--ratios", "0,0.5", "--limit", "4", "--max-new-tokens", "16",
+            "--batch-size", "1", "--model", tiny_chat]                                          # 8 batches a rank
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     evaluate.main([*argv, "--out", whole])
 
@@ -153,7 +155,7 @@ def test_sigkill_one_rank_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0, "rank 1 finished before the kill: the test did not kill it mid-run"
     rank1_jobs = {json.loads(line)["job"] for line in open(rank1_file) if line.endswith("\n")}
-    assert 0 < len(rank1_jobs) < 16, "the kill did not land mid-run"
+    assert 0 < len(rank1_jobs) < 8, "the kill did not land mid-run"
     assert not os.path.exists(os.path.join(killed, "summary.json"))
 
     _, stderr = torchrun("evaluate.py", *argv, "--out", killed)           # the same command resumes
