@@ -553,14 +553,129 @@ def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> lis
     return records
 
 
+# ----------------------------------------------------------------------------- shards: one process per GPU
+
+@dataclass
+class Shard:
+    """Which share of the batches this process runs: batch i goes to rank i mod world_size.
+
+    Set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or by SLURM's srun (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID, read only when MASTER_ADDR and MASTER_PORT say where rank 0
+    listens); without them, one process runs everything and nothing changes. The ranks only
+    talk to agree on errors and to wait for each other at the end; each appends to its own
+    records file, and rank 0 merges them.
+    """
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @staticmethod
+    def from_env(env=os.environ) -> "Shard":
+        if "RANK" in env and "WORLD_SIZE" in env:
+            names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+            names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+        else:
+            return Shard()
+        try:
+            rank, world_size, local_rank = (int(env.get(name, "0")) for name in names)
+        except ValueError:
+            raise UsageError(f"{', '.join(names)} must be integers, got "
+                             f"{', '.join(repr(env.get(n)) for n in names)}") from None
+        if not 0 <= rank < world_size or local_rank < 0:
+            raise UsageError(f"{names[0]}={rank} is not a rank of {names[1]}={world_size}")
+        return Shard(rank, world_size, local_rank)
+
+    def device(self, device: str) -> str:
+        """--device cuda is this process's GPU: cuda:LOCAL_RANK."""
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.world_size > 1 else device
+
+    def start(self, device: str):
+        """Join the other ranks (gloo on CPU, nccl on CUDA); a no-op for a single process."""
+        if self.world_size == 1:
+            return
+        import datetime
+        import signal
+        import torch.distributed as dist
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(self.local_rank)
+        # The last barrier waits for the slowest rank: allow a long sweep. A rank that dies
+        # breaks the others' connections at once; torchrun also stops them.
+        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world_size,
+                                timeout=datetime.timedelta(hours=72))
+        signal.signal(signal.SIGTERM, stopped_by_signal)            # torchrun stops the others when one rank dies
+
+    def stop(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def agree(self, step: Callable):
+        """Run `step` on every rank; if it raised a UsageError on any rank, raise the first one on all of them
+        (rank 0 prints it, so a refusal is one line), else return this rank's result."""
+        try:
+            result, message = step(), None
+        except UsageError as e:
+            result, message = None, str(e)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            messages = [None] * self.world_size
+            self.collective(lambda: dist.all_gather_object(messages, message))
+            message = next((m for m in messages if m is not None), None)
+        if message is not None:
+            error = UsageError(message)
+            error.quiet = self.rank != 0
+            raise error
+        return result
+
+    def barrier(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+            self.collective(dist.barrier)
+
+    def collective(self, call: Callable):
+        try:
+            call()
+        except RuntimeError as e:                                     # a peer died or hung (DistBackendError too)
+            raise ShardStopped(f"rank {self.rank} of {self.world_size}: another rank stopped ({str(e).splitlines()[0]}); "
+                               "finished jobs are kept: rerun the same command to resume") from None
+
+
+class ShardStopped(Exception):
+    """Another rank died: printed as one line, exit code 1."""
+
+
+def stopped_by_signal(signum, frame):
+    raise KeyboardInterrupt
+
+
 # ----------------------------------------------------------------------------- records, resume, output
 
 class RunFolder:
-    """The output folder: run.json (settings), a JSONL of records, summary.json, figures."""
+    """The output folder: run.json (settings), JSONL files of records, summary.json, figures.
 
-    def __init__(self, path: str, settings: dict, records_name: str):
-        self.path, self.settings = path, settings
-        self.records_path = os.path.join(path, records_name)
+    A single process appends to `records_name` (e.g. responses.jsonl); rank R of a sharded run
+    to responses.rankR.jsonl. Reading takes every such file in the folder, whatever world size
+    wrote it: a job is known by its key, not by the rank that ran it.
+    """
+
+    def __init__(self, path: str, settings: dict, records_name: str, shard: Shard = Shard()):
+        self.path, self.settings, self.shard = path, settings, shard
+        self.stem, self.extension = os.path.splitext(records_name)
+        own = records_name if shard.world_size == 1 else f"{self.stem}.rank{shard.rank}{self.extension}"
+        self.records_path = os.path.join(path, own)
+
+    def record_files(self) -> list[str]:
+        """Every records file in the folder: the single-process one first, then the ranks' in rank order."""
+        import re
+        if not os.path.isdir(self.path):
+            return []
+        pattern = re.compile(rf"{re.escape(self.stem)}(?:\.rank(\d+))?{re.escape(self.extension)}")
+        found = [(m.group(1) is not None, int(m.group(1) or 0), name) for name in os.listdir(self.path)
+                 if (m := pattern.fullmatch(name))]
+        return [os.path.join(self.path, name) for _, _, name in sorted(found)]
 
     def check(self):
         """Refuse, before any work, a --out that is a file, cannot be written, or holds a run with other settings."""
@@ -588,55 +703,61 @@ class RunFolder:
                 changed = sorted(k for k in set(previous) | set(self.settings) if previous.get(k) != self.settings.get(k))
                 raise UsageError(f"--out {self.path!r} holds a run with other settings ({', '.join(changed)}): "
                                  "choose another --out or delete it")
-        elif os.path.exists(self.records_path):
-            raise UsageError(f"{self.records_path} exists without run.json: choose another --out")
+        elif self.record_files():
+            raise UsageError(f"{self.record_files()[0]} exists without run.json: choose another --out")
         self.records, self.complete, self.torn = self.read_finished()
 
     def read_finished(self) -> tuple[list[dict], set[str], bool]:
-        """The records of the jobs whose records are all there, their keys, and whether the last line was torn.
+        """The records of the jobs whose records are all there, their keys, and whether a last line was torn.
 
         A record names its job and how many records the job writes. A job that a kill cut short
         between two of its records is left out (it runs again and writes each record once), and
-        so is a last line torn mid-write; any other unreadable line is refused.
+        so is the last line of a file torn mid-write; any other unreadable line is refused.
         """
-        if not os.path.isfile(self.records_path):
-            return [], set(), False
-        with open(self.records_path, "rb") as f:
-            lines = f.read().split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        records, torn = [], False
-        for number, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number < len(lines):
-                    raise UsageError(f"{self.records_path}:{number} is not a JSON record (the file was edited?): "
-                                     "delete that line or choose another --out") from None
-                torn = True                                              # a run killed mid-line
+        records, torn, self.lines = [], False, {}
+        for path in self.record_files():
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
+            self.lines[path] = len(lines)
+            for number, line in enumerate(lines, 1):
+                try:
+                    records.append((path, json.loads(line)))
+                except json.JSONDecodeError:
+                    if number < len(lines):
+                        raise UsageError(f"{path}:{number} is not a JSON record (the file was edited?): "
+                                         "delete that line or choose another --out") from None
+                    torn = True                                          # a run killed mid-line
         by_job: dict[str, list[dict]] = {}
-        for record in records:
+        for _, record in records:
             by_job.setdefault(record["job"], []).append(record)
         for job, rs in by_job.items():
             if len(rs) > rs[0]["records_in_job"]:
-                raise UsageError(f"{self.records_path} holds job {job!r} more than once: choose another --out")
+                raise UsageError(f"{self.path} holds job {job!r} more than once: choose another --out")
         complete = {job for job, rs in by_job.items() if len(rs) == rs[0]["records_in_job"]}
-        return [r for r in records if r["job"] in complete], complete, torn
+        self.kept = {path: [r for p, r in records if p == path and r["job"] in complete] for path in self.lines}
+        return [r for _, r in records if r["job"] in complete], complete, torn
 
     def start(self) -> set[str]:
-        """Create the folder and write run.json; drop what check() found unfinished; return the finished jobs."""
+        """Create the folder and write run.json; drop what check() found unfinished; return the finished jobs.
+
+        In a sharded run only rank 0 calls it, before any rank appends (every file is cleaned,
+        whichever world size wrote it, so a job cut short in one file cannot count twice).
+        """
         os.makedirs(self.path, exist_ok=True)
         write_json(os.path.join(self.path, "run.json"), self.settings)
-        if os.path.isfile(self.records_path):
-            with open(self.records_path) as f:
-                n_lines = sum(1 for _ in f)
-            if n_lines > len(self.records):
-                print(f"resuming: dropped {n_lines - len(self.records)} record line(s) of jobs cut short by a kill"
-                      f"{' (the last line torn)' if self.torn else ''}; those jobs run again", file=sys.stderr)
-                tmp = self.records_path + ".tmp"
+        dropped = 0
+        for path, kept in self.kept.items():
+            if self.lines[path] > len(kept):
+                dropped += self.lines[path] - len(kept)
+                tmp = path + ".tmp"
                 with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in self.records)
-                os.replace(tmp, self.records_path)
+                    f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept)
+                os.replace(tmp, path)
+        if dropped:
+            print(f"resuming: dropped {dropped} record line(s) of jobs cut short by a kill"
+                  f"{' (the last line torn)' if self.torn else ''}; those jobs run again", file=sys.stderr)
         return self.complete
 
     def append(self, records: list[dict]):
@@ -671,15 +792,25 @@ def model_fingerprint(folder: str) -> str:
     return fingerprint(files + [open(config, errors="replace").read() if os.path.isfile(config) else None])
 
 
-def run_jobs(jobs: list[Job], model, folder: RunFolder, batch_size: int, max_new_tokens: int, to_records, label: str):
-    """Run every job not yet recorded, in setting-pure batches, appending records as batches finish."""
-    done = folder.start()
-    batches = make_batches(jobs, batch_size)
+def run_jobs(jobs: list[Job], model, folder: RunFolder, batch_size: int, max_new_tokens: int, to_records, label: str,
+             shard: Shard = Shard()):
+    """Run every job of this shard not yet recorded, in setting-pure batches, appending records as batches finish.
+
+    The batches are cut from all jobs, the same for every world size, and rank R runs batches
+    R, R + world_size, ...: a job's batch, and with it its answer, does not depend on the shard.
+    """
+    if shard.rank == 0:
+        folder.start()
+    shard.barrier()                        # run.json written and cut-short jobs dropped before any rank appends
+    done = folder.complete
+    batches = make_batches(jobs, batch_size)[shard.rank::shard.world_size]
     todo = [b for b in batches if any(j.key not in done for j in b)]
-    n_done = sum(j.key in done for j in jobs)
+    n_mine = sum(len(b) for b in batches)
+    n_done = sum(j.key in done for b in batches for j in b)
+    where = f" (rank {shard.rank} of {shard.world_size}: {n_mine} of {len(jobs)} jobs)" if shard.world_size > 1 else ""
     if n_done:
-        print(f"resuming: {n_done} of {len(jobs)} jobs already in {folder.records_path}", file=sys.stderr)
-    progress = make_progress(total=len(jobs), initial=n_done, label=label)
+        print(f"resuming{where}: {n_done} of {n_mine} jobs already in {folder.path}", file=sys.stderr)
+    progress = make_progress(total=n_mine, initial=n_done, label=label + (f"[{shard.rank}]" if where else ""))
     for batch in todo:                     # a batch is rerun whole, so its rows see the same padding as before
         results = run_batch(model, batch, max_new_tokens)
         records = []
@@ -702,17 +833,19 @@ def read_records(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def records_of(jobs: list[Job], path: str) -> list[dict]:
-    """The records of exactly these jobs, each once and complete (anything else is a bug, not bad input)."""
-    records = read_records(path)
+def records_of(jobs: list[Job], paths: list[str] | str) -> list[dict]:
+    """The records of exactly these jobs, each once and complete, in job order (whichever files and order
+    the ranks wrote them in). Anything else is a bug, not bad input."""
+    records = [r for path in ([paths] if isinstance(paths, str) else paths) for r in read_records(path)]
     counts: dict[str, int] = {}
     for r in records:
         counts[r["job"]] = counts.get(r["job"], 0) + 1
     wrong = [j.key for j in jobs if counts.get(j.key) != len(j.users)]
     if wrong or len(counts) != len(jobs):
-        raise RuntimeError(f"{path}: {len(wrong)} job(s) without exactly their records (e.g. {wrong[:1]}), "
+        raise RuntimeError(f"{paths}: {len(wrong)} job(s) without exactly their records (e.g. {wrong[:1]}), "
                            f"{len(counts) - len(jobs) + len(wrong)} unknown")
-    return records
+    order = {j.key: i for i, j in enumerate(jobs)}
+    return sorted(records, key=lambda r: order[r["job"]])            # stable: a job's records keep their order
 
 
 def figure_example(job: Job, tok) -> dict:
@@ -723,10 +856,10 @@ def figure_example(job: Job, tok) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def load_model_and_tokenizer(args):
+def load_model_and_tokenizer(args, device: str | None = None):
     """Load the checkpoint; a folder that is missing, incomplete or malformed is a UsageError."""
     try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        model = load_model(args.model, device=device or args.device, dtype=args.dtype)
         tok = load_tokenizer(args.model)
     except (ValueError, OSError) as e:
         raise UsageError(f"--model {args.model!r}: {e}") from None
@@ -736,35 +869,60 @@ def load_model_and_tokenizer(args):
 
 
 def run(experiment: Experiment, argv=None):
-    """Parse -> validate -> check --out -> load the model -> jobs -> batches (resumable) -> summary -> table -> figures."""
+    """Parse -> validate -> check --out -> load the model -> jobs -> batches (resumable) -> summary -> table -> figures.
+
+    Under torchrun (or srun) each rank runs its share of the batches; a refusal on any rank
+    stops every rank, and rank 0 merges the records once all are done.
+    """
     args = parse_args(experiment, argv)
-    plan = plan_run(experiment, args)                    # every flag checked, nothing heavy loaded
-    folder = RunFolder(args.out, plan.run_settings, experiment.records_name)
-    folder.check()                                       # before any work
-    model, tok = load_model_and_tokenizer(args)
-    jobs = build_jobs(plan, tok, model.args.max_positions, args.max_new_tokens)
-    estimate = (f", about {expected_minutes(plan, args):.1f} min on a 2-core CPU"
+    shard = Shard.from_env()
+    shard.start(args.device)
+    try:
+        run_shard(experiment, args, shard)
+    finally:
+        shard.stop()
+
+
+def run_shard(experiment: Experiment, args, shard: Shard):
+    plan = shard.agree(lambda: plan_run(experiment, args))         # every flag checked, nothing heavy loaded
+    folder = RunFolder(args.out, plan.run_settings, experiment.records_name, shard)
+    shard.agree(folder.check)                                       # before any work, on every rank
+    model, tok = shard.agree(lambda: load_model_and_tokenizer(args, shard.device(args.device)))
+    jobs = shard.agree(lambda: build_jobs(plan, tok, model.args.max_positions, args.max_new_tokens))
+    estimate = (f", about {expected_minutes(plan, args) / shard.world_size:.1f} min on a 2-core CPU"
                 if args.device == "cpu" and os.path.abspath(args.model) == DEFAULT_MODEL else "")
-    print(f"{experiment.name}: {len(jobs)} jobs ({len(plan.settings)} settings x {len(plan.ratios)} ratios x "
-          f"{len(plan.design.prompts)} prompts, {len(plan.design.turns)} answer(s) each){estimate}", file=sys.stderr)
+    if shard.rank == 0:
+        ranks = f", {shard.world_size} ranks" if shard.world_size > 1 else ""
+        print(f"{experiment.name}: {len(jobs)} jobs ({len(plan.settings)} settings x {len(plan.ratios)} ratios x "
+              f"{len(plan.design.prompts)} prompts, {len(plan.design.turns)} answer(s) each{ranks}){estimate}",
+              file=sys.stderr)
     run_jobs(jobs, model, folder, args.batch_size, args.max_new_tokens,
-             lambda job, result: to_records(experiment, args, job, result, tok), experiment.name)
-    records = records_of(jobs, folder.records_path)
+             lambda job, result: to_records(experiment, args, job, result, tok), experiment.name, shard)
+    shard.barrier()                                                 # every rank's records are in
+    if shard.rank != 0:
+        return
+    files = folder.record_files()
+    records = records_of(jobs, files)
     summary = {"settings": plan.run_settings, "run": fingerprint(plan.run_settings), **experiment.summarize(records)}
     write_json(os.path.join(args.out, "summary.json"), summary)
     experiment.print_summary(summary, sys.stdout)
     figures = experiment.figures(summary, records, args.out, figure_example(jobs[0], tok))
-    print(f"\nwrote {folder.records_path}, {os.path.join(args.out, 'summary.json')}, "
+    print(f"\nwrote {', '.join(files)}, {os.path.join(args.out, 'summary.json')}, "
           f"{', '.join(os.path.basename(f) for f in figures)}")
 
 
 def main_guard(main):
-    """Run `main`; a UsageError becomes one line on stderr and exit code 2. Anything else is a bug: traceback."""
+    """Run `main`; a UsageError becomes one line on stderr and exit code 2 (in a sharded run, rank 0's line
+    only, when every rank refused the same input). Anything else is a bug: traceback."""
     try:
         main()
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ShardStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished jobs are kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
