@@ -10,7 +10,7 @@ with the IFEval checks. Reproduces, on whatever model you point it at:
   Fig. 8  keep rate of the directive vs the defense (eviction bias)
 
 The defaults (--preset demo) take about 2 minutes on a 2-core CPU: the bundled 135M model,
-24 built-in prompts, StreamingLLM and TOVA at 3 ratios, 64 new tokens. --preset full runs
+12 built-in prompts, StreamingLLM and TOVA at 3 ratios, 64 new tokens. --preset full runs
 all five policies on all 155 built-in prompts at 4 ratios (about an hour there). The
 paper's full run:
 
@@ -28,7 +28,7 @@ import prompts as P
 from experiment import Design, Experiment, Remedy, UsageError, main_guard, run
 from report import evaluate_figures, evaluate_summary, print_evaluate
 
-DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.5,0.75", defense="defense-first", limit=24,
+DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.5,0.75", defense="defense-first", limit=12,
                 max_new_tokens=64, dtype="float32", batch_size=8, out="runs/evaluate")
 PRESETS = {"demo": {},
            "full": dict(policy="streaming_llm,h2o,knorm,snapkv,tova", ratios="0,0.25,0.5,0.75", limit=0,

@@ -45,11 +45,12 @@ from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
 
-# Seconds per answer token and row for the bundled model on the README's 2-core CPU at --batch-size 8,
-# from its batched-evaluation measurement (59.1 prompts/min in float32, 101 in bfloat16, 96 new
-# tokens each). The time printed at the start is answers x --max-new-tokens x this: a rough guess,
-# on the high side when answers stop early, on the low side at batch 1 or on a busy machine.
-SECONDS_PER_ANSWER_TOKEN = {"float32": 60 / 59.1 / 96, "bfloat16": 60 / 101 / 96, "float16": 60 / 59.1 / 96}
+# Seconds per answer token and row for the bundled model on the project's 2-core CPU at --batch-size 8:
+# float32 measured with the demo preset (144 answers of 64 tokens in 195 s, an idle machine),
+# bfloat16 scaled by the README's batched-evaluation ratio (101 vs 59.1 prompts/min). The time
+# printed at the start is answers x --max-new-tokens x this: a rough guess, on the high side when
+# answers stop early, on the low side at batch 1 or on a busy machine.
+SECONDS_PER_ANSWER_TOKEN = {"float32": 0.021, "bfloat16": 0.021 * 59.1 / 101, "float16": 0.021}
 
 
 class UsageError(ValueError):
