@@ -345,7 +345,7 @@ def test_an_internal_bug_shows_its_traceback(tmp_path, tiny_chat, monkeypatch):
 
 def test_presets(tmp_path):
     args = experiment.parse_args(evaluate.EVALUATE, [])
-    assert (args.preset, args.policy, args.limit) == ("demo", "streaming_llm,tova", 24)
+    assert (args.preset, args.policy, args.limit) == ("demo", "streaming_llm,tova", 12)
     args = experiment.parse_args(evaluate.EVALUATE, ["--preset", "full", "--limit", "5"])
     assert (args.policy, args.limit) == ("streaming_llm,h2o,knorm,snapkv,tova", 5)   # a flag given wins
     assert experiment.parse_args(leak.LEAK, ["--preset=full"]).policy == "streaming_llm,h2o,knorm,snapkv,tova"
