@@ -46,16 +46,18 @@ def remedy_label(args) -> str:
         parts.append("whitelist")
     if args.fair != "none":
         parts.append(f"fair-{args.fair}" + (f"-debias{args.debias:g}" if args.debias < 1 else ""))
+    if args.protect:
+        parts.append(f"protect{args.protect}")
     return "+".join(parts) or "none"
 
 
 def design(args, prompts: list[P.Prompt]) -> Design:
-    """One remedy for every policy, the one --whitelist / --fair describe; one answer per job: the task."""
+    """One remedy for every policy, the one --whitelist / --fair / --protect describe; one answer per job: the task."""
     if args.order == "reversed":
         if not all(i.text for p in prompts for i in p.instructions):
             raise UsageError("--order reversed needs each instruction's text, which only the built-in prompts have")
         prompts = [P.reorder(p) for p in prompts]
-    remedy = Remedy(remedy_label(args), args.whitelist or [], args.fair, args.debias)
+    remedy = Remedy(remedy_label(args), args.whitelist or [], args.fair, args.debias, args.protect or 0)
     return Design(prompts, [remedy], [("task", None)])
 
 

@@ -53,6 +53,12 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weight
 SECONDS_PER_ANSWER_TOKEN = {"float32": 0.021, "bfloat16": 0.021 * 59.1 / 101, "float16": 0.021}
 
 
+# --protect's default N in leak.py's 'protect' remedy: StreamingLLM's (and kvpress's) 4 sinks, which also
+# covers the role header (3 tokens) and the end of turn (2) of the default model's template whole.
+# A choice, not a value taken from the protected-boundaries paper (arXiv 2605.18053).
+DEFAULT_PROTECT = 4
+
+
 class UsageError(ValueError):
     """Bad input: printed as one line, exit code 2. Raised where the input is checked, never for bugs."""
 
@@ -66,6 +72,7 @@ class Remedy:
     whitelist: list[str] = field(default_factory=list)   # phrases never evicted; "defense" = the defense's own
     fair: str = "none"                           # fair eviction: "none", "defense" or "instructions"
     debias: float = 1.0
+    protect: int = 0                             # keep the first and last N tokens of every part (system_parts)
 
 
 @dataclass
@@ -135,6 +142,11 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
            "and the defense ('instructions', built-in prompts only); default %(default)s")
     a("--debias", type=float, default=1.0,
       help="with --fair: 0 = the plain policy, 1 = fully fair, in between = budgets interpolated (default 1)")
+    a("--protect", type=int, metavar="N",
+      help="protected boundaries: never evict the first and last N tokens of every part of the system turn (the "
+           "template's role header and end, each defense side, the preamble, each instruction), within the same "
+           "budget, like a whitelist built from spans. evaluate.py: applies to every policy (default off); "
+           "leak.py: N of the 'protect' remedy (default %d)" % DEFAULT_PROTECT)
     a("--data", help="a sys_ifeval-style JSONL file, or 'paper' for the paper's own file (downloaded once from its "
                      "repository and checksum-verified; see paperdata.py); default: the built-in prompt set")
     a("--limit", type=int, default=defaults["limit"], help="use the first N prompts (default %(default)s; 0 = all)")
@@ -338,6 +350,8 @@ def plan_run(experiment: Experiment, args) -> Plan:
     ratios = parse_ratios(args.ratios)
     if not 0 <= args.debias <= 1:
         raise UsageError(f"--debias {args.debias} is outside [0, 1]")
+    if args.protect is not None and args.protect < 0:
+        raise UsageError(f"--protect {args.protect}: must be >= 0 (tokens kept at each end of every part; 0 = off)")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_new_tokens < 1:
@@ -412,6 +426,28 @@ def whitelist_char_spans(system: P.SystemMessage, phrase: str, key: str) -> list
     return [(at, at + len(phrase))]
 
 
+def system_parts(encoding, system: P.SystemMessage) -> list[tuple[int, int]]:
+    """Token spans of the system turn's parts, contiguous and covering it: the template's role header, each
+    defense side, PREPEND, each instruction (or the directive as one piece when the instruction texts are
+    unknown), the template's end of turn. A token straddling a border goes to the earlier part."""
+    pieces = [span for name, span in system.partitions() if name != "system_prompt"]
+    if "prepend" in system.spans:
+        pieces.append(system.spans["prepend"])
+    instructions = [span for name, span in system.spans.items() if name.startswith("instruction:")]
+    pieces += instructions or [system.spans["directive"]]
+    parts = token_spans(encoding, sorted(pieces))
+    head, tail = (0, parts[0][0]), (parts[-1][1], len(encoding.ids))
+    return [span for span in [head, *parts, tail] if span[1] > span[0]]
+
+
+def boundaries(parts: list[tuple[int, int]], n: int) -> list[int]:
+    """The first and last n positions of each span (all of a span no longer than 2n), sorted."""
+    positions = set()
+    for start, end in parts:
+        positions.update(range(start, min(start + n, end)), range(max(end - n, start), end))
+    return sorted(positions)
+
+
 def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int):
     """Tokenise the job's turns, find its spans and whitelist, and build its Compression. Raises UsageError.
 
@@ -437,6 +473,8 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int):
     for phrase in remedy.whitelist:
         for start, end in whitelist_char_spans(job.system, phrase, job.prompt.key):
             positions += range(*system.token_span(0, start, end))
+    if remedy.protect:
+        positions += boundaries(system_parts(system, job.system), remedy.protect)
     partitions = None
     if remedy.fair == "defense":
         partitions = token_spans(system, [span for _, span in job.system.partitions()])

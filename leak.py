@@ -9,7 +9,8 @@ A leak is measured as ROUGE-L recall (rouge-score, stemming on) of the answer ag
 directive (PREPEND + instructions: the paper's main curve), the whole system message and
 the defense alone; an answer *leaks* when its directive recall exceeds --leak-threshold
 (0.3). Remedies: whitelisting the defense's must-keep phrase, fair eviction between
-defense and directive, or both. Reproduces Fig. 5 (leakage vs r), Fig. 8 (keep rates) and
+defense and directive, or both; and protected boundaries (the first and last --protect N
+tokens of every part of the system turn never evicted). Reproduces Fig. 5 (leakage vs r), Fig. 8 (keep rates) and
 the remedies' composite gain table (directive-accuracy gain + leakage drop, averaged
 over r in {0.4, 0.5, 0.6, 0.7}).
 
@@ -30,7 +31,8 @@ import functools
 import ifeval
 import paperdata
 import prompts as P
-from experiment import Design, Experiment, Remedy, UsageError, fingerprint, main_guard, parse_choices, run
+from experiment import (DEFAULT_PROTECT, Design, Experiment, Remedy, UsageError, fingerprint, main_guard, parse_choices,
+                        run)
 from report import leak_figures, leak_summary, print_leak
 
 DEFAULTS = dict(policy="streaming_llm,snapkv", ratios="0,0.5,0.7", defense="defense-first", limit=8,
@@ -38,14 +40,16 @@ DEFAULTS = dict(policy="streaming_llm,snapkv", ratios="0,0.5,0.7", defense="defe
 PRESETS = {"demo": {},
            "full": dict(policy="streaming_llm,h2o,knorm,snapkv,tova", ratios="0,0.25,0.5,0.7", limit=32,
                         max_new_tokens=64)}
-REMEDIES = ("none", "whitelist", "fair", "both")
+REMEDIES = ("none", "whitelist", "fair", "both", "protect")
 
 
 def add_arguments(parser):
     parser.add_argument("--remedy", default="none,whitelist,fair",
                         help=f"comma list of {', '.join(REMEDIES)}: whitelist = never evict the defense's must-keep "
                              "phrase (or the --whitelist phrases), fair = equal keep rate for defense and directive "
-                             "(or the --fair partitioning), both = the two together (default %(default)s)")
+                             "(or the --fair partitioning), both = the two together, protect = never evict the "
+                             "first and last --protect N tokens of every part of the system turn (default "
+                             "%(default)s)")
     parser.add_argument("--attack", action="append", metavar="FILE_OR_NAME",
                         help="an attack text file, a folder of them, a built-in attack name "
                              f"({', '.join(P.BUILTIN_ATTACKS)}), paper:NAME for one of the paper's attack files "
@@ -83,7 +87,8 @@ def remedy(name: str, args) -> Remedy:
     """--remedy says when a remedy applies; --whitelist / --fair say what it is."""
     whitelist = (args.whitelist or ["defense"]) if name in ("whitelist", "both") else []
     fair = (args.fair if args.fair != "none" else "defense") if name in ("fair", "both") else "none"
-    return Remedy(name, whitelist, fair, args.debias)
+    protect = (DEFAULT_PROTECT if args.protect is None else args.protect) if name == "protect" else 0
+    return Remedy(name, whitelist, fair, args.debias, protect)
 
 
 def design(args, prompts: list[P.Prompt]) -> Design:
@@ -92,7 +97,13 @@ def design(args, prompts: list[P.Prompt]) -> Design:
         raise UsageError("leak.py needs a defense around the directive: --defense defense-first (or another)")
     if not 0 <= args.leak_threshold <= 1:
         raise UsageError(f"--leak-threshold {args.leak_threshold} is outside [0, 1]")
-    remedies = [remedy(name, args) for name in parse_choices(args.remedy, REMEDIES, "--remedy")]
+    names = parse_choices(args.remedy, REMEDIES, "--remedy")
+    if args.protect is not None and "protect" not in names:
+        raise UsageError(f"--protect {args.protect} sets the 'protect' remedy, which --remedy does not hold: "
+                         "add it (--remedy none,protect) or drop --protect")
+    if "protect" in names and args.protect == 0:
+        raise UsageError("--protect 0 protects nothing: give N >= 1 for the 'protect' remedy")
+    remedies = [remedy(name, args) for name in names]
     attacks = load_attacks(args.attack)
     turns = [("task", None)] + [(a.name, a.text) for a in attacks]
     return Design(prompts, remedies, turns, {"attacks": fingerprint([(a.name, a.text) for a in attacks])})

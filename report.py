@@ -412,7 +412,8 @@ def leak_style(results: dict, setting: str) -> dict:
     """Colour = policy, line and marker = remedy."""
     policies = sorted({s.partition("|")[0] for s in results})
     policy, _, remedy = setting.partition("|")
-    styles = {"none": ("-", "o"), "whitelist": ("--", "s"), "fair": (":", "^"), "both": ("-.", "D")}
+    styles = {"none": ("-", "o"), "whitelist": ("--", "s"), "fair": (":", "^"), "both": ("-.", "D"),
+              "protect": ((0, (6, 2, 1, 2, 1, 2)), "v")}
     line, marker = styles.get(remedy, ("-", "o"))
     return dict(color=f"C{policies.index(policy)}", linestyle=line, marker=marker)
 
