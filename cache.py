@@ -64,7 +64,7 @@ class KVCache:
         Every layer's queries, and, when a policy reads the prefill's attention (H2O), that
         policy's observer runs instead of flash attention and its record is kept per layer.
         """
-        self.record_queries = True
+        self.record_queries, self.queries = True, [None] * self.n_layers
         self.observer = prefill_observer(specs)
 
     def begin(self, real: torch.Tensor) -> torch.Tensor:
@@ -89,8 +89,8 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         self.valid[layer][:, :, start:end] = self._real[:, None, :]
         self.lengths[layer] = end
-        if self.record_queries:
-            self.queries[layer] = q                                       # (B, H, T, D), post-RoPE
+        if self.record_queries:                                           # (B, H, end, D), post-RoPE, every chunk's
+            self.queries[layer] = q if self.queries[layer] is None else torch.cat([self.queries[layer], q], 2)
         if self.observer is not None and start != 0:
             raise RuntimeError("the prefill's observer needs the system prefill to start an empty cache")
         layout = self.layouts[layer]
@@ -139,15 +139,21 @@ class KVCache:
     # ------------------------------------------------------------------ compression
 
     @torch.no_grad()
-    def compress(self, spec: Compression | list[Compression]) -> list[dict]:
+    def compress(self, spec: Compression | list[Compression], system_len: list[int] | None = None) -> list[dict]:
         """Evict entries of the system turn, once, right after its prefill (docs/method.md).
 
         `spec` is one Compression for every row or a list with one per row. In every layer
         and for every row, policies.select_kept turns the policy's scores and the allocation's
         counts into the kept positions per KV head; we gather those entries, in position
         order, into buffers sized by the layer's largest head.
-        Returns one report per row: L, the budget n_kept, what was kept per (layer, KV head)
-        (mean, min, max), the bytes its entries take, and, with a whitelist, how much stayed.
+
+        Query-aware compression passes `system_len` (one per row): the cache then holds the
+        system turn's prefill followed by a user turn's, each right-padded, both recorded since
+        prepare(). The policy scores the row's entries with the queries of both; only the first
+        system_len[b] are evictable, with the system turn's budget; the user turn's are all kept.
+        Returns one report per row: L (the system turn's), the budget n_kept, what was kept per
+        (layer, KV head) of the system turn (mean, min, max), the bytes its entries take, and,
+        with a whitelist, how much stayed.
         """
         specs = spec if isinstance(spec, list) else [spec] * self.batch_size
         if len(specs) != self.batch_size:
@@ -156,25 +162,35 @@ class KVCache:
             raise RuntimeError("compress() needs the system turn's prefill, run after cache.prepare(specs)")
         S = self.lengths[0]
         valid = self.valid[0][:, 0, :S]                                   # (B, S), the prefill's: same everywhere
-        system_len = valid.sum(1)                                         # (B,) L per row
-        if set(self.lengths) != {S} or not torch.equal(valid, torch.arange(S, device=self.device)[None] < system_len[:, None]):
-            raise RuntimeError("compress() expects the cache to hold one right-padded system prefill per row")
-        lengths = system_len.tolist()
+        front = lambda n: torch.arange(S, device=self.device)[None] < torch.as_tensor(n, device=self.device)[:, None]
+        if set(self.lengths) != {S} or any(q.shape[2] != S for q in self.queries):
+            raise RuntimeError("compress() expects every layer to hold the prefill whose queries it recorded")
+        if system_len is None:                                            # the paper's protocol: the system turn alone
+            if not torch.equal(valid, front(valid.sum(1))):
+                raise RuntimeError("compress() expects the cache to hold one right-padded system prefill per row")
+            lengths = valid.sum(1).tolist()
+            slots = [slice(0, L) for L in lengths]
+        else:                                                             # query-aware: system turn, then user turn
+            if len(system_len) != self.batch_size or not torch.equal(valid & front(system_len), front(system_len)):
+                raise RuntimeError("compress(system_len=...) expects each row's system turn in its first slots")
+            lengths = list(system_len)
+            slots = [valid[b].nonzero()[:, 0] for b in range(self.batch_size)]   # (system + user,) per row
         states = [{} for _ in specs]                                      # a policy's state, per row, across layers
         self.kept = []
         for layer in range(self.n_layers):
             kept = torch.zeros(self.batch_size, self.kv_heads, S, dtype=torch.bool, device=self.device)
-            for b, (s, L) in enumerate(zip(specs, lengths)):
+            for b, (s, L, index) in enumerate(zip(specs, lengths, slots)):
                 row = slice(b, b + 1)
                 observed = self.observed[layer]
-                where = Layer(layer, self.n_layers, states[b], None if observed is None else observed[row, :, :L])
-                kept[b, :, :L] = select_kept(s, self.queries[layer][row, :, :L], self.keys[layer][row, :, :L],
-                                             self.values[layer][row, :, :L], where)       # (H_kv, L)
+                where = Layer(layer, self.n_layers, states[b], None if observed is None else observed[row, :, index])
+                kept[b, :, index] = select_kept(s, self.queries[layer][row, :, index], self.keys[layer][row, :, index],
+                                                self.values[layer][row, :, index], where,
+                                                None if system_len is None else L)   # (H_kv, L or system + user)
             self._gather(layer, kept)
             self.kept.append(kept)
         self.queries, self.observed, self.scratch = [None] * self.n_layers, [None] * self.n_layers, {}
         self.record_queries, self.observer = False, None
-        self.system_len = system_len
+        self.system_len = torch.tensor(lengths, device=self.device)     # (B,) the system turn's L per row
         return [self._report(b, s, L) for b, (s, L) in enumerate(zip(specs, lengths))]
 
     def _gather(self, layer: int, kept: torch.Tensor):
@@ -232,7 +248,8 @@ class KVCache:
                     keys=[k[:, :, :m].clone() for k, m in zip(self.keys, n)],
                     values=[v[:, :, :m].clone() for v, m in zip(self.values, n)],
                     valid=[v[:, :, :m].clone() for v, m in zip(self.valid, n)],
-                    next_pos=self.next_pos.clone(), kept=self.kept, system_len=self.system_len)
+                    next_pos=self.next_pos.clone(), kept=self.kept, system_len=self.system_len,
+                    queries=list(self.queries) if self.record_queries else None)   # a prefill still to compress
 
     def restore(self, state: dict):
         """Return to a checkpoint: its rows, entries and positions, bit for bit; later writes are dropped."""
@@ -251,3 +268,5 @@ class KVCache:
         self.lengths, self.layouts = list(state["lengths"]), list(state["layouts"])
         self.next_pos = state["next_pos"].clone()
         self.kept, self.system_len = state["kept"], state["system_len"]
+        self.record_queries = state["queries"] is not None
+        self.queries = list(state["queries"]) if self.record_queries else [None] * self.n_layers

@@ -41,6 +41,7 @@ import paperdata
 import prompts as P
 from model import DTYPES, generate, load_model
 from policies import ALLOCATIONS, POLICIES, Compression, Layer, covering_spans
+from report import QUERY_AWARE
 from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
@@ -147,6 +148,12 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
            "template's role header and end, each defense side, the preamble, each instruction), within the same "
            "budget, like a whitelist built from spans. evaluate.py: applies to every policy (default off); "
            "leak.py: N of the 'protect' remedy (default %d)" % DEFAULT_PROTECT)
+    a("--query-aware", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+      help="compress the system turn together with the user turn that follows it (the question in context, as "
+           "kvpress's benchmarks do) instead of the system turn alone before the question is known: the policy "
+           "scores the system turn with the queries of both, the budget is the system turn's, and the user turn "
+           "is kept whole. One compression per user turn (leak.py: per attack). 'both' runs every setting in "
+           "both modes, to compare them; no fair eviction. Default %(default)s; the bare flag means on")
     a("--data", help="a sys_ifeval-style JSONL file, or 'paper' for the paper's own file (downloaded once from its "
                      "repository and checksum-verified; see paperdata.py); default: the built-in prompt set")
     a("--limit", type=int, default=defaults["limit"], help="use the first N prompts (default %(default)s; 0 = all)")
@@ -274,14 +281,16 @@ def try_policy_options(policy: str, options: dict):
         raise UsageError(f"--policy-option {label}: {policy} gives no valid scores with it")
 
 
-def setting_label(policy: str, options: dict, remedy: str, allocation: str = "uniform") -> str:
-    """"snapkv|none"; with options "snapkv[window=32]|none"; with an allocation "snapkv@adakv|none".
+def setting_label(policy: str, options: dict, remedy: str, allocation: str = "uniform", query_aware: bool = False) -> str:
+    """"snapkv|none"; with options "snapkv[window=32]|none"; with an allocation "snapkv@adakv|none";
+    compressed with the user turn (--query-aware) "snapkv+query-aware|none".
 
     A setting without its ratio: one curve of the figures, one line per ratio of the table.
     """
     shown = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     name = f"{policy}[{shown}]" if shown else policy
-    return f"{name}@{allocation}|{remedy}" if allocation != "uniform" else f"{name}|{remedy}"
+    name = f"{name}@{allocation}" if allocation != "uniform" else name
+    return f"{name}{QUERY_AWARE if query_aware else ''}|{remedy}"
 
 
 def load_prompts(args, paper_data: str) -> list[P.Prompt]:
@@ -327,10 +336,11 @@ class Setting:
     options: dict
     remedy: Remedy
     allocation: str = "uniform"
+    query_aware: bool = False                    # compressed with the user turn that follows (--query-aware)
 
     @property
     def label(self) -> str:
-        return setting_label(self.policy, self.options, self.remedy.label, self.allocation)
+        return setting_label(self.policy, self.options, self.remedy.label, self.allocation, self.query_aware)
 
 
 @dataclass
@@ -368,10 +378,17 @@ def plan_run(experiment: Experiment, args) -> Plan:
         raise UsageError("--fair instructions needs each instruction's text, which only the built-in prompts have "
                          "(the paper's data gives one directive text): use --fair defense")
     design = experiment.design(args, prompts)
-    settings = [Setting(policy, options[policy], remedy, allocation)
-                for policy in policies for allocation in allocations for remedy in design.remedies]
-    # the flags' effective values: how they were given (--preset, option spelling) does not matter
-    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")}
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.query_aware]
+    if True in modes and any(remedy.fair != "none" for remedy in design.remedies):
+        raise UsageError("--query-aware cannot take fair eviction, which scores each partition on its own, without "
+                         "the user turn: drop --fair (evaluate.py) or 'fair' and 'both' from --remedy (leak.py)")
+    settings = [Setting(policy, options[policy], remedy, allocation, query_aware)
+                for query_aware in modes for policy in policies for allocation in allocations
+                for remedy in design.remedies]
+    # the flags' effective values: how they were given (--preset, option spelling) does not matter; the
+    # flags added later are left out at their defaults, so a folder written before them still resumes
+    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")
+                    and (k, v) not in (("protect", None), ("query_aware", "off"))}
     run_settings.update(policy_options={p: o for p, o in options.items() if o},
                         prompts=P.prompts_fingerprint(design.prompts), model_files=model_fingerprint(args.model),
                         **design.fingerprint)
@@ -537,6 +554,8 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     """
     if len({(j.setting.label, j.ratio) for j in jobs}) != 1:
         raise ValueError("run_batch: a batch must hold one setting and ratio")
+    if jobs[0].setting.query_aware:
+        return run_batch_query_aware(model, jobs, max_new_tokens)
     device = model.device
     tokens, real = pad([j.system_ids for j in jobs], device)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + 16)
@@ -555,6 +574,39 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
         for result, answer in zip(results, answers):
             result["answers"].append(answer)
         cache.restore(compressed)                                       # back to the compressed system turn
+    return results
+
+
+def run_batch_query_aware(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
+    """--query-aware: prefill the system turns once; for each user turn, from that uncompressed prefill,
+    prefill the user turn, compress the two together (only the system turn's entries are evictable),
+    answer, and go back.
+
+    The user turn's last token (the end of the template's generation prompt) is left out of the
+    compressed prefill and fed after compression, so that the first answer token, like every
+    other, is computed from the compressed cache, as in the system-turn-alone protocol.
+    """
+    device = model.device
+    tokens, real = pad([j.system_ids for j in jobs], device)
+    longest_user = max(len(ids) for j in jobs for ids in j.user_ids)
+    cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + longest_user + 16)
+    cache.prepare([])                      # record the queries, no observer: H2O sums system and user queries itself
+    model(tokens, cache, real=real)                                     # the system turn's prefill
+    system_prefill = cache.checkpoint()                                 # uncompressed, with its queries
+    system_len = [len(j.system_ids) for j in jobs]
+    results = [{"turns": [], "answers": []} for _ in jobs]
+    for turn in range(len(jobs[0].users)):
+        cache.restore(system_prefill)
+        user, user_real = pad([j.user_ids[turn][:-1] for j in jobs], device)
+        model(user, cache, real=user_real)                              # the user turn, but its last token
+        reports = cache.compress([j.spec for j in jobs], system_len=system_len)
+        for row, (result, report) in enumerate(zip(results, reports)):
+            rate = cache.keep_rate(row)                                 # (L,) per system token
+            result["turns"].append({"report": report, "keep": span_keep_rates(rate, jobs[row]),
+                                    "token_keep": [round(x, 4) for x in rate.tolist()]})
+        last = torch.tensor([[j.user_ids[turn][-1]] for j in jobs], device=device)   # (B, 1)
+        for result, answer in zip(results, generate(model, cache, last, max_new_tokens)):
+            result["answers"].append(answer)
     return results
 
 
@@ -578,15 +630,17 @@ def span_keep_rates(rate: torch.Tensor, job: Job) -> dict:
 
 def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> list[dict]:
     """One record per user turn: what every record holds, plus what the experiment scores."""
-    report = result["report"]
     records = []
-    for (turn, user), answer in zip(job.users, result["answers"]):
+    for number, ((turn, user), answer) in enumerate(zip(job.users, result["answers"])):
+        compressed = result["turns"][number] if "turns" in result else result    # query-aware: one per user turn
+        report = compressed["report"]
         response = tok.decode(answer, skip_special=True)
         record = dict(job=job.key, records_in_job=len(job.users), setting=job.setting.label,
                       policy=job.setting.policy, options=job.setting.options, ratio=job.ratio,
-                      remedy=job.setting.remedy.label, key=job.prompt.key, turn=turn, user=user, response=response,
-                      new_tokens=len(answer), system_tokens=report["system_len"], n_kept=report["n_kept"],
-                      keep=result["keep"], token_keep=result["token_keep"], whitelist_kept=report.get("whitelist_kept"))
+                      remedy=job.setting.remedy.label, query_aware=job.setting.query_aware, key=job.prompt.key,
+                      turn=turn, user=user, response=response, new_tokens=len(answer),
+                      system_tokens=report["system_len"], n_kept=report["n_kept"], keep=compressed["keep"],
+                      token_keep=compressed["token_keep"], whitelist_kept=report.get("whitelist_kept"))
         record.update(experiment.score(args, job, turn, response))
         records.append(record)
     return records

@@ -433,27 +433,39 @@ def top_per_span(scores: torch.Tensor, tier, spans, quotas: torch.Tensor) -> tor
     return kept
 
 
-def select_kept(spec: Compression, queries, keys, values, layer: Layer | None = None) -> torch.Tensor:
-    """Kept mask (H_kv, L) for one row and one layer: the allocation's count per KV head, chosen by score."""
-    H, L = keys.shape[1], keys.shape[2]
+def select_kept(spec: Compression, queries, keys, values, layer: Layer | None = None,
+                system_len: int | None = None) -> torch.Tensor:
+    """Kept mask (H_kv, L) for one row and one layer: the allocation's count per KV head, chosen by score.
+
+    Query-aware compression passes the system turn followed by a user turn, and system_len: the
+    policy scores all of it with all its queries (one span), the allocation and selection work
+    on the system turn's first system_len positions with its own budget, and the user turn's
+    positions are all kept. The mask then covers both (H_kv, system + user).
+    """
+    H, total = keys.shape[1], keys.shape[2]
+    L = total if system_len is None else system_len                               # the evictable system turn
     layer = layer or Layer(0, 1)
     n_kept = spec.budget(L)
+    kept = torch.ones(H, total, dtype=torch.bool, device=keys.device)
     if n_kept >= L:
-        return torch.ones(H, L, dtype=torch.bool, device=keys.device)
+        return kept
     if spec.whitelist and not all(0 <= p < L for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {L})")
+    if spec.partitions and L < total:
+        raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
 
-    def scored(spans):                     # the policy's scores (H, L) and their tiers
-        scores = POLICIES[spec.policy](queries, keys, values, spans, layer, **spec.options)[0]
+    def scored(spans):                     # the policy's scores (H, L) of the system turn, and their tiers
+        scores = POLICIES[spec.policy](queries, keys, values, spans, layer, **spec.options)[0][:, :L]
         return scores, tiers(scores, spec.whitelist)
 
     whole = [(0, L)]
-    plain = functools.cache(lambda: scored(whole))   # the whole-turn scores, computed once, only if needed
+    plain = functools.cache(lambda: scored([(0, total)]))   # the whole-turn scores, computed once, only if needed
 
     counts = ALLOCATIONS[spec.allocation](plain, L, n_kept, layer, spec.ratio, **spec.allocation_options)
     counts = torch.as_tensor(counts).expand(H).cpu()                              # (H,) per KV head
     if not spec.partitions or spec.debias == 0:
-        return top_per_span(*plain(), whole, counts[:, None])
+        kept[:, :L] = top_per_span(*plain(), whole, counts[:, None])
+        return kept
     spans = covering_spans(spec.partitions, L)
     lengths = torch.tensor([float(e - s) for s, e in spans])
     quotas = largest_remainder(lengths.expand(H, -1), counts[:, None])            # (H, n_spans) fair shares

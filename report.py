@@ -9,6 +9,7 @@ legend, so that a difference smaller than the bars reads as what it is: noise.
                                                        composite gain
   token_keep_figure                                    Fig. 1: one system message, each token
                                                        shaded by how often it was kept
+  query_aware_figure                                   both --query-aware modes overlaid
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import ifeval
 
 GAIN_RATIOS = (0.4, 0.5, 0.6, 0.7)      # the paper's composite gain averages over these ratios
 SPANS = ("directive", "defense")
+QUERY_AWARE = "+query-aware"            # ends the policy half of a query-aware setting: "snapkv+query-aware|none"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -308,7 +310,7 @@ def evaluate_figures(summary: dict, records: list[dict], out: str, example: dict
     written = []
     if results:
         written += [family_figure(results, out), rank_figure(results, out), accuracy_figure(results, out),
-                    keep_figure(results, out)]
+                    keep_figure(results, out), query_aware_figure(results, out, EVALUATE_MODE_PANELS)]
     if example:
         written.append(token_keep_figure(example, records, out))
     return [w for w in written if w]
@@ -422,7 +424,8 @@ def leak_figures(summary: dict, records: list[dict], out: str, example: dict | N
     results = summary["results"]
     written = []
     if results:
-        written += [leakage_figure(results, out), keep_figure(results, out), tradeoff_figure(results, out)]
+        written += [leakage_figure(results, out), keep_figure(results, out), tradeoff_figure(results, out),
+                    query_aware_figure(results, out, LEAK_MODE_PANELS)]
     if example:
         written.append(token_keep_figure(example, records, out))
     return [w for w in written if w]
@@ -509,6 +512,54 @@ def tradeoff_figure(results: dict, out: str) -> str:
         ax.axis("off")
     fig.suptitle("Trade-off: directive following vs leakage, ±SEM (labels: r)", fontsize=10)
     return save_figure(fig, out, "fig_tradeoff.png")
+
+
+# ----------------------------------------------------------------------------- the two --query-aware modes
+
+# (title, y label, row -> (mean, SEM, n)) of each panel
+EVALUATE_MODE_PANELS = [
+    ("Instruction-level accuracy (strict), ±SEM", "accuracy",
+     lambda row: (row["instruction_strict"], row["instruction_strict_sem"], row["n_prompts"])),
+    ("Keep rate of the defense, ±SEM", "keep rate",
+     lambda row: (row["keep"]["defense"], row["keep_sem"]["defense"], row["n_prompts"])),
+]
+LEAK_MODE_PANELS = [
+    ("Directive following (instruction, strict), ±SEM", "accuracy",
+     lambda row: (row["directive_following"]["instruction_strict"], row["directive_following"]["instruction_strict_sem"],
+                  row["directive_following"]["n_prompts"])),
+    ("Leakage: ROUGE-L recall of the directive, ±SEM", "mean recall",
+     lambda row: (row["rouge_recall"]["directive"], row["rouge_recall_sem"]["directive"], row["n_answers"])),
+    ("Leak rate (recall > threshold), ±SEM", "share of answers",
+     lambda row: (row["leak_rate"], row["leak_rate_sem"], row["n_answers"])),
+]
+
+
+def query_aware_figure(results: dict, out: str, panels: list) -> str | None:
+    """Each setting run in both modes, one colour: the system turn compressed alone (solid) and together with
+    the user turn (--query-aware, dashed), vs r. None when no setting ran in both modes."""
+    pairs = {s.replace(QUERY_AWARE + "|", "|"): s for s in results if QUERY_AWARE + "|" in s}
+    pairs = {alone: aware for alone, aware in pairs.items() if alone in results}
+    if not pairs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)
+    all_ratios = sorted({float(r) for s in results for r in results[s]})
+    shifts = offsets(2 * len(pairs), all_ratios)
+    for ax, (title, ylabel, value) in zip(axes[0], panels):
+        for i, settings in enumerate(pairs.items()):
+            for j, s in enumerate(settings):
+                rows = results[s]
+                ys, errors, ns = zip(*(value(rows[r]) for r in rows))
+                mode = "with the user turn" if j else "system turn alone"
+                curve(ax, [float(r) for r in rows], ys, errors, shifts[2 * i + j], color=f"C{i}",
+                      linestyle="--" if j else "-", marker="s" if j else "o",
+                      label=f"{settings[0]} {mode} ({n_text(ns)})")
+        ax.set_title(title, fontsize=10)
+        ratio_axis(ax, all_ratios, ylabel)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Query-aware compression: solid = the system turn compressed alone, dashed = with the user turn",
+                 fontsize=10)
+    return save_figure(fig, out, "fig_query_aware.png")
 
 
 # ----------------------------------------------------------------------------- Fig. 1: keep rate token by token

@@ -281,6 +281,9 @@ BAD_INPUTS = [
     ("leak", ["--protect", "0", "--remedy", "none,protect"], "--protect 0 protects nothing"),
     ("leak", ["--protect", "8", "--remedy", "none,fair"], "--protect 8 sets the 'protect' remedy, which --remedy does not hold"),
     ("leak", ["--attack", "bogus"], "built-in attack: repeat-previous, print-system"),
+    ("evaluate", ["--query-aware", "--fair", "defense"], "--query-aware cannot take fair eviction"),
+    ("leak", ["--query-aware", "both"], "--query-aware cannot take fair eviction"),
+    ("evaluate", ["--query-aware", "maybe"], "argument --query-aware: invalid choice: 'maybe'"),
     ("leak", ["--leak-threshold", "2"], "--leak-threshold 2.0 is outside [0, 1]"),
     ("leak", ["--defense", "none"], "leak.py needs a defense"),
 ]
