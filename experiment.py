@@ -422,7 +422,7 @@ class Job:
 
 
 def token_spans(encoding, char_spans) -> list[tuple[int, int]]:
-    """Token spans of the system message for char spans; a token straddling a border goes to the earlier piece."""
+    """Token spans of the system message for char spans; a token straddling a border goes to the later piece."""
     starts = sorted({encoding.token_span(0, s, e)[0] for s, e in char_spans})
     ends = starts[1:] + [encoding.token_span(0, *char_spans[-1])[1]]
     return list(zip(starts, ends))
@@ -446,7 +446,7 @@ def whitelist_char_spans(system: P.SystemMessage, phrase: str, key: str) -> list
 def system_parts(encoding, system: P.SystemMessage) -> list[tuple[int, int]]:
     """Token spans of the system turn's parts, contiguous and covering it: the template's role header, each
     defense side, PREPEND, each instruction (or the directive as one piece when the instruction texts are
-    unknown), the template's end of turn. A token straddling a border goes to the earlier part."""
+    unknown), the template's end of turn. A token straddling a border goes to the later part (token_spans)."""
     pieces = [span for name, span in system.partitions() if name != "system_prompt"]
     if "prepend" in system.spans:
         pieces.append(system.spans["prepend"])
