@@ -180,6 +180,8 @@ def test_leak_both_modes_in_one_folder_resume_after_a_kill(tmp_path, tiny_chat, 
     flags = ["--model", tiny_chat, "--policy", "snapkv", "--remedy", "none,protect", "--ratios", "0.5", "--limit",
              "3", "--max-new-tokens", "3", "--batch-size", "2", "--attack", "repeat-previous", "--attack",
              "list-rules", "--query-aware", "both"]
+    real_figures = leak.LEAK.figures
+    monkeypatch.setattr(leak.LEAK, "figures", lambda *args: [])         # drawn once, at the end
     whole = str(tmp_path / "whole")
     leak.main([*flags, "--out", whole])
     expected = answers(whole, "records.jsonl")
@@ -208,6 +210,7 @@ def test_leak_both_modes_in_one_folder_resume_after_a_kill(tmp_path, tiny_chat, 
     with pytest.raises(KeyboardInterrupt):
         leak.main([*flags, "--out", killed])
     monkeypatch.setattr(RunFolder, "append", real_append)
+    monkeypatch.setattr(leak.LEAK, "figures", real_figures)
     leak.main([*flags, "--out", killed])
     assert answers(killed, "records.jsonl") == expected
     summary = json.load(open(os.path.join(killed, "summary.json")))
