@@ -31,8 +31,9 @@ HEADROOM = 64          # slots a layer gets beyond its entries after compress, f
 
 class KVCache:
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, head_dim: int,
-                 capacity: int = 256, dtype=torch.float32, device="cpu"):
+                 capacity: int = 256, dtype=torch.float32, device="cpu", inv_freq: torch.Tensor | None = None):
         self.n_layers, self.batch_size, self.kv_heads, self.head_dim = n_layers, batch_size, kv_heads, head_dim
+        self.inv_freq = inv_freq         # the model's RoPE frequencies, for policies that undo RoPE
         self.dtype, self.device = dtype, torch.device(device)
         shape = (batch_size, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]    # post-RoPE
@@ -167,7 +168,8 @@ class KVCache:
             for b, (s, L) in enumerate(zip(specs, lengths)):
                 row = slice(b, b + 1)
                 observed = self.observed[layer]
-                where = Layer(layer, self.n_layers, states[b], None if observed is None else observed[row, :, :L])
+                where = Layer(layer, self.n_layers, states[b], None if observed is None else observed[row, :, :L],
+                              self.inv_freq)
                 kept[b, :, :L] = select_kept(s, self.queries[layer][row, :, :L], self.keys[layer][row, :, :L],
                                              self.values[layer][row, :, :L], where)       # (H_kv, L)
             self._gather(layer, kept)
