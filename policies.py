@@ -273,6 +273,8 @@ def expected_attention(queries, keys, values, spans, layer, n_future: int = 512,
     0 .. L - 1: rotating query i by -i gives it back before RoPE. Future queries belong to no
     span, so partitions change only the budgets.
     """
+    if n_future < 1 or n_sink < 0:
+        raise ValueError(f"expected_attention needs n_future >= 1 and n_sink >= 0, not {n_future} and {n_sink}")
     H, L, D = queries.shape[1:]
     kv_heads = keys.shape[1]
     scores = torch.full((1, kv_heads, L), INF, device=keys.device)                # (1, H_kv, L)
