@@ -15,7 +15,8 @@ A policy is called on one row of the system turn's prefill, one layer at a time:
             on its own terms (its own window, its own anchor, its own recency), and the
             selection gives each span its share of the budget.
     layer   Layer: which layer (index, count), a dict the policy may keep across the layers
-            of one row, and what the prefill observed for it (H2O's attention sums).
+            of one row, what the prefill observed for it (H2O's attention sums), and the
+            model's RoPE frequencies (Expected Attention undoes and predicts RoPE with them).
 
 An allocation is called once per layer and row with the budget n_kept = max(1, int(L (1 - r))):
 
