@@ -12,6 +12,7 @@ those that kvpress 0.5.5 keeps:
     knorm, uniform     <->  KnormPress()
     expected_attention <->  ExpectedAttentionPress()   (n_future_positions 512, n_sink 4, covariance, value norm)
     keydiff            <->  KeyDiffPress()
+    expected_attention, adakv  <->  AdaKVPress(ExpectedAttentionPress())
 
 at r in {0.25, 0.5, 0.75, 0.9}. kvpress runs on Hugging Face `LlamaForCausalLM` (float32, sdpa; AdaKV
 refuses eager). What kvpress keeps is read from what it did: AdaKVPress leaves every entry in
@@ -25,6 +26,13 @@ window with: scores.max() + 1 instead of scores.max(), so the window no longer t
 real token. The window's own columns are still dropped, the pooling is the same (average, kernel 5,
 zero padding counted), and the GQA mean is taken after pooling. nanokv gives the window +inf, which
 selects the same as max + 1 (and as 0.2.10 except at its max-pad ties), so its snapkv needs no option.
+
+ExpectedAttentionPress takes the queries before RoPE by projecting the layer's input again
+(q_proj); nanokv rotates the queries the cache recorded back by their positions. Both are the
+same queries up to float32 rounding, so the two scores differ in the last digits (about 1e-6 of
+the largest score): a selection could differ where two scores lie that close, which the tally
+would show as ties. Its sinks get max + 1 in kvpress and +inf in nanokv: the same selection.
+KeyDiffPress scores the cached keys as nanokv does, with the same float32 operations.
 
 Where the kept sets of a (prompt, layer, KV head) differ, every differing position's kvpress score
 is compared with the score at kvpress's cut: the k-th largest of the head (uniform, pyramid), or
@@ -73,7 +81,7 @@ TIE_TOL = 1e-6
 ALPHA = 0.2           # AdaKVPress's default alpha_safeguard, nanokv's default alpha
 OPTIONS = {"snapkv": {"window": 16, "kernel": 5}, "knorm": {}, "expected_attention": {}, "keydiff": {}}
 RUNS = ("snapkv/adakv", "knorm/adakv", "snapkv/pyramid", "snapkv/uniform", "knorm/uniform",
-        "expected_attention/uniform", "keydiff/uniform")
+        "expected_attention/uniform", "keydiff/uniform", "expected_attention/adakv")
 
 
 def make_press(run: str, ratio: float):
@@ -81,12 +89,10 @@ def make_press(run: str, ratio: float):
     policy, allocation = run.split("/")
     if allocation == "pyramid":
         return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=16, kernel_size=5)
-    if policy == "expected_attention":
-        return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
-    if policy == "keydiff":
-        return kvpress.KeyDiffPress(compression_ratio=ratio)
-    scorer = (kvpress.SnapKVPress(compression_ratio=ratio, window_size=16, kernel_size=5) if policy == "snapkv"
-              else kvpress.KnormPress(compression_ratio=ratio))
+    scorer = {"snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, window_size=16, kernel_size=5),
+              "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
+              "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
+              "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio)}[policy]()
     return kvpress.AdaKVPress(scorer, alpha_safeguard=ALPHA) if allocation == "adakv" else scorer
 
 
