@@ -31,8 +31,9 @@ HEADROOM = 64          # slots a layer gets beyond its entries after compress, f
 
 class KVCache:
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, head_dim: int,
-                 capacity: int = 256, dtype=torch.float32, device="cpu"):
+                 capacity: int = 256, dtype=torch.float32, device="cpu", inv_freq: torch.Tensor | None = None):
         self.n_layers, self.batch_size, self.kv_heads, self.head_dim = n_layers, batch_size, kv_heads, head_dim
+        self.inv_freq = inv_freq         # the model's RoPE frequencies, for policies that undo RoPE
         self.dtype, self.device = dtype, torch.device(device)
         shape = (batch_size, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]    # post-RoPE
@@ -182,7 +183,8 @@ class KVCache:
             for b, (s, L, index) in enumerate(zip(specs, lengths, slots)):
                 row = slice(b, b + 1)
                 observed = self.observed[layer]
-                where = Layer(layer, self.n_layers, states[b], None if observed is None else observed[row, :, index])
+                where = Layer(layer, self.n_layers, states[b], None if observed is None else observed[row, :, index],
+                              self.inv_freq)
                 kept[b, :, index] = select_kept(s, self.queries[layer][row, :, index], self.keys[layer][row, :, index],
                                                 self.values[layer][row, :, index], where,
                                                 None if system_len is None else L)   # (H_kv, L or system + user)

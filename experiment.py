@@ -273,7 +273,8 @@ def try_policy_options(policy: str, options: dict):
     keys = torch.randn(1, kv_heads, L, dim, generator=generator)          # (1, H_kv, L, D)
     label = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     try:
-        scores = POLICIES[policy](queries, keys, keys, [(0, L)], Layer(0, 1), **options)
+        rope = 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)                   # (D/2,) RoPE frequencies
+        scores = POLICIES[policy](queries, keys, keys, [(0, L)], Layer(0, 1, inv_freq=rope), **options)
         ok = tuple(scores.shape) == (1, kv_heads, L) and not bool(scores.isnan().any())
     except (ValueError, RuntimeError, TypeError, IndexError, ZeroDivisionError) as e:
         raise UsageError(f"--policy-option {label}: {policy} fails with it ({type(e).__name__}: {e})") from None

@@ -215,7 +215,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
         a = self.args
         return KVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity=capacity,
-                       dtype=self.dtype, device=self.device)
+                       dtype=self.dtype, device=self.device, inv_freq=self.inv_freq)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, real: torch.Tensor | None = None,
                 all_logits: bool = False) -> torch.Tensor:

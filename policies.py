@@ -15,7 +15,8 @@ A policy is called on one row of the system turn's prefill, one layer at a time:
             on its own terms (its own window, its own anchor, its own recency), and the
             selection gives each span its share of the budget.
     layer   Layer: which layer (index, count), a dict the policy may keep across the layers
-            of one row, and what the prefill observed for it (H2O's attention sums).
+            of one row, what the prefill observed for it (H2O's attention sums), and the
+            model's RoPE frequencies (Expected Attention undoes and predicts RoPE with them).
 
 An allocation is called once per layer and row with the budget n_kept = max(1, int(L (1 - r))):
 
@@ -80,6 +81,14 @@ def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return scores.view(kv_heads, H // kv_heads, L).mean(1)[None]
 
 
+def rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, D) to positions (T,) as the model's RoPE does (rotate-half); negative positions undo it."""
+    angles = positions[:, None].float() * inv_freq                                # (T, D/2)
+    angles = torch.cat((angles, angles), -1)                                      # (T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
+
+
 @dataclass
 class Layer:
     """Which layer a policy scores: a policy may depend on depth, or keep state across layers."""
@@ -87,6 +96,7 @@ class Layer:
     count: int                              # layers in the model
     state: dict = field(default_factory=dict)    # one dict per row, shared by the layers of one compress()
     observed: torch.Tensor | None = None    # what the prefill's observer recorded, e.g. H2O's sums (1, H_kv, L)
+    inv_freq: torch.Tensor | None = None    # the model's RoPE frequencies (D/2,), to undo or predict RoPE
 
 
 # ----------------------------------------------------------------------------- policies
@@ -251,12 +261,77 @@ def full(queries, keys, values, spans, layer):
     return torch.zeros(1, keys.shape[1], keys.shape[2], device=keys.device)
 
 
+def expected_attention(queries, keys, values, spans, layer, n_future: int = 512, n_sink: int = 4,
+                       covariance: bool = True, value_norm: bool = True, epsilon: float = 0.0):
+    """Expected Attention (kvpress ExpectedAttentionPress): the attention a key can expect from future queries.
+
+    The queries at the next `n_future` positions, L .. L + n_future - 1, are modelled as a
+    Gaussian: the mean mu and covariance S of this turn's pre-RoPE queries (the first `n_sink`
+    left out), rotated by the RoPE matrix averaged over those positions, R. For q ~ N(R mu,
+    R S R^T), E[exp(q . k / sqrt(D))] = exp(k . R mu / sqrt(D) + k^T R S R^T k / 2D): each key's
+    expected logit. Softmax over the keys (sinks left out), GQA mean, then (score + epsilon)
+    times the value's norm. The sinks get +inf. The cache holds post-RoPE queries at positions
+    0 .. L - 1: rotating query i by -i gives it back before RoPE. Future queries belong to no
+    span, so partitions change only the budgets.
+    """
+    if n_future < 1 or n_sink < 0:
+        raise ValueError(f"expected_attention needs n_future >= 1 and n_sink >= 0, not {n_future} and {n_sink}")
+    H, L, D = queries.shape[1:]
+    kv_heads = keys.shape[1]
+    scores = torch.full((1, kv_heads, L), INF, device=keys.device)                # (1, H_kv, L)
+    if L <= n_sink:
+        return scores
+    if layer.inv_freq is None:
+        raise ValueError("expected_attention needs the model's RoPE frequencies (Layer.inv_freq; model.new_cache() "
+                         "gives them to the cache)")
+    inv_freq = layer.inv_freq.float().to(keys.device)
+    positions = torch.arange(L, device=keys.device)
+    pre_rope = rope(queries[0].float(), inv_freq, -positions)[:, n_sink:]         # (H, L - n_sink, D)
+    mean = pre_rope.mean(1)                                                       # (H, D)
+    centred = pre_rope - mean[:, None]
+    cov = centred.transpose(1, 2) @ centred / centred.shape[1]                    # (H, D, D)
+    # RoPE at position p: x -> cos(p f) x + sin(p f) rotate_half(x); its average over the future is a matrix R
+    angles = torch.arange(L, L + n_future, device=keys.device)[:, None].float() * inv_freq    # (n_future, D/2)
+    angles = torch.cat((angles, angles), -1)                                      # (n_future, D)
+    h = D // 2
+    rotate_half = torch.zeros(D, D, device=keys.device)                          # rotate_half @ x == (-x2, x1)
+    rotate_half[:h, h:], rotate_half[h:, :h] = -torch.eye(h), torch.eye(h)
+    R = torch.diag(angles.cos().mean(0)) + torch.diag(angles.sin().mean(0)) @ rotate_half   # (D, D)
+    mean, cov = mean @ R.T, R @ cov @ R.T
+    k = keys[0, :, n_sink:].float().repeat_interleave(H // kv_heads, 0)          # (H, L - n_sink, D)
+    logits = (k @ mean[:, :, None])[..., 0] / math.sqrt(D)                        # (H, L - n_sink)
+    if covariance:
+        logits = logits + ((k @ cov) * k).sum(-1) / D / 2
+    expected = gqa_mean(logits.softmax(-1), kv_heads)                             # (1, H_kv, L - n_sink)
+    if value_norm:
+        expected = (expected + epsilon) * values[:, :, n_sink:].float().norm(dim=-1)
+    scores[..., n_sink:] = expected
+    return scores
+
+
+def keydiff(queries, keys, values, spans, layer):
+    """KeyDiff (kvpress KeyDiffPress): keep the keys least like the others.
+
+    A key's score is minus its cosine similarity to the anchor, the mean of the span's
+    normalised keys, per KV head. With partitions each span has its own anchor.
+    """
+    keys = keys.float()
+    scores = torch.empty(keys.shape[:3], device=keys.device)                      # (1, H_kv, L)
+    for start, end in spans:
+        span = keys[:, :, start:end]                                              # (1, H_kv, n, D)
+        anchor = F.normalize(span, dim=-1).mean(2, keepdim=True)                  # (1, H_kv, 1, D)
+        scores[:, :, start:end] = -F.cosine_similarity(span, anchor, dim=-1)
+    return scores
+
+
 POLICIES = {
     "streaming_llm": streaming_llm,
     "h2o": h2o,
     "knorm": knorm,
     "snapkv": snapkv,
     "tova": tova,
+    "expected_attention": expected_attention,
+    "keydiff": keydiff,
     "random": random,
     "full": full,
 }

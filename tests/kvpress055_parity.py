@@ -1,4 +1,5 @@
-"""Parity of nanokv's budget allocations with NVIDIA kvpress 0.5.5 (AdaKVPress, PyramidKVPress).
+"""Parity of nanokv with NVIDIA kvpress 0.5.5: its allocations (AdaKVPress, PyramidKVPress) and the
+policies that first came after kvpress 0.2.10 (ExpectedAttentionPress, KeyDiffPress).
 
 On the real default model and the paper's leakage prompts (the system turn built with the
 standard defense), compare, for every layer and KV head, the positions that nanokv keeps with
@@ -9,8 +10,11 @@ those that kvpress 0.5.5 keeps:
     snapkv, pyramid    <->  PyramidKVPress(window_size=16, kernel_size=5)
     snapkv, uniform    <->  SnapKVPress(window_size=16, kernel_size=5)
     knorm, uniform     <->  KnormPress()
+    expected_attention <->  ExpectedAttentionPress()   (n_future_positions 512, n_sink 4, covariance, value norm)
+    keydiff            <->  KeyDiffPress()
+    expected_attention, adakv  <->  AdaKVPress(ExpectedAttentionPress())
 
-at r in {0.25, 0.5, 0.75}. kvpress runs on Hugging Face `LlamaForCausalLM` (float32, sdpa; AdaKV
+at r in {0.25, 0.5, 0.75, 0.9}. kvpress runs on Hugging Face `LlamaForCausalLM` (float32, sdpa; AdaKV
 refuses eager). What kvpress keeps is read from what it did: AdaKVPress leaves every entry in
 place and records the evicted ones in each attention module's `masked_key_indices`; the other
 presses gather, and each press's `compress` is wrapped to recover the `topk` indices it gathered
@@ -22,6 +26,13 @@ window with: scores.max() + 1 instead of scores.max(), so the window no longer t
 real token. The window's own columns are still dropped, the pooling is the same (average, kernel 5,
 zero padding counted), and the GQA mean is taken after pooling. nanokv gives the window +inf, which
 selects the same as max + 1 (and as 0.2.10 except at its max-pad ties), so its snapkv needs no option.
+
+ExpectedAttentionPress takes the queries before RoPE by projecting the layer's input again
+(q_proj); nanokv rotates the queries the cache recorded back by their positions. Both are the
+same queries up to float32 rounding, so the two scores differ in the last digits (about 1e-6 of
+the largest score): a selection could differ where two scores lie that close, which the tally
+would show as ties. Its sinks get max + 1 in kvpress and +inf in nanokv: the same selection.
+KeyDiffPress scores the cached keys as nanokv does, with the same float32 operations.
 
 Where the kept sets of a (prompt, layer, KV head) differ, every differing position's kvpress score
 is compared with the score at kvpress's cut: the k-th largest of the head (uniform, pyramid), or
@@ -65,11 +76,12 @@ from policies import Compression  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "weights" / "smollm2-135m-instruct"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "paper"
-RATIOS = (0.25, 0.5, 0.75)
+RATIOS = (0.25, 0.5, 0.75, 0.9)
 TIE_TOL = 1e-6
 ALPHA = 0.2           # AdaKVPress's default alpha_safeguard, nanokv's default alpha
-OPTIONS = {"snapkv": {"window": 16, "kernel": 5}, "knorm": {}}
-RUNS = ("snapkv/adakv", "knorm/adakv", "snapkv/pyramid", "snapkv/uniform", "knorm/uniform")
+OPTIONS = {"snapkv": {"window": 16, "kernel": 5}, "knorm": {}, "expected_attention": {}, "keydiff": {}}
+RUNS = ("snapkv/adakv", "knorm/adakv", "snapkv/pyramid", "snapkv/uniform", "knorm/uniform",
+        "expected_attention/uniform", "keydiff/uniform", "expected_attention/adakv")
 
 
 def make_press(run: str, ratio: float):
@@ -77,8 +89,10 @@ def make_press(run: str, ratio: float):
     policy, allocation = run.split("/")
     if allocation == "pyramid":
         return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=16, kernel_size=5)
-    scorer = (kvpress.SnapKVPress(compression_ratio=ratio, window_size=16, kernel_size=5) if policy == "snapkv"
-              else kvpress.KnormPress(compression_ratio=ratio))
+    scorer = {"snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, window_size=16, kernel_size=5),
+              "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
+              "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
+              "keydiff": lambda: kvpress.KeyDiffPress(compression_ratio=ratio)}[policy]()
     return kvpress.AdaKVPress(scorer, alpha_safeguard=ALPHA) if allocation == "adakv" else scorer
 
 
@@ -207,7 +221,8 @@ def run(n_prompts: int = 10, runs=RUNS, ratios=RATIOS, folder: Path = DEFAULT_MO
                     from policies import POLICIES, Layer
                     for layer, theirs_scores in enumerate(scores):
                         q, k, v = (t[layer][:, :, :L] for t in (base.queries, base.keys, base.values))
-                        mine = POLICIES[policy](q, k, v, [(0, L)], Layer(layer, base.n_layers), **OPTIONS[policy])[0]
+                        where = Layer(layer, base.n_layers, inv_freq=base.inv_freq)
+                        mine = POLICIES[policy](q, k, v, [(0, L)], where, **OPTIONS[policy])[0]
                         finite = mine.isfinite()
                         acc = out["score_diffs"][run]
                         acc[0] = max(acc[0], float((mine - theirs_scores)[finite].abs().max()))
@@ -224,18 +239,18 @@ def report(out: dict) -> int:
     print(f"\nkvpress {version('kvpress')}, transformers {transformers.__version__}, torch {torch.__version__}")
     print("heads: (prompt, layer, KV head) selections. Differing selections are classified by the kvpress score of")
     print(f"every differing position relative to kvpress's cut: exact ties (== 0), ties (<= {TIE_TOL:g}), REAL.")
-    print(f"{'run':<16} {'r':>5} {'heads':>6} {'identical':>10} {'exact ties':>11} {'ties':>5} {'REAL':>5} "
+    print(f"{'run':<26} {'r':>5} {'heads':>6} {'identical':>10} {'exact ties':>11} {'ties':>5} {'REAL':>5} "
           f"{'count diffs':>12}  layers with exact ties")
     real = 0
     for (run, r), t in out["tallies"].items():
-        print(f"{run:<16} {r:>5} {t.heads:>6} {t.identical:>10} {t.exact_ties:>11} {t.ties:>5} {t.real:>5} "
+        print(f"{run:<26} {r:>5} {t.heads:>6} {t.identical:>10} {t.exact_ties:>11} {t.ties:>5} {t.real:>5} "
               f"{t.count_diffs:>12}  {sorted(t.layers_with_exact_ties) or '-'}")
         real += t.real
         for e in t.examples:
             print("    REAL:", e)
     print("\nscores, nanokv vs kvpress (over finite nanokv scores; nanokv gives protected tokens +inf, kvpress 0.5.5 max + 1):")
     for run, (d, scale) in out["score_diffs"].items():
-        print(f"  {run:<16} max |diff| = {d:.3g}   (max |score| = {scale:.3g})")
+        print(f"  {run:<26} max |diff| = {d:.3g}   (max |score| = {scale:.3g})")
     print(f"\n{'FAIL' if real else 'OK'}: {real} real difference(s)")
     return 1 if real else 0
 

@@ -75,13 +75,13 @@ def test_adakv_counts_equal_the_reference_on_random_scores(trial):
         assert counts.tolist() == ref_adakv_counts(scores.tolist(), n_kept)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "knorm", "h2o", "random"])
+@pytest.mark.parametrize("policy", ["snapkv", "knorm", "h2o", "random", "expected_attention", "keydiff"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
-def test_adakv_layer_totals_safeguard_and_top_sets(layers, policy, ratio):
+def test_adakv_layer_totals_safeguard_and_top_sets(layers, tiny_model, policy, ratio):
     spec = Compression(policy, ratio, allocation="adakv")
     n_kept, safe = spec.budget(L), max(1, int(spec.budget(L) * 0.2))
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers))
+        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
         kept = select_kept(spec, q, k, v, where)                                      # (H_kv, L)
         scores = POLICIES[policy](q, k, v, [(0, L)], where)[0]
         counts = kept.sum(-1)
@@ -125,10 +125,10 @@ def test_pyramid_is_steep_when_it_fits():
 
 @pytest.mark.parametrize("policy,allocation", PAIRS)
 @pytest.mark.parametrize("ratio", [0.3, 0.8])
-def test_kept_counts_are_the_allocations_and_protected_tokens_stay(layers, policy, allocation, ratio):
+def test_kept_counts_are_the_allocations_and_protected_tokens_stay(layers, tiny_model, policy, allocation, ratio):
     spec = Compression(policy, ratio, allocation=allocation)
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers))
+        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
         kept = select_kept(spec, q, k, v, where)
         assert kept.shape == (k.shape[1], L) and kept.dtype == torch.bool
         counts = counts_of(spec, q, k, v, where)
@@ -143,11 +143,11 @@ def test_kept_counts_are_the_allocations_and_protected_tokens_stay(layers, polic
 
 
 @pytest.mark.parametrize("policy,allocation", PAIRS)
-def test_whitelist_is_kept_under_every_allocation(layers, policy, allocation):
+def test_whitelist_is_kept_under_every_allocation(layers, tiny_model, policy, allocation):
     whitelist = [10, 11, 12, 13]
     spec = Compression(policy, 0.5, allocation=allocation, whitelist=whitelist)
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers))
+        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
         kept = select_kept(spec, q, k, v, where)
         counts = kept.sum(-1)
         protected = POLICIES[policy](q, k, v, [(0, L)], where)[0] == math.inf
@@ -163,14 +163,14 @@ def test_whitelist_is_kept_under_every_allocation(layers, policy, allocation):
 
 
 @pytest.mark.parametrize("policy,allocation", PAIRS)
-def test_fair_eviction_splits_each_heads_count_by_length(layers, policy, allocation):
+def test_fair_eviction_splits_each_heads_count_by_length(layers, tiny_model, policy, allocation):
     partitions = [(2, 15), (15, 33), (33, 43)]
     spans = covering_spans(partitions, L)
     lengths = torch.tensor([float(e - s) for s, e in spans])
     fair = Compression(policy, 0.6, allocation=allocation, partitions=partitions, whitelist=[20, 21])
     plain = Compression(policy, 0.6, allocation=allocation, whitelist=[20, 21])
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers))
+        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
         kept = select_kept(fair, q, k, v, where)
         counts = select_kept(plain, q, k, v, where).sum(-1)                 # how many: the allocation's
         assert torch.equal(kept.sum(-1), counts)

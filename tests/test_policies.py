@@ -148,7 +148,7 @@ def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
     for layer, (q, k, v) in enumerate(layers):
         kept = cache.kept[layer][0]                                      # (H_kv, L)
         assert (kept.sum(1) == n_kept).all()
-        scores = POLICIES[policy](q, k, v, [(0, L)], Layer(layer, len(layers)))[0]
+        scores = POLICIES[policy](q, k, v, [(0, L)], Layer(layer, len(layers), inv_freq=tiny_model.inv_freq))[0]
         for h in range(kept.shape[0]):
             index = kept[h].nonzero()[:, 0]
             assert torch.equal(cache.keys[layer][0, h, :n_kept], k[0, h, index])   # gathered in sorted order
@@ -159,10 +159,11 @@ def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
     assert all(k.shape[2] <= n_kept + 64 for k in cache.keys)           # memory really shrinks
 
 
-@pytest.mark.parametrize("policy", ["streaming_llm", "snapkv", "tova"])
+@pytest.mark.parametrize("policy", ["streaming_llm", "snapkv", "tova", "expected_attention"])
 def test_protected_tokens_are_kept(tiny_model, prefill, policy):
     cache, _ = compress(tiny_model, prefill[0], Compression(policy, 0.5))
-    protected = {"streaming_llm": range(4), "snapkv": range(L - 16, L), "tova": [L - 1]}[policy]
+    protected = {"streaming_llm": range(4), "snapkv": range(L - 16, L), "tova": [L - 1],
+                 "expected_attention": range(4)}[policy]
     for kept in cache.kept:
         assert kept[0][:, list(protected)].all()
 
