@@ -78,7 +78,7 @@ def layers(tiny_model):
 
 
 @pytest.mark.parametrize("policy,allocation", [(p, a) for p in POLICIES if p != "full" for a in ALLOCATIONS])
-def test_protected_boundaries_follow_the_tier_rules_at_every_ratio(layers, policy, allocation):
+def test_protected_boundaries_follow_the_tier_rules_at_every_ratio(layers, tiny_model, policy, allocation):
     """Per (layer, KV head) with count n: min(n, |+inf|) policy-protected entries, then min(rest, |boundaries|)
     boundary tokens, the best-scored of them when they do not all fit; only then anything else. At r = 0.9
     and 0.95 the 29 boundary tokens exceed every budget."""
@@ -86,9 +86,9 @@ def test_protected_boundaries_follow_the_tier_rules_at_every_ratio(layers, polic
     for ratio in (0.25, 0.5, 0.75, 0.9, 0.95):
         spec = Compression(policy, ratio, allocation=allocation, whitelist=PROTECTED)
         for index, (q, k, v) in enumerate(layers):
-            where = Layer(index, len(layers))
+            where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
             kept = select_kept(spec, q, k, v, where)
-            scores = POLICIES[policy](q, k, v, [(0, L)], Layer(index, len(layers)))[0]
+            scores = POLICIES[policy](q, k, v, [(0, L)], Layer(index, len(layers), inv_freq=tiny_model.inv_freq))[0]
             for h in range(k.shape[1]):
                 n = int(kept[h].sum())
                 inf = scores[h] == math.inf
