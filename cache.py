@@ -257,13 +257,29 @@ class KVCache:
         self.recent_queries = [[] for _ in range(self.n_layers)]
         self.generated_from = self.next_index.cpu().clone()
         self.row_ids = list(range(self.batch_size))
+        self.kept_at_end: dict[int, torch.Tensor] = {}
         self._rows_at_start = self.batch_size
         self._inv_freq = inv_freq                                         # (D/2,) the model's RoPE frequencies
         if any(s.rerotate for s in specs) and self.rotary is None:
             self.rotary = [p.clone() for p in self.positions]            # until now RoPE saw the original positions
 
     def stop_decoding(self):
+        """End of generation: note what every live row still holds of its prompt (kept_at_end)."""
+        if self.decoding is not None:
+            for b in range(self.batch_size):
+                self._note_kept_at_end(b)
         self.decoding, self.recent_queries = None, [[] for _ in range(self.n_layers)]
+
+    def _note_kept_at_end(self, b: int):
+        """kept_at_end[original row] (prompt length,): per prompt position, the fraction of KV heads still holding
+        it, averaged over layers (the decode-time counterpart of keep_rate)."""
+        n = int(self.generated_from[b])
+        rates = []
+        for valid, positions in zip(self.valid, self.positions):
+            held = torch.zeros(self.kv_heads, n + 1, device=self.device)
+            held.scatter_(1, positions[b].clamp(max=n).masked_fill(~valid[b], n), 1.0)   # invalid and answer -> n
+            rates.append(held[:, :n].mean(0))
+        self.kept_at_end[self.row_ids[b]] = torch.stack(rates).mean(0).cpu()
 
     @torch.no_grad()
     def cut_due(self, step: int):
@@ -378,6 +394,8 @@ class KVCache:
         self.system_len = None if self.system_len is None else self.system_len.index_select(0, index)
         if self.decoding is not None:
             rows = index.tolist()
+            for b in sorted(set(range(self.batch_size)) - set(rows)):    # rows that finished
+                self._note_kept_at_end(b)
             self.decoding = [self.decoding[i] for i in rows]
             self.row_ids = [self.row_ids[i] for i in rows]
             self.steps = self.steps[:, index.cpu()]
