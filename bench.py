@@ -17,6 +17,10 @@ Sections (each prints one plain table):
   ragged      decode tokens/s at batch 1 after compressing a long system turn (snapkv, r = 0.5) with
               each allocation, and the KV bytes held; with --baseline REV also the code of git
               revision REV (e.g. the commit before ragged eviction), all interleaved in one run
+  decoding    compression during decoding: --decoding-tokens greedy tokens (default 2,000) after the
+              chat prompt at batch 1, float32, with the cache cut to --decoding-target entries per KV
+              head (knorm, every 16 steps) and without; peak cache bytes, most entries per head, decode tok/s
+              (several minutes: only with --only decoding)
 
 Timings are medians of `--repeats` runs with the ours/HF (or policy) runs interleaved, since
 the machine is shared and noisy. transformers is used only here, never by the project itself.
@@ -37,7 +41,7 @@ import time
 import torch
 
 from model import ModelArgs, generate, load_model, prefill
-from policies import ALLOCATIONS, Compression, Layer, attention_with_received, h2o
+from policies import ALLOCATIONS, Compression, Decoding, Layer, attention_with_received, h2o
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -499,6 +503,67 @@ def bench_ragged(args) -> dict:
     return out
 
 
+def bench_decoding(args) -> dict:
+    """Decode tok/s and memory with and without compression during decoding, interleaved step by step.
+
+    Both runs prefill the chat prompt, then decode --decoding-tokens tokens greedily without
+    stopping; each step is one forward of one token, and for the compressed run its cut_due
+    (the cut itself, every --decoding-interval steps, is inside the timed step). Memory: the
+    cache's buffers after every step (headroom included) and the most entries any KV head held
+    right after a forward, before its cut.
+    """
+    tokenizer = load_tokenizer(args.folder)
+    model = load_model(args.folder)
+    prompt = torch.tensor([tokenizer.chat_ids(CHAT_SYSTEM, CHAT_USER)[1].ids])                  # (1, T)
+    n = args.decoding_tokens
+    if prompt.shape[1] + n > model.args.max_positions:
+        raise SystemExit(f"--decoding-tokens {n}: the prompt plus answer exceed the model's context")
+    spec = Decoding("knorm", args.decoding_target, interval=args.decoding_interval)
+    runs = {"off": None, f"knorm, target {spec.target}": spec}
+    state = {}
+    with torch.no_grad():
+        for name, decoding in runs.items():
+            cache = model.new_cache(capacity=prompt.shape[1] + 16)
+            token = model(prompt, cache).argmax(-1)[:, None]
+            if decoding is not None:
+                cache.start_decoding([decoding], model.inv_freq)
+            state[name] = dict(cache=cache, token=token, steps=[], peak_bytes=cache.nbytes(), peak_entries=0,
+                               peak_bytes_after=0, peak_entries_after=0)
+        for step in range(1, n):                                   # interleaved, step by step
+            for name, decoding in runs.items():
+                run = state[name]
+                cache = run["cache"]
+                start = time.perf_counter()
+                logits = model(run["token"], cache)
+                entries = max(int(v[0, :, :m].sum(-1).max()) for v, m in zip(cache.valid, cache.lengths))
+                if decoding is not None:
+                    cache.cut_due(step)
+                run["steps"].append(time.perf_counter() - start)
+                run["token"] = logits.argmax(-1)[:, None]
+                run["peak_bytes"] = max(run["peak_bytes"], cache.nbytes())
+                run["peak_entries"] = max(run["peak_entries"], entries)
+                if step > spec.interval:                            # after the first cut
+                    run["peak_bytes_after"] = max(run["peak_bytes_after"], cache.nbytes())
+                    run["peak_entries_after"] = max(run["peak_entries_after"], entries)
+    rows, out = [], {"prompt_len": prompt.shape[1], "new_tokens": n, "runs": {}}
+    for name, run in state.items():
+        quartiles = statistics.quantiles(run["steps"], n=4)
+        speed = (n - 1) / sum(run["steps"])
+        rows.append([name, speed, 1 / quartiles[1], run["peak_entries"], run["peak_entries_after"],
+                     run["peak_bytes"] / 2**20, run["peak_bytes_after"] / 2**20])
+        out["runs"][name] = {"decode_tok_s": speed, "median_step_tok_s": 1 / quartiles[1],
+                             "peak_entries_per_head": run["peak_entries"], "peak_cache_bytes": run["peak_bytes"],
+                             "peak_entries_after_first_cut": run["peak_entries_after"],
+                             "peak_cache_bytes_after_first_cut": run["peak_bytes_after"]}
+    print_table(f"decoding: {n} greedy tokens after a {prompt.shape[1]}-token chat prompt, batch 1, float32, "
+                f"interval {spec.interval}, interleaved step by step",
+                ["compression during decoding", "decode tok/s", "median-step tok/s", "most entries per head",
+                 "after 1st cut", "peak cache MB", "after 1st cut"], rows)
+    print("entries: the most any KV head held right after a forward (before that step's cut); the first cut "
+          "comes at step interval, so before it the cache holds the prompt + interval")
+    return out
+
+
 def load_baseline(revision: str) -> dict:
     """model.py, cache.py and policies.py of a git revision, imported as separate modules (for `ragged`)."""
     import importlib.util
@@ -522,7 +587,7 @@ def load_baseline(revision: str) -> dict:
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
-            "batch": bench_batch, "ragged": bench_ragged}
+            "batch": bench_batch, "ragged": bench_ragged, "decoding": bench_decoding}
 DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory", "batch", "ragged"]
 
 
@@ -553,6 +618,12 @@ def main(argv=None):
                         help="ragged: approximate system-turn length (default: %(default)s)")
     parser.add_argument("--baseline", metavar="REV", help="ragged: also time the model, cache and policies "
                         "of this git revision, e.g. the commit before ragged eviction")
+    parser.add_argument("--decoding-tokens", type=int, default=2000,
+                        help="decoding: greedy tokens per run (default: %(default)s)")
+    parser.add_argument("--decoding-target", type=int, default=256,
+                        help="decoding: entries per KV head after each cut (default: %(default)s)")
+    parser.add_argument("--decoding-interval", type=int, default=16,
+                        help="decoding: steps between cuts (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
