@@ -190,3 +190,220 @@ def kvpress_generate(hf_model, ids: list[int], policy: str, max_new_tokens: int 
                 for layer in range(n_layers):
                     assert cache.layers[layer].keys.shape[2] == rows[layer].shape[1]
     return dict(tokens=tokens, cuts=cuts, length=L)
+
+
+# ----------------------------------------------------------------------------- nanokv side
+
+def nanokv_generate(ours_model, ids: list[int], policy: str, max_new_tokens: int = NEW_TOKENS,
+                    target: int = TARGET, interval: int = INTERVAL, buffer: int = BUFFER) -> dict:
+    """nanokv's greedy generation with decode-time compression. Returns tokens and cuts (layer, step, kept:
+    H_kv lists of sorted original positions), in the format of kvpress_generate (without rows/scores)."""
+    from policies import Decoding
+
+    options = {"n_sink": N_SINK} if policy == "streaming_llm" else {}
+    cache = ours_model.new_cache(1, capacity=len(ids) + max_new_tokens)
+    cache.log_cuts = True
+    with torch.no_grad():
+        answers = nk_model.generate(ours_model, cache, torch.tensor([ids]), max_new_tokens, stop_ids=(),
+                                    decoding=Decoding(policy, target, interval=interval, buffer=buffer,
+                                                      options=options))
+    cuts = [dict(layer=c["layer"], step=c["step"], kept=[sorted(h) for h in c["kept"][0]]) for c in cache.cut_log]
+    return dict(tokens=list(answers[0]), cuts=cuts, length=len(ids))
+
+
+# ----------------------------------------------------------------------------- comparison
+
+@dataclass
+class Tally:
+    prompts: int = 0
+    tokens_identical: int = 0      # prompts whose generated tokens are all identical
+    first_token_diffs: list = field(default_factory=list)   # (prompt, 0-based index of the first differing token)
+    schedule_diffs: int = 0        # (layer, step) cuts made by one side only
+    heads: int = 0                 # (prompt, cut, layer, KV head) kept sets compared
+    identical: int = 0
+    exact_ties: int = 0            # differ only at positions whose kvpress score equals its cut exactly
+    ties: int = 0                  # ... within TIE_TOL
+    inherited: int = 0             # differ only at positions one side had evicted at an earlier tie
+    real: int = 0
+    not_compared: int = 0          # heads of cuts whose inputs differ (at or after the first differing token)
+    later_cuts: int = 0            # streaming_llm: heads of cuts after the first (reported, not compared)
+    later_differ: int = 0          # ... where kvpress keeps other positions than the oldest-first rule
+    later_nanokv_wrong: int = 0    # ... where nanokv does not keep the n_sink first and the most recent positions
+    examples: list = field(default_factory=list)
+    later_examples: list = field(default_factory=list)
+
+    def verdicts(self) -> dict:
+        return {k: getattr(self, k) for k in ("identical", "exact_ties", "ties", "inherited", "real")}
+
+
+def ranges(positions) -> str:
+    """'96-124, 130' for a sorted list of ints."""
+    out, run = [], []
+    for p in sorted(positions):
+        if run and p != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(p)
+    if run:
+        out.append(run)
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in out) or "-"
+
+
+def streaming_expected(length: int, step: int, target: int = TARGET, n_sink: int = N_SINK) -> list[int]:
+    """StreamingLLM in original positions: the n_sink first positions and the most recent ones, at a cut
+    after decode forward `step` (the cache then holds positions 0 .. length + step - 1)."""
+    end = length + step
+    return list(range(n_sink)) + list(range(end - (target - n_sink), end))
+
+
+def classify(ours: set, theirs: set, ours_candidates: set, rows: torch.Tensor, scores: torch.Tensor | None,
+             had_tie: bool) -> tuple[str, list, float]:
+    """One head at one cut: (verdict, differing positions, largest relative gap to kvpress's cut score)."""
+    diff = sorted(ours ^ theirs)
+    if not diff:
+        return "identical", diff, 0.0
+    if scores is None:                                        # kvpress did not cut: nothing to tie
+        return "real", diff, float("inf")
+    score_of = dict(zip(rows.tolist(), scores.tolist()))
+    cut = min(score_of[p] for p in theirs)                    # the target-th largest kvpress score
+    scored = [p for p in diff if p in score_of and p in ours_candidates]
+    inherited = len(scored) < len(diff)
+    gap = max((abs(score_of[p] - cut) / max(abs(cut), 1e-30) for p in scored), default=0.0)
+    if gap > TIE_TOL or (inherited and not had_tie):
+        return "real", diff, gap
+    if gap > 0:
+        return "ties", diff, gap
+    return ("exact_ties" if scored else "inherited"), diff, gap
+
+
+def compare(tally: Tally, theirs: dict, ours: dict, policy: str, key: str):
+    """Add one prompt's comparison (kvpress_generate's and nanokv_generate's results) to the tally."""
+    tally.prompts += 1
+    L = theirs["length"]
+    a, b = theirs["tokens"], ours["tokens"]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    if first is None:
+        tally.tokens_identical += 1
+    else:
+        tally.first_token_diffs.append((key, first))
+    # a cut at decode forward `step` has read the tokens up to index step - 1
+    usable = len(a) if first is None else first
+    theirs_at = {(c["layer"], c["step"]): c for c in theirs["cuts"]}
+    ours_at = {(c["layer"], c["step"]): c for c in ours["cuts"]}
+    for where in sorted(set(theirs_at) ^ set(ours_at)):
+        if where[1] <= usable:
+            tally.schedule_diffs += 1
+            if len(tally.examples) < 5:
+                tally.examples.append(dict(prompt=key, layer=where[0], step=where[1],
+                                           verdict="cut by " + ("kvpress" if where in theirs_at else "nanokv") + " only"))
+    ours_before: dict[int, list[set]] = {}                    # layer -> per head: nanokv's kept after its last cut
+    had_tie: dict[tuple[int, int], bool] = {}
+    first_step = {}
+    for layer, step in sorted(theirs_at, key=lambda w: (w[1], w[0])):
+        first_step.setdefault(layer, step)
+    for (layer, step) in sorted(set(theirs_at) & set(ours_at), key=lambda w: (w[1], w[0])):
+        t, o = theirs_at[(layer, step)], ours_at[(layer, step)]
+        n_heads = len(t["kept"])
+        later = policy == "streaming_llm" and step != first_step[layer]
+        for h in range(n_heads):
+            mine, kv = set(o["kept"][h]), set(t["kept"][h])
+            if later:
+                tally.later_cuts += 1
+                expected = set(streaming_expected(L, step))
+                tally.later_nanokv_wrong += int(mine != expected)
+                if kv != expected:
+                    tally.later_differ += 1
+                    if len(tally.later_examples) < 3 and h == 0:
+                        tally.later_examples.append(dict(prompt=key, layer=layer, step=step, head=h,
+                                                         kvpress_only=ranges(kv - expected),
+                                                         oldest_first_only=ranges(expected - kv)))
+                continue
+            if step > usable:
+                tally.not_compared += 1
+                continue
+            prev = ours_before.get(layer)
+            new = set(range(L + step - INTERVAL, L + step)) if prev is not None else set()
+            candidates = (prev[h] | new) if prev is not None else set(range(L + step))
+            verdict, diff, gap = classify(mine, kv, candidates, t["rows"][h], None if t["scores"] is None
+                                          else t["scores"][h], had_tie.get((layer, h), False))
+            tally.heads += 1
+            setattr(tally, verdict, getattr(tally, verdict) + 1)
+            if verdict in ("exact_ties", "ties"):
+                had_tie[(layer, h)] = True
+            if verdict == "real" and len(tally.examples) < 5:
+                tally.examples.append(dict(prompt=key, layer=layer, step=step, head=h, verdict=verdict,
+                                           nanokv_only=sorted(mine - kv), kvpress_only=sorted(kv - mine), gap=gap))
+        ours_before[layer] = [set(k) for k in o["kept"]]
+
+
+# ----------------------------------------------------------------------------- the whole check
+
+def run(n_prompts: int = 10, policies=POLICIES, folder: Path = DEFAULT_MODEL, data_dir: Path = DEFAULT_DATA,
+        verbose: bool = True) -> dict:
+    """Returns {policy: Tally}."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("kvpress").setLevel(logging.ERROR)
+    say = print if verbose else (lambda *a, **k: None)
+    ours_model = nk_model.load_model(str(folder))
+    hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
+    tallies = {policy: Tally() for policy in policies}
+    for key, ids in paper_prompts(data_dir, folder, n_prompts):
+        t0 = time.time()
+        for policy in policies:
+            theirs = kvpress_generate(hf, ids, policy)
+            ours = nanokv_generate(ours_model, ids, policy)
+            compare(tallies[policy], theirs, ours, policy, key)
+        say(f"prompt {key}: L={len(ids)}, {time.time() - t0:.1f}s", flush=True)
+    return tallies
+
+
+def report(tallies: dict) -> int:
+    import transformers
+    from importlib.metadata import version
+
+    print(f"\nkvpress {version('kvpress')}, transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"DecodingPress(interval={INTERVAL}, target={TARGET}, buffer={BUFFER}), {NEW_TOKENS} new tokens, greedy.")
+    print("heads: (prompt, cut, layer, KV head) kept sets compared, up to the first differing token.")
+    print(f"{'policy':<14} {'prompts':>7} {'same tokens':>11} {'heads':>6} {'identical':>9} {'exact ties':>10} "
+          f"{'ties':>5} {'inherited':>9} {'REAL':>5} {'sched':>5} {'not cmp':>7}")
+    real = 0
+    for policy, t in tallies.items():
+        print(f"{policy:<14} {t.prompts:>7} {t.tokens_identical:>11} {t.heads:>6} {t.identical:>9} {t.exact_ties:>10} "
+              f"{t.ties:>5} {t.inherited:>9} {t.real:>5} {t.schedule_diffs:>5} {t.not_compared:>7}")
+        if t.first_token_diffs:
+            print("    first differing token (prompt, index):", t.first_token_diffs)
+        for e in t.examples:
+            print("    REAL:", e)
+        if policy == "streaming_llm":
+            print(f"    after the first cut: {t.later_cuts} heads, kvpress keeps other positions than the n_sink first and "
+                  f"the most recent in {t.later_differ}; nanokv does not in {t.later_nanokv_wrong}")
+            for e in t.later_examples:
+                print("    e.g.", e)
+        # streaming_llm: kvpress's second cut keeps other positions, so only tokens up to the one that
+        # decode forward 2 * INTERVAL produces (index 2 * INTERVAL) must agree
+        bad_tokens = any(i <= 2 * INTERVAL or policy != "streaming_llm" for _, i in t.first_token_diffs)
+        real += t.real + t.schedule_diffs + t.later_nanokv_wrong + int(bad_tokens)
+    print(f"\n{'FAIL' if real else 'OK'}: {real} real difference(s)")
+    return 1 if real else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=10, help="first N prompts of sys_ifeval_shuffled.jsonl")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the paper's data files")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return report(run(args.prompts, tuple(args.policies), args.model, args.data))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
