@@ -56,8 +56,8 @@ score at its cut (the target-th largest), relative gap:
                  this head, where that cut differed by a tie
     REAL         anything else; the script then exits 1.
 Cuts at or after the first differing generated token are not compared (their inputs differ). For
-streaming_llm only the first cut is checked; the later ones are reported (what kvpress keeps that
-the oldest-first rule would not, and the reverse) and nanokv's are checked to be the n_sink first
+streaming_llm only the first cut is checked; the later ones are reported (the older positions kvpress keeps
+and the recent ones it drops) and nanokv's are checked to be the n_sink first
 positions and the most recent ones.
 
 Environment (kvpress 0.5.5 with transformers 5.x in its own venv, outside the project): see
@@ -227,7 +227,7 @@ class Tally:
     real: int = 0
     not_compared: int = 0          # heads of cuts whose inputs differ (at or after the first differing token)
     later_cuts: int = 0            # streaming_llm: heads of cuts after the first (reported, not compared)
-    later_differ: int = 0          # ... where kvpress keeps other positions than the oldest-first rule
+    later_differ: int = 0          # ... where kvpress keeps other positions than n_sink first + most recent
     later_nanokv_wrong: int = 0    # ... where nanokv does not keep the n_sink first and the most recent positions
     examples: list = field(default_factory=list)
     later_examples: list = field(default_factory=list)
@@ -317,8 +317,8 @@ def compare(tally: Tally, theirs: dict, ours: dict, policy: str, key: str):
                     tally.later_differ += 1
                     if len(tally.later_examples) < 3 and h == 0:
                         tally.later_examples.append(dict(prompt=key, layer=layer, step=step, head=h,
-                                                         kvpress_only=ranges(kv - expected),
-                                                         oldest_first_only=ranges(expected - kv)))
+                                                         kvpress_keeps=ranges(kv - expected),
+                                                         kvpress_drops=ranges(expected - kv)))
                 continue
             if step > usable:
                 tally.not_compared += 1
@@ -381,10 +381,11 @@ def report(tallies: dict) -> int:
         for e in t.examples:
             print("    REAL:", e)
         if policy == "streaming_llm":
-            print(f"    after the first cut: {t.later_cuts} heads, kvpress keeps other positions than the n_sink first and "
-                  f"the most recent in {t.later_differ}; nanokv does not in {t.later_nanokv_wrong}")
+            print(f"    after the first cut: {t.later_cuts} heads; kvpress keeps other positions than the {N_SINK} first and "
+                  f"the most recent in {t.later_differ}, nanokv in {t.later_nanokv_wrong}")
             for e in t.later_examples:
-                print("    e.g.", e)
+                print(f"    e.g. prompt {e['prompt']}, layer {e['layer']}, cut at step {e['step']}, head {e['head']}: kvpress "
+                      f"keeps older {e['kvpress_keeps']} and drops recent {e['kvpress_drops']}")
         # streaming_llm: kvpress's second cut keeps other positions, so only tokens up to the one that
         # decode forward 2 * INTERVAL produces (index 2 * INTERVAL) must agree
         bad_tokens = any(i <= 2 * INTERVAL or policy != "streaming_llm" for _, i in t.first_token_diffs)
