@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from policies import Compression, Layer, prefill_observer, select_kept
+from policies import INF, POLICIES, Compression, Decoding, Layer, decode_kept, prefill_observer, select_kept
 
 HEADROOM = 64          # slots a layer gets beyond its entries after compress, for the answer
 
@@ -38,11 +38,15 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]    # post-RoPE
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.valid = [torch.zeros(shape[:3], dtype=torch.bool, device=device) for _ in range(n_layers)]
+        # the original position of every slot (the token's index in the sequence), whatever RoPE saw
+        self.positions = [torch.zeros(shape[:3], dtype=torch.long, device=device) for _ in range(n_layers)]
+        self.rotary: list[torch.Tensor] | None = None    # the rotary position of every slot, once re-rotation differs
         self.lengths = [0] * n_layers                                     # slots in use, per layer
         # layers with the same layout hold the same valid slots (the kept counts per row and head,
         # packed at the front), so one attention mask serves them all
         self.layouts: list[tuple] = [()] * n_layers
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next original position
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next token's rotary position
+        self.next_index = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) its original position
         self.record_queries = False      # set by prepare(): keep each layer's queries for the policy
         self.queries: list[torch.Tensor | None] = [None] * n_layers      # (B, H, L, D) while recording
         self.observer = None             # set by prepare(): the attention a policy reads (policies.OBSERVERS)
@@ -51,6 +55,13 @@ class KVCache:
         self.kept: list[torch.Tensor] = []    # after compress: per layer (B, H_kv, L) bool, True = kept
         self.system_len: torch.Tensor | None = None                      # (B,) L of each row, after compress
         self._real, self._padded, self._masks = None, False, {}
+        # compression during decoding (start_decoding): one Decoding per row, or None
+        self.decoding: list[Decoding] | None = None
+        self.steps = torch.zeros(n_layers, batch_size, dtype=torch.long)  # decode forwards since the last cut
+        self.recent_queries: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]   # (B, H, 1, D) each
+        self.generated_from = torch.zeros(batch_size, dtype=torch.long)   # (B,) original position of the answer
+        self.row_ids = list(range(batch_size))     # the generation's original row of each live row
+        self.log_cuts, self.cut_log = False, []    # set log_cuts: one dict per decode cut (docs/method.md)
 
     def nbytes(self) -> int:
         """Bytes of the key and value buffers held now (every layer, headroom included)."""
@@ -69,8 +80,12 @@ class KVCache:
 
     def begin(self, real: torch.Tensor) -> torch.Tensor:
         """Start a chunk of tokens; `real` (B, T) is False for padding. Returns their positions (B, T)."""
-        positions = (self.next_pos[:, None] + real.long().cumsum(1) - 1).clamp(min=0)   # (B, T)
+        ahead = real.long().cumsum(1) - 1                                 # (B, T) real tokens before each
+        positions = (self.next_pos[:, None] + ahead).clamp(min=0)         # (B, T) rotary
+        self._original = (self.next_index[:, None] + ahead).clamp(min=0)  # (B, T)
+        self._rotary = positions
         self.next_pos += real.sum(1)
+        self.next_index += real.sum(1)
         self._real, self._padded, self._masks = real, not bool(real.all()), {}
         return positions
 
@@ -88,9 +103,15 @@ class KVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         self.valid[layer][:, :, start:end] = self._real[:, None, :]
+        self.positions[layer][:, :, start:end] = self._original[:, None, :]
+        if self.rotary is not None:
+            self.rotary[layer][:, :, start:end] = self._rotary[:, None, :]
         self.lengths[layer] = end
         if self.record_queries:
             self.queries[layer] = q                                       # (B, H, T, D), post-RoPE
+        if self.decoding is not None:                                     # a decode forward: count it, keep its query
+            self.steps[layer] += 1
+            self.recent_queries[layer] = (self.recent_queries[layer] + [q])[-self._buffer:]
         if self.observer is not None and start != 0:
             raise RuntimeError("the prefill's observer needs the system prefill to start an empty cache")
         layout = self.layouts[layer]
@@ -127,14 +148,16 @@ class KVCache:
         visible = (valid[:, :, None, :] & real[:, None, :, None]) | own_slot           # (B, 1 or H_kv, T, S)
         return causal & visible
 
+    def _buffers(self):
+        """Every per-slot buffer list: keys, values, valid, positions, and rotary positions when kept."""
+        return [self.keys, self.values, self.valid, self.positions] + ([self.rotary] if self.rotary is not None else [])
+
     def _resize(self, layer: int, capacity: int):
         keep = min(self.lengths[layer], capacity)
-        def moved(buf):
-            new = buf.new_zeros(*buf.shape[:2], capacity, *buf.shape[3:])
-            new[:, :, :keep] = buf[:, :, :keep]
-            return new
-        self.keys[layer], self.values[layer] = moved(self.keys[layer]), moved(self.values[layer])
-        self.valid[layer] = moved(self.valid[layer])
+        for buffers in self._buffers():
+            new = buffers[layer].new_zeros(*buffers[layer].shape[:2], capacity, *buffers[layer].shape[3:])
+            new[:, :, :keep] = buffers[layer][:, :, :keep]
+            buffers[layer] = new
 
     # ------------------------------------------------------------------ compression
 
@@ -177,18 +200,23 @@ class KVCache:
         self.system_len = system_len
         return [self._report(b, s, L) for b, (s, L) in enumerate(zip(specs, lengths))]
 
-    def _gather(self, layer: int, kept: torch.Tensor):
-        """Keep the entries marked in kept (B, H_kv, S), packed in position order at the front of new buffers."""
+    def _gather(self, layer: int, kept: torch.Tensor, headroom: int = HEADROOM):
+        """Keep the entries marked in kept (B, H_kv, S), packed in position order at the front of the buffers.
+
+        The buffers are reallocated at n + headroom slots (n: the largest head's count) unless
+        they already have exactly that room, as at every decode cut after the first.
+        """
         counts = kept.sum(-1)                                             # (B, H_kv)
         n = int(counts.max())
         index = kept.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]   # (B, H_kv, n) kept first
-        gather = index[..., None].expand(-1, -1, -1, self.head_dim)       # (B, H_kv, n, D)
-        for buffers in (self.keys, self.values):
-            new = buffers[layer].new_zeros(self.batch_size, self.kv_heads, n + HEADROOM, self.head_dim)
-            new[:, :, :n] = buffers[layer].gather(2, gather)
-            buffers[layer] = new                                          # memory really shrinks
-        slots = torch.arange(n + HEADROOM, device=self.device)
-        self.valid[layer] = slots < counts[..., None]                     # (B, H_kv, n + HEADROOM)
+        capacity = n + headroom
+        for buffers in self._buffers():
+            old = buffers[layer]
+            taken = old.gather(2, index if old.dim() == 3 else index[..., None].expand(-1, -1, -1, self.head_dim))
+            if old.shape[2] != capacity:
+                buffers[layer] = old.new_zeros(*old.shape[:2], capacity, *old.shape[3:])   # memory really shrinks
+            buffers[layer][:, :, :n] = taken
+        self.valid[layer] = torch.arange(capacity, device=self.device) < counts[..., None]   # (B, H_kv, capacity)
         self.lengths[layer] = n
         self.layouts[layer] = tuple(counts.flatten().tolist())
 
@@ -213,41 +241,172 @@ class KVCache:
         L = int(self.system_len[row])
         return torch.stack([k[row, :, :L].float().mean(0) for k in self.kept]).mean(0)
 
+    # ------------------------------------------------------------------ compression during decoding
+
+    def start_decoding(self, specs: list[Decoding], inv_freq: torch.Tensor):
+        """After the prompt's prefill: from now on every forward is a decode forward that counts.
+
+        `specs` holds one Decoding per row. Counters start at zero, the query buffers empty; the
+        answer's partition (fair eviction) starts at each row's next original position.
+        """
+        if len(specs) != self.batch_size:
+            raise ValueError(f"decoding got {len(specs)} specs for a batch of {self.batch_size}")
+        self.decoding = list(specs)
+        self._buffer = max(min(s.buffer, s.interval) for s in specs)
+        self.steps = torch.zeros(self.n_layers, self.batch_size, dtype=torch.long)
+        self.recent_queries = [[] for _ in range(self.n_layers)]
+        self.generated_from = self.next_index.cpu().clone()
+        self.row_ids = list(range(self.batch_size))
+        self._inv_freq = inv_freq                                         # (D/2,) the model's RoPE frequencies
+        if any(s.rerotate for s in specs) and self.rotary is None:
+            self.rotary = [p.clone() for p in self.positions]            # until now RoPE saw the original positions
+
+    def stop_decoding(self):
+        self.decoding, self.recent_queries = None, [[] for _ in range(self.n_layers)]
+
+    @torch.no_grad()
+    def cut_due(self, step: int):
+        """After decode forward number `step` (1-based): cut every layer whose count reached a row's interval.
+
+        kvpress cuts inside the attention layer's forward hook, right after its attention; a
+        layer's cut changes nothing that a later layer reads in the same forward, so cutting
+        every layer after the forward is the same computation. A row's counter resets at every
+        cut, also when it held no more than the target (then nothing is evicted).
+        """
+        intervals = torch.tensor([s.interval for s in self.decoding])
+        rerotated = set()
+        for layer in range(self.n_layers):
+            rows = (self.steps[layer] >= intervals).nonzero()[:, 0].tolist()
+            if not rows:
+                continue
+            S = self.lengths[layer]
+            kept = self.valid[layer][:, :, :S].clone()                   # (B, H_kv, S) rows not cut keep all
+            log = [None] * len(self.generated_from) if self.log_cuts else None
+            for b in rows:
+                kept[b] = self._decode_kept(layer, b)
+                if log is not None:
+                    positions = self.positions[layer][b, :, :S]
+                    log[self.row_ids[b]] = [sorted(positions[h][kept[b, h]].tolist()) for h in range(self.kv_heads)]
+            self._gather(layer, kept, headroom=max(s.interval for s in self.decoding))
+            self.steps[layer, rows] = 0
+            if log is not None:
+                self.cut_log.append({"layer": layer, "step": step, "kept": log})
+            for b in rows:
+                if self.decoding[b].rerotate:
+                    self._rerotate(layer, b)
+                    rerotated.add(b)
+        for b in rerotated:                    # the next token follows the longest head of the row's layers
+            self.next_pos[b] = max(int(v[b].sum(-1).max()) for v in self.valid)
+
+    def _decode_kept(self, layer: int, b: int) -> torch.Tensor:
+        """Kept mask (H_kv, S) over the slots of row b in `layer`: its spec's choice among the valid entries.
+
+        Each KV head's valid entries are gathered in position order. When every head holds the
+        same slots the policy scores them all in one call; otherwise it scores each head alone,
+        with that head's query heads (then TOVA averages over those only). The queries of the
+        last decode tokens sit at the last slots (nothing was evicted since the last cut); every
+        other query is NaN, so a policy that reads one it was not given fails loudly.
+        """
+        spec = self.decoding[b]
+        S = self.lengths[layer]
+        valid = self.valid[layer][b, :, :S]                               # (H_kv, S)
+        n_queries = min(int(self.steps[layer, b]), spec.buffer)
+        recent = torch.cat([q[b:b + 1] for q in self.recent_queries[layer][-n_queries:]], dim=2)  # (1, H, n_q, D)
+        group = recent.shape[1] // self.kv_heads
+        same = bool((valid == valid[:1]).all())
+        heads = [list(range(self.kv_heads))] if same else [[h] for h in range(self.kv_heads)]
+        held = valid.sum(-1)
+        n = int(held.max())
+        scores = torch.full((self.kv_heads, n), -INF, device=self.device)
+        positions = torch.full((self.kv_heads, n), -1, dtype=torch.long, device=self.device)
+        slots_of = []
+        for chosen in heads:
+            slots = valid[chosen[0]].nonzero()[:, 0]                      # (n_h,) position order
+            m = len(slots)
+            keys = self.keys[layer][b:b + 1, chosen][:, :, slots]         # (1, h, n_h, D)
+            values = self.values[layer][b:b + 1, chosen][:, :, slots]
+            query_heads = [h * group + g for h in chosen for g in range(group)]
+            queries = torch.full((1, len(query_heads), m, self.head_dim), float("nan"),
+                                 dtype=recent.dtype, device=self.device)  # (1, h * group, n_h, D)
+            queries[:, :, m - n_queries:] = recent[:, query_heads]
+            where = Layer(layer, self.n_layers, {}, None)
+            head_scores = POLICIES[spec.policy](queries, keys, values, [(0, m)], where, **spec.options)[0]
+            if torch.isnan(head_scores).any():
+                raise RuntimeError(f"{spec.policy} read a query that decoding does not keep: "
+                                   f"declare what it reads in policies.DECODE_QUERIES")
+            scores[chosen, :m] = head_scores.float()
+            positions[chosen, :m] = self.positions[layer][b][chosen][:, slots]
+            slots_of += [(h, slots) for h in chosen]
+        present = torch.arange(n, device=self.device) < held[:, None]    # (H_kv, n)
+        where = Layer(layer, self.n_layers, {}, None)
+        chosen_packed = decode_kept(spec, scores, present, positions, where, int(self.generated_from[b]))  # (H_kv, n)
+        kept = torch.zeros_like(valid)
+        for h, slots in slots_of:
+            kept[h, slots] = chosen_packed[h, :len(slots)]
+        return kept
+
+    def _rerotate(self, layer: int, b: int):
+        """Re-rotate row b's kept keys in `layer` to rotary positions 0 .. n_h - 1 (kvpress KeyRerotationPress).
+
+        RoPE rotates each (first half, second half) pair of a key by position x frequency, and
+        rotations add up: rotating by (new - old) undoes the old angle and applies the new one.
+        """
+        held = self.valid[layer][b].sum(-1)                               # (H_kv,)
+        n = int(held.max())
+        old = self.rotary[layer][b, :, :n]                                # (H_kv, n)
+        new = torch.arange(n, device=self.device).expand_as(old)
+        angles = (new - old).double()[..., None] * self._inv_freq.double()   # (H_kv, n, D/2)
+        angles = torch.cat((angles, angles), dim=-1)
+        keys = self.keys[layer][b, :, :n]
+        first, second = keys.double().chunk(2, dim=-1)                   # rotate-half, as model.apply_rope
+        rotated = (keys.double() * angles.cos() + torch.cat((-second, first), -1) * angles.sin()).to(keys.dtype)
+        present = torch.arange(n, device=self.device) < held[:, None]    # (H_kv, n)
+        self.keys[layer][b, :, :n] = torch.where(present[..., None], rotated, keys)
+        self.rotary[layer][b, :, :n] = torch.where(present, new, old)
+
     # ------------------------------------------------------------------ reuse
 
     def select_rows(self, index: torch.Tensor):
         """Keep only these batch rows, in this order (generation drops the rows that finished)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        self.valid = [v.index_select(0, index) for v in self.valid]
+        for buffers in self._buffers():
+            buffers[:] = [b.index_select(0, index) for b in buffers]
         self.next_pos = self.next_pos.index_select(0, index)
+        self.next_index = self.next_index.index_select(0, index)
         self.kept = [k.index_select(0, index) for k in self.kept]
         self.system_len = None if self.system_len is None else self.system_len.index_select(0, index)
+        if self.decoding is not None:
+            rows = index.tolist()
+            self.decoding = [self.decoding[i] for i in rows]
+            self.row_ids = [self.row_ids[i] for i in rows]
+            self.steps = self.steps[:, index.cpu()]
+            self.recent_queries = [[q.index_select(0, index) for q in queries] for queries in self.recent_queries]
+            self.generated_from = self.generated_from[index.cpu()]
         self.batch_size = len(index)
 
     def checkpoint(self) -> dict:
         """A copy of the cache's state (e.g. the compressed system turn) to come back to with restore()."""
         n = self.lengths
+        copy = lambda buffers: [b[:, :, :m].clone() for b, m in zip(buffers, n)]
         return dict(lengths=list(n), layouts=list(self.layouts),
-                    keys=[k[:, :, :m].clone() for k, m in zip(self.keys, n)],
-                    values=[v[:, :, :m].clone() for v, m in zip(self.values, n)],
-                    valid=[v[:, :, :m].clone() for v, m in zip(self.valid, n)],
-                    next_pos=self.next_pos.clone(), kept=self.kept, system_len=self.system_len)
+                    keys=copy(self.keys), values=copy(self.values), valid=copy(self.valid),
+                    positions=copy(self.positions), rotary=None if self.rotary is None else copy(self.rotary),
+                    next_pos=self.next_pos.clone(), next_index=self.next_index.clone(),
+                    kept=self.kept, system_len=self.system_len)
 
     def restore(self, state: dict):
         """Return to a checkpoint: its rows, entries and positions, bit for bit; later writes are dropped."""
         rows = state["next_pos"].shape[0]
+        self.rotary = None if state["rotary"] is None else [r.clone() for r in state["rotary"]]
+        names = ["keys", "values", "valid", "positions"] + (["rotary"] if self.rotary is not None else [])
         for layer, n in enumerate(state["lengths"]):
-            if rows != self.batch_size or self.keys[layer].shape[2] < n:
-                shape = (rows, self.kv_heads, n + HEADROOM, self.head_dim)
-                self.keys[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                self.values[layer] = torch.zeros_like(self.keys[layer])
-                self.valid[layer] = torch.zeros(shape[:3], dtype=torch.bool, device=self.device)
-            self.keys[layer][:, :, :n] = state["keys"][layer]
-            self.values[layer][:, :, :n] = state["values"][layer]
-            self.valid[layer].zero_()
-            self.valid[layer][:, :, :n] = state["valid"][layer]
+            for name, buffers in zip(names, self._buffers()):
+                saved = state[name][layer]
+                if rows != self.batch_size or buffers[layer].shape[2] < n or name == "rotary":
+                    buffers[layer] = saved.new_zeros(rows, self.kv_heads, n + HEADROOM, *saved.shape[3:])
+                buffers[layer][:, :, n:] = 0
+                buffers[layer][:, :, :n] = saved
         self.batch_size = rows
         self.lengths, self.layouts = list(state["lengths"]), list(state["layouts"])
-        self.next_pos = state["next_pos"].clone()
+        self.next_pos, self.next_index = state["next_pos"].clone(), state["next_index"].clone()
         self.kept, self.system_len = state["kept"], state["system_len"]
+        self.stop_decoding()

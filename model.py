@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cache import KVCache
+from policies import Decoding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -338,18 +339,26 @@ def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, real: torc
 
 @torch.no_grad()
 def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_tokens: int,
-             real: torch.Tensor | None = None, stop_ids=None) -> list[list[int]]:
+             real: torch.Tensor | None = None, stop_ids=None,
+             decoding: Decoding | list[Decoding] | None = None) -> list[list[int]]:
     """Greedy decoding: prefill `tokens` (B, T) after what the cache holds, then one token at a time.
 
-    Each row stops at its first stop id (kept out of the output) or after `max_new_tokens`.
-    Positions continue from the cache's, so a compressed cache keeps its original positions.
-    A finished row leaves the batch (cache.select_rows), so it stops costing work; a caller
-    that needs the rows again takes cache.checkpoint() before and restore()s after.
+    Each row stops at its first stop id (kept out of the output) or after `max_new_tokens`;
+    stop_ids=() never stops. Positions continue from the cache's, so a compressed cache keeps
+    its original positions. A finished row leaves the batch (cache.select_rows), so it stops
+    costing work; a caller that needs the rows again takes cache.checkpoint() before and
+    restore()s after.
+
+    `decoding` (one Decoding, or one per row) compresses while the answer grows: the prefill of
+    `tokens` is not compressed, every decode forward is counted, and after the interval-th one
+    the cache cuts each layer to the target (cache.cut_due, docs/method.md).
     """
     stop = torch.tensor(list(model.eos_ids if stop_ids is None else stop_ids), device=tokens.device, dtype=torch.long)
     answers = [[] for _ in range(tokens.shape[0])]
     rows = list(range(tokens.shape[0]))                             # the original row of each live batch entry
     logits = model(tokens, cache, real)                              # (B, V)
+    if decoding is not None:
+        cache.start_decoding(decoding if isinstance(decoding, list) else [decoding] * len(rows), model.inv_freq)
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)                               # (B_live,)
         finished = torch.isin(next_token, stop)
@@ -364,5 +373,9 @@ def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_t
             rows = [rows[i] for i in live.tolist()]
             next_token = next_token[live]
         if step + 1 < max_new_tokens:
-            logits = model(next_token[:, None], cache)
+            logits = model(next_token[:, None], cache)               # decode forward number step + 1
+            if decoding is not None:
+                cache.cut_due(step + 1)
+    if decoding is not None:
+        cache.stop_decoding()
     return answers

@@ -463,3 +463,122 @@ def select_kept(spec: Compression, queries, keys, values, layer: Layer | None = 
         blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
         quotas = largest_remainder(blend.float(), counts[:, None])
     return top_per_span(*scored(spans), spans, quotas)
+
+
+# ----------------------------------------------------------------------------- compression during decoding
+
+# How many of the newest queries a policy reads, from its options. Decoding keeps only the
+# queries of the last `buffer` decode tokens; a policy absent from this table reads the query of
+# every key it scores (H2O) and cannot run during decoding.
+DECODE_QUERIES = {
+    "streaming_llm": lambda options: 0,
+    "knorm": lambda options: 0,
+    "random": lambda options: 0,
+    "snapkv": lambda options: options.get("window", 16),
+    "tova": lambda options: 1,
+}
+
+WHITELISTED = 3       # the decode-time tier of a whitelisted key: above even a policy's protected (+inf) keys
+
+
+@dataclass
+class Decoding:
+    """Compression while the answer grows (kvpress DecodingPress semantics, docs/method.md).
+
+    Every `interval`-th decode forward, each layer's whole cache (prompt, answer so far, the
+    current token) is cut to `target` entries per KV head by `policy` and `allocation`. The
+    policy sees the post-RoPE queries of the last min(buffer, interval) decode tokens, each at
+    its own position.
+
+    rerotate   after each cut, re-rotate the kept keys to positions 0 .. n-1 and continue at n
+    whitelist  original positions (of the system turn) that no cut ever evicts; the target must
+               exceed their number
+    partitions spans (start, end) of the system turn for fair eviction: with the generated text
+               as one more partition, each cut keeps the same fraction of every partition
+    """
+    policy: str
+    target: int
+    interval: int = 16
+    buffer: int = 16
+    allocation: str = "uniform"
+    options: dict = field(default_factory=dict)
+    allocation_options: dict = field(default_factory=dict)
+    rerotate: bool = False
+    whitelist: list[int] | None = None
+    partitions: list[tuple[int, int]] | None = None
+
+    def __post_init__(self):
+        for name in ("target", "interval", "buffer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"decode {name} must be an integer >= 1, got {value!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.policy == "full":
+            raise ValueError("decoding with policy 'full' evicts nothing: choose an evicting policy or leave decoding off")
+        if self.policy not in DECODE_QUERIES:
+            usable = ", ".join(DECODE_QUERIES)
+            raise ValueError(f"{self.policy} reads the query of every cached token, and decoding keeps only the "
+                             f"last --decode-buffer queries: choose one of {usable} for decoding")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
+        needed, seen = self.queries_needed(), min(self.buffer, self.interval)
+        if needed > seen:
+            raise ValueError(f"{self.policy} reads the last {needed} queries, but a decode cut sees {seen} "
+                             f"(buffer {self.buffer}, interval {self.interval}): raise both to at least {needed}")
+        if self.whitelist and len(set(self.whitelist)) >= self.target:
+            raise ValueError(f"decode target {self.target} must exceed the {len(set(self.whitelist))} whitelisted "
+                             f"positions that no cut evicts")
+
+    def queries_needed(self) -> int:
+        return DECODE_QUERIES[self.policy](self.options)
+
+
+def decode_spans(partitions, generated_from: int) -> list[int]:
+    """First original position of each decode-time partition: the system turn's, stretched as in
+    covering_spans (the user turn joins the last one), then the generated text from `generated_from`."""
+    if not partitions:
+        return [0]
+    spans = covering_spans(partitions, generated_from)
+    return [start for start, _ in spans] + [generated_from]
+
+
+def decode_kept(spec: Decoding, scores: torch.Tensor, present: torch.Tensor, positions: torch.Tensor,
+                layer: Layer, generated_from: int) -> torch.Tensor:
+    """Kept mask (H_kv, S) of one row and layer at a decode cut.
+
+    scores (H_kv, S) the policy's; present (H_kv, S) which slots hold an entry (packed at the
+    front of each head; S = the longest head); positions (H_kv, S) their original positions.
+    The allocation gives each head its count (at most what it holds); a head keeps its best
+    entries by tier (whitelisted, then protected, then the rest) and score. With partitions,
+    each head's count is split over the partitions in proportion to what it holds of each
+    (largest remainder), and each partition keeps its best.
+    """
+    H, S = scores.shape
+    held = present.sum(-1).cpu()                                                  # (H,)
+    scores = scores.float().masked_fill(~present, -INF)
+    tier = None
+    if spec.whitelist:
+        tier = torch.zeros(H, S, dtype=torch.long, device=scores.device)
+        tier.masked_fill_(scores == INF, 2)
+        tier.masked_fill_(torch.isin(positions, torch.tensor(spec.whitelist, device=positions.device)), WHITELISTED)
+        tier.masked_fill_(~present, -1)
+    plain = lambda: (scores, tier)
+    counts = ALLOCATIONS[spec.allocation](plain, S, spec.target, layer, 1 - spec.target / S, **spec.allocation_options)
+    counts = torch.minimum(torch.as_tensor(counts).expand(H).cpu(), held)         # (H,)
+    if not spec.partitions:
+        return top_per_span(scores, tier, [(0, S)], counts[:, None])
+    starts = torch.tensor(decode_spans(spec.partitions, generated_from), device=positions.device)
+    span_of = torch.searchsorted(starts, positions, right=True) - 1               # (H, S) partition of each entry
+    span_of = span_of.masked_fill(~present, -1)
+    n_spans = len(starts)
+    sizes = torch.stack([(span_of == j).sum(-1) for j in range(n_spans)], -1).cpu().float()   # (H, n_spans)
+    quotas = largest_remainder(sizes, counts[:, None])                            # (H, n_spans)
+    kept = torch.zeros(H, S, dtype=torch.bool, device=scores.device)
+    for h in range(H):
+        for j, quota in enumerate(quotas[h].tolist()):
+            slots = (span_of[h] == j).nonzero()[:, 0]
+            if quota > 0:
+                best = top_k(scores[h, slots], None if tier is None else tier[h, slots], quota)
+                kept[h, slots[best]] = True
+    return kept
