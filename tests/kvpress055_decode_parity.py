@@ -229,6 +229,7 @@ class Tally:
     later_cuts: int = 0            # streaming_llm: heads of cuts after the first (reported, not compared)
     later_differ: int = 0          # ... where kvpress keeps other positions than n_sink first + most recent
     later_nanokv_wrong: int = 0    # ... where nanokv does not keep the n_sink first and the most recent positions
+    layers_with_ties: set = field(default_factory=set)
     examples: list = field(default_factory=list)
     later_examples: list = field(default_factory=list)
 
@@ -332,6 +333,7 @@ def compare(tally: Tally, theirs: dict, ours: dict, policy: str, key: str):
             setattr(tally, verdict, getattr(tally, verdict) + 1)
             if verdict in ("exact_ties", "ties"):
                 had_tie[(layer, h)] = True
+                tally.layers_with_ties.add(layer)
             if verdict == "real" and len(tally.examples) < 5:
                 tally.examples.append(dict(prompt=key, layer=layer, step=step, head=h, verdict=verdict,
                                            nanokv_only=sorted(mine - kv), kvpress_only=sorted(kv - mine), gap=gap))
@@ -376,6 +378,8 @@ def report(tallies: dict) -> int:
     for policy, t in tallies.items():
         print(f"{policy:<14} {t.prompts:>7} {t.tokens_identical:>11} {t.heads:>6} {t.identical:>9} {t.exact_ties:>10} "
               f"{t.ties:>5} {t.inherited:>9} {t.real:>5} {t.schedule_diffs:>5} {t.not_compared:>7}")
+        if t.layers_with_ties:
+            print("    layers with ties:", sorted(t.layers_with_ties))
         if t.first_token_diffs:
             print("    first differing token (prompt, index):", t.first_token_diffs)
         for e in t.examples:
