@@ -263,7 +263,7 @@ def classify(ours: set, theirs: set, ours_candidates: set, rows: torch.Tensor, s
     diff = sorted(ours ^ theirs)
     if not diff:
         return "identical", diff, 0.0
-    if scores is None:                                        # kvpress did not cut: nothing to tie
+    if scores is None or len(ours) != len(theirs):            # kvpress did not cut, or kept another count
         return "real", diff, float("inf")
     score_of = dict(zip(rows.tolist(), scores.tolist()))
     cut = min(score_of[p] for p in theirs)                    # the target-th largest kvpress score

@@ -60,6 +60,7 @@ def test_classifier_identical_and_exact_tie():
 def test_classifier_catches_a_real_difference():
     tally = verdicts(kvpress_cuts(), nanokv_cuts([0, 5, 8, 9]))                # score 3 < the cut's 4
     assert tally.real == 1 and tally.examples[0]["nanokv_only"] == [5]
+    assert verdicts(kvpress_cuts(), nanokv_cuts([0, 8, 9])).real == 1            # one fewer: not a tie
 
 
 def test_classifier_catches_another_schedule_and_other_tokens():
