@@ -36,7 +36,9 @@ kvpress's schedule (DecodingPress.forward_hook, 0.5.5), as measured here:
   cache holds <= target_size rows the ratio is 0 and ScorerPress returns it unchanged, but the count
   and buffer are still reset;
 - the buffer holds the attention inputs of the decode forwards since the last cut (16 at a cut with
-  interval 16, buffer 16; with interval > buffer it would hold buffer + 1);
+  interval 16, buffer 16; with interval > buffer it would hold buffer + 1). It is trimmed by
+  forwards, not tokens: in the pipeline a 5-token question forward followed by 15 one-token forwards
+  makes the first cut, with 20 buffered tokens (measured);
 - KnormPress scores -||k|| of every row: the current token is not protected and can be evicted;
 - TOVAPress (no attention weights with sdpa) recomputes the current token's query from the last
   buffered hidden state with the current forward's rotary angles, softmax over the whole cache
