@@ -257,12 +257,29 @@ class KVCache:
         self.recent_queries = [[] for _ in range(self.n_layers)]
         self.generated_from = self.next_index.cpu().clone()
         self.row_ids = list(range(self.batch_size))
+        self.kept_at_end: dict[int, torch.Tensor] = {}
+        self._rows_at_start = self.batch_size
         self._inv_freq = inv_freq                                         # (D/2,) the model's RoPE frequencies
         if any(s.rerotate for s in specs) and self.rotary is None:
             self.rotary = [p.clone() for p in self.positions]            # until now RoPE saw the original positions
 
     def stop_decoding(self):
+        """End of generation: note what every live row still holds of its prompt (kept_at_end)."""
+        if self.decoding is not None:
+            for b in range(self.batch_size):
+                self._note_kept_at_end(b)
         self.decoding, self.recent_queries = None, [[] for _ in range(self.n_layers)]
+
+    def _note_kept_at_end(self, b: int):
+        """kept_at_end[original row] (prompt length,): per prompt position, the fraction of KV heads still holding
+        it, averaged over layers (the decode-time counterpart of keep_rate)."""
+        n = int(self.generated_from[b])
+        rates = []
+        for valid, positions in zip(self.valid, self.positions):
+            held = torch.zeros(self.kv_heads, n + 1, device=self.device)
+            held.scatter_(1, positions[b].clamp(max=n).masked_fill(~valid[b], n), 1.0)   # invalid and answer -> n
+            rates.append(held[:, :n].mean(0))
+        self.kept_at_end[self.row_ids[b]] = torch.stack(rates).mean(0).cpu()
 
     @torch.no_grad()
     def cut_due(self, step: int):
@@ -281,7 +298,7 @@ class KVCache:
                 continue
             S = self.lengths[layer]
             kept = self.valid[layer][:, :, :S].clone()                   # (B, H_kv, S) rows not cut keep all
-            log = [None] * len(self.generated_from) if self.log_cuts else None
+            log = [None] * self._rows_at_start if self.log_cuts else None
             for b in rows:
                 kept[b] = self._decode_kept(layer, b)
                 if log is not None:
@@ -302,7 +319,7 @@ class KVCache:
         """Kept mask (H_kv, S) over the slots of row b in `layer`: its spec's choice among the valid entries.
 
         Each KV head's valid entries are gathered in position order. When every head holds the
-        same slots the policy scores them all in one call; otherwise it scores each head alone,
+        same tokens the policy scores them all in one call; otherwise it scores each head alone,
         with that head's query heads (then TOVA averages over those only). The queries of the
         last decode tokens sit at the last slots (nothing was evicted since the last cut); every
         other query is NaN, so a policy that reads one it was not given fails loudly.
@@ -313,7 +330,8 @@ class KVCache:
         n_queries = min(int(self.steps[layer, b]), spec.buffer)
         recent = torch.cat([q[b:b + 1] for q in self.recent_queries[layer][-n_queries:]], dim=2)  # (1, H, n_q, D)
         group = recent.shape[1] // self.kv_heads
-        same = bool((valid == valid[:1]).all())
+        held_positions = self.positions[layer][b, :, :S].masked_fill(~valid, -1)                  # (H_kv, S)
+        same = bool((held_positions == held_positions[:1]).all())         # every head holds the same tokens
         heads = [list(range(self.kv_heads))] if same else [[h] for h in range(self.kv_heads)]
         held = valid.sum(-1)
         n = int(held.max())
@@ -376,6 +394,8 @@ class KVCache:
         self.system_len = None if self.system_len is None else self.system_len.index_select(0, index)
         if self.decoding is not None:
             rows = index.tolist()
+            for b in sorted(set(range(self.batch_size)) - set(rows)):    # rows that finished
+                self._note_kept_at_end(b)
             self.decoding = [self.decoding[i] for i in rows]
             self.row_ids = [self.row_ids[i] for i in rows]
             self.steps = self.steps[:, index.cpu()]

@@ -40,7 +40,7 @@ import torch
 import paperdata
 import prompts as P
 from model import DTYPES, generate, load_model
-from policies import ALLOCATIONS, POLICIES, Compression, Layer, covering_spans
+from policies import ALLOCATIONS, POLICIES, Compression, Decoding, Layer, covering_spans
 from tokenizer import load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
@@ -139,6 +139,7 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
                      "repository and checksum-verified; see paperdata.py); default: the built-in prompt set")
     a("--limit", type=int, default=defaults["limit"], help="use the first N prompts (default %(default)s; 0 = all)")
     a("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="answer length cap (default %(default)s)")
+    decode_arguments(parser)
     a("--model", default=DEFAULT_MODEL, help="a Hugging Face checkpoint folder (default: the bundled SmolLM2-135M)")
     a("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     a("--dtype", default=defaults["dtype"], choices=list(DTYPES),
@@ -148,6 +149,53 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
       help="prompts per forward; a batch holds one setting and ratio (default %(default)s)")
     a("--seed", type=int, default=0, help="seed of the built-in prompt set (default 0)")
     a("--out", default=defaults["out"], help="output folder (default %(default)s)")
+
+
+def decode_arguments(parser: argparse.ArgumentParser):
+    """Compression during decoding (policies.Decoding): off unless --decode-target is given."""
+    a = parser.add_argument
+    a("--decode-target", metavar="N[,N...]",
+      help="also compress while the answer grows: every --decode-interval decode steps, cut each layer's whole "
+           "cache (system turn, user turn, answer so far) to N entries per KV head with the same policy, "
+           "allocation and remedies; a comma list runs each target as its own setting. --max-new-tokens must "
+           "exceed the interval for any cut to happen. Off by default")
+    a("--decode-interval", type=int, default=None, metavar="K",
+      help="decode steps between two cuts (with --decode-target; default 16)")
+    a("--decode-buffer", type=int, default=None, metavar="B",
+      help="queries of the last B decode tokens that the policy reads at a cut (with --decode-target; default 16)")
+    a("--rerotate", action="store_true",
+      help="with --decode-target: after each cut, re-rotate the kept keys to positions 0..n-1 and continue at n "
+           "(default: original positions)")
+
+
+def parse_decode(args, policies: list[str], allocations: list[str]) -> list[int | None]:
+    """The decode targets (or [None]: decoding off); fills the interval and buffer defaults. Raises UsageError."""
+    if args.decode_target is None:
+        for flag, value in (("--decode-interval", args.decode_interval), ("--decode-buffer", args.decode_buffer),
+                            ("--rerotate", args.rerotate or None)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --decode-target N: decoding compression is off without it")
+        return [None]
+    targets = []
+    for text in args.decode_target.split(","):
+        try:
+            targets.append(int(text))
+        except ValueError:
+            raise UsageError(f"--decode-target {args.decode_target!r}: give whole numbers of entries per KV head, "
+                             f"e.g. 64 or 64,128") from None
+    args.decode_interval = 16 if args.decode_interval is None else args.decode_interval
+    args.decode_buffer = 16 if args.decode_buffer is None else args.decode_buffer
+    for policy in policies:
+        for allocation in allocations:
+            for target in targets:
+                try:
+                    Decoding(policy, target, args.decode_interval, args.decode_buffer, allocation)
+                except ValueError as e:
+                    raise UsageError(f"--decode-target with --policy {policy}: {e}") from None
+    if args.max_new_tokens <= args.decode_interval:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} does not exceed --decode-interval "
+                         f"{args.decode_interval}: no decode cut would happen; raise --max-new-tokens")
+    return list(dict.fromkeys(targets))
 
 
 def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
@@ -262,14 +310,18 @@ def try_policy_options(policy: str, options: dict):
         raise UsageError(f"--policy-option {label}: {policy} gives no valid scores with it")
 
 
-def setting_label(policy: str, options: dict, remedy: str, allocation: str = "uniform") -> str:
-    """"snapkv|none"; with options "snapkv[window=32]|none"; with an allocation "snapkv@adakv|none".
+def setting_label(policy: str, options: dict, remedy: str, allocation: str = "uniform",
+                  decode_target: int | None = None) -> str:
+    """"snapkv|none"; with options "snapkv[window=32]|none"; with an allocation "snapkv@adakv|none";
+    with compression during decoding "snapkv~decode64|none".
 
     A setting without its ratio: one curve of the figures, one line per ratio of the table.
     """
     shown = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     name = f"{policy}[{shown}]" if shown else policy
-    return f"{name}@{allocation}|{remedy}" if allocation != "uniform" else f"{name}|{remedy}"
+    name = f"{name}@{allocation}" if allocation != "uniform" else name
+    name = f"{name}~decode{decode_target}" if decode_target is not None else name
+    return f"{name}|{remedy}"
 
 
 def load_prompts(args, paper_data: str) -> list[P.Prompt]:
@@ -315,10 +367,11 @@ class Setting:
     options: dict
     remedy: Remedy
     allocation: str = "uniform"
+    decode_target: int | None = None             # compression during decoding: entries per KV head, or None
 
     @property
     def label(self) -> str:
-        return setting_label(self.policy, self.options, self.remedy.label, self.allocation)
+        return setting_label(self.policy, self.options, self.remedy.label, self.allocation, self.decode_target)
 
 
 @dataclass
@@ -353,11 +406,16 @@ def plan_run(experiment: Experiment, args) -> Plan:
     if args.fair == "instructions" and not all(i.text for p in prompts for i in p.instructions):
         raise UsageError("--fair instructions needs each instruction's text, which only the built-in prompts have "
                          "(the paper's data gives one directive text): use --fair defense")
+    decode_targets = parse_decode(args, policies, allocations)
     design = experiment.design(args, prompts)
-    settings = [Setting(policy, options[policy], remedy, allocation)
-                for policy in policies for allocation in allocations for remedy in design.remedies]
-    # the flags' effective values: how they were given (--preset, option spelling) does not matter
-    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")}
+    settings = [Setting(policy, options[policy], remedy, allocation, target)
+                for policy in policies for allocation in allocations for target in decode_targets
+                for remedy in design.remedies]
+    # the flags' effective values: how they were given (--preset, option spelling) does not matter;
+    # the decode flags only when decoding is on, so that earlier runs' folders still resume
+    decode_flags = ("decode_target", "decode_interval", "decode_buffer", "rerotate")
+    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")
+                    and (args.decode_target is not None or k not in decode_flags)}
     run_settings.update(policy_options={p: o for p, o in options.items() if o},
                         prompts=P.prompts_fingerprint(design.prompts), model_files=model_fingerprint(args.model),
                         **design.fingerprint)
@@ -384,6 +442,7 @@ class Job:
     user_ids: list[list[int]] = field(default_factory=list)
     spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # token spans: "directive", "defense"
     spec: Compression | None = None
+    decoding: Decoding | None = None     # compression during decoding, with the job's remedies
 
     @property
     def key(self) -> str:
@@ -412,7 +471,7 @@ def whitelist_char_spans(system: P.SystemMessage, phrase: str, key: str) -> list
     return [(at, at + len(phrase))]
 
 
-def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int):
+def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, decode: dict | None = None):
     """Tokenise the job's turns, find its spans and whitelist, and build its Compression. Raises UsageError.
 
     `encode(system, user)` is the tokenizer's chat_ids.
@@ -454,10 +513,20 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int):
                            whitelist=sorted(set(positions)) or None,
                            debias=remedy.debias if partitions else 1.0, options=job.setting.options,
                            allocation=job.setting.allocation)
+    if job.setting.decode_target is not None:
+        try:
+            job.decoding = Decoding(job.setting.policy, job.setting.decode_target, allocation=job.setting.allocation,
+                                    options=job.setting.options, whitelist=job.spec.whitelist,
+                                    partitions=partitions, **(decode or {}))
+        except ValueError as e:
+            raise UsageError(f"prompt {job.prompt.key}: --decode-target: {e}") from None
 
 
 def build_jobs(plan: Plan, tok, max_positions: int, max_new_tokens: int) -> list[Job]:
     """Every (setting, ratio, prompt), in that order, prepared."""
+    settings = plan.run_settings
+    decode = None if settings.get("decode_target") is None else dict(
+        interval=settings["decode_interval"], buffer=settings["decode_buffer"], rerotate=settings["rerotate"])
     encode = functools.lru_cache(maxsize=None)(tok.chat_ids)        # jobs share prompts
     jobs = []
     for setting in plan.settings:
@@ -465,7 +534,7 @@ def build_jobs(plan: Plan, tok, max_positions: int, max_new_tokens: int) -> list
             for prompt in plan.design.prompts:
                 users = [(name, prompt.task if text is None else text) for name, text in plan.design.turns]
                 job = Job(setting, ratio, prompt, P.build_system_message(prompt, plan.defense), users)
-                prepare_job(job, encode, max_positions, max_new_tokens)
+                prepare_job(job, encode, max_positions, max_new_tokens, decode)
                 jobs.append(job)
     return jobs
 
@@ -511,11 +580,15 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
         rate = cache.keep_rate(row)                                     # (L,) per system token
         results.append({"report": report, "keep": span_keep_rates(rate, jobs[row]),
                         "token_keep": [round(x, 4) for x in rate.tolist()], "answers": []})
+    decoding = [j.decoding for j in jobs] if jobs[0].decoding is not None else None
     for turn in range(len(jobs[0].users)):
         user, user_real = pad([j.user_ids[turn] for j in jobs], device)
-        answers = generate(model, cache, user, max_new_tokens, real=user_real)
-        for result, answer in zip(results, answers):
+        answers = generate(model, cache, user, max_new_tokens, real=user_real, decoding=decoding)
+        for row, (result, answer) in enumerate(zip(results, answers)):
             result["answers"].append(answer)
+            if decoding is not None:                                    # what the system turn kept to the end
+                rate = cache.kept_at_end[row][:len(jobs[row].system_ids)]
+                result.setdefault("keep_end", []).append(span_keep_rates(rate, jobs[row]))
         cache.restore(compressed)                                       # back to the compressed system turn
     return results
 
@@ -542,13 +615,16 @@ def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> lis
     """One record per user turn: what every record holds, plus what the experiment scores."""
     report = result["report"]
     records = []
-    for (turn, user), answer in zip(job.users, result["answers"]):
+    decode = None if job.decoding is None else dict(target=job.decoding.target, interval=job.decoding.interval,
+                                                    buffer=job.decoding.buffer, rerotate=job.decoding.rerotate)
+    for i, ((turn, user), answer) in enumerate(zip(job.users, result["answers"])):
         response = tok.decode(answer, skip_special=True)
         record = dict(job=job.key, records_in_job=len(job.users), setting=job.setting.label,
                       policy=job.setting.policy, options=job.setting.options, ratio=job.ratio,
                       remedy=job.setting.remedy.label, key=job.prompt.key, turn=turn, user=user, response=response,
                       new_tokens=len(answer), system_tokens=report["system_len"], n_kept=report["n_kept"],
-                      keep=result["keep"], token_keep=result["token_keep"], whitelist_kept=report.get("whitelist_kept"))
+                      keep=result["keep"], token_keep=result["token_keep"], whitelist_kept=report.get("whitelist_kept"),
+                      decode=decode, keep_end=result["keep_end"][i] if "keep_end" in result else None)
         record.update(experiment.score(args, job, turn, response))
         records.append(record)
     return records

@@ -94,10 +94,16 @@ def family_verdicts(records: list[dict]) -> dict:
 
 
 def keep_rates(records: list[dict]) -> dict:
-    """Mean keep rate of directive and defense over prompts, with SEM."""
+    """Mean keep rate of directive and defense over prompts, with SEM; with compression during
+    decoding also at the end of generation (keep_end)."""
     values = {name: [r["keep"].get(name) for r in records] for name in SPANS}
-    return {"keep": {name: mean(xs) for name, xs in values.items()},
-            "keep_sem": {name: sem(xs) for name, xs in values.items()}}
+    rates = {"keep": {name: mean(xs) for name, xs in values.items()},
+             "keep_sem": {name: sem(xs) for name, xs in values.items()}}
+    if any(r.get("keep_end") for r in records):
+        at_end = {name: [r["keep_end"].get(name) for r in records if r.get("keep_end")] for name in SPANS}
+        rates.update(keep_end={name: mean(xs) for name, xs in at_end.items()},
+                     keep_end_sem={name: sem(xs) for name, xs in at_end.items()})
+    return rates
 
 
 def evaluate_summary(records: list[dict]) -> dict:
@@ -308,7 +314,7 @@ def evaluate_figures(summary: dict, records: list[dict], out: str, example: dict
     written = []
     if results:
         written += [family_figure(results, out), rank_figure(results, out), accuracy_figure(results, out),
-                    keep_figure(results, out)]
+                    keep_figure(results, out), decode_figure(results, out, leak=False)]
     if example:
         written.append(token_keep_figure(example, records, out))
     return [w for w in written if w]
@@ -406,6 +412,66 @@ def keep_figure(results: dict, out: str) -> str:
     return save_figure(fig, out, "fig8_keep_rates.png")
 
 
+# ----------------------------------------------------------------------------- figures: compression during decoding
+
+def decode_curves(results: dict) -> dict:
+    """{(setting without its decode target, ratio): {target: summary row}} from labels like "knorm~decode64|none"."""
+    curves = {}
+    for setting, rows in results.items():
+        name, _, remedy = setting.partition("|")
+        base, found, target = name.rpartition("~decode")
+        if not found:
+            continue
+        for ratio, row in rows.items():
+            curves.setdefault((f"{base}|{remedy}", float(ratio)), {})[int(target)] = row
+    return {key: dict(sorted(by_target.items())) for key, by_target in sorted(curves.items())}
+
+
+def decode_figure(results: dict, out: str, leak: bool) -> str | None:
+    """Compression during decoding: what the answer keeps vs the decode target, and the directive and
+    defense keep rates at the end of generation. One curve per setting and system-turn ratio r."""
+    curves = decode_curves(results)
+    if not curves:
+        return None
+    plt = pyplot()
+    panels = 3 if leak else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
+    for i, ((setting, ratio), rows) in enumerate(curves.items()):
+        targets = list(rows)
+        label = f"{setting}, r={ratio:g}"
+        if leak:
+            n = n_text(row["n_answers"] for row in rows.values())
+            curve(axes[0], targets, [row["rouge_recall"]["directive"] for row in rows.values()],
+                  [row["rouge_recall_sem"]["directive"] for row in rows.values()], color=f"C{i}", marker="o",
+                  label=f"{label} recall ({n})")
+            curve(axes[0], targets, [row["leak_rate"] for row in rows.values()],
+                  [row["leak_rate_sem"] for row in rows.values()], color=f"C{i}", marker="s", linestyle="--",
+                  label=f"{label} leak rate")
+        else:
+            n = n_text(row["n_prompts"] for row in rows.values())
+            curve(axes[0], targets, [row["instruction_strict"] for row in rows.values()],
+                  [row["instruction_strict_sem"] for row in rows.values()], color=f"C{i}", marker="o",
+                  label=f"{label} ({n} prompts)")
+        if leak:
+            curve(axes[1], targets, [row["directive_following"]["instruction_strict"] for row in rows.values()],
+                  [row["directive_following"]["instruction_strict_sem"] for row in rows.values()],
+                  color=f"C{i}", marker="o", label=label)
+        for span, style in zip(SPANS, ("-", "--")):
+            curve(axes[-1], targets, [row.get("keep_end", {}).get(span) for row in rows.values()],
+                  [row.get("keep_end_sem", {}).get(span) for row in rows.values()], color=f"C{i}",
+                  linestyle=style, marker="o" if span == "directive" else "x", label=f"{label} {span}")
+    titles = (["Leakage: directive ROUGE-L recall (o) and leak rate (s), ±SEM", "Directive following "
+               "(instruction, strict), ±SEM"] if leak else ["Instruction-level accuracy (strict), ±SEM"])
+    for ax, title in zip(axes, titles + ["System turn kept at the end of generation, ±SEM"]):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("decode target (entries per KV head)")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return save_figure(fig, out, "fig_decode.png")
+
+
 # ----------------------------------------------------------------------------- figures: leakage
 
 def leak_style(results: dict, setting: str) -> dict:
@@ -421,7 +487,8 @@ def leak_figures(summary: dict, records: list[dict], out: str, example: dict | N
     results = summary["results"]
     written = []
     if results:
-        written += [leakage_figure(results, out), keep_figure(results, out), tradeoff_figure(results, out)]
+        written += [leakage_figure(results, out), keep_figure(results, out), tradeoff_figure(results, out),
+                    decode_figure(results, out, leak=True)]
     if example:
         written.append(token_keep_figure(example, records, out))
     return [w for w in written if w]

@@ -213,6 +213,31 @@ def test_records_carry_token_keep_and_setting(tmp_path, tiny_chat, monkeypatch):
     assert "".join(example["pieces"][d0:d1]).strip().startswith("You are a helpful assistant.")
 
 
+def test_decode_targets_are_settings_recorded_with_their_keep_at_the_end(tmp_path, tiny_chat, monkeypatch):
+    seen = []
+    real_generate = experiment.generate
+    monkeypatch.setattr(experiment, "generate", lambda *a, **k: seen.append(k.get("decoding")) or real_generate(*a, **k))
+    out = run_evaluate(tmp_path, "out", "--model", tiny_chat, "--policy", "knorm", "--ratios", "0",
+                       "--limit", "2", "--max-new-tokens", "6", "--decode-target", "4,8", "--decode-interval", "4",
+                       "--decode-buffer", "2", "--rerotate")
+    assert all(d is not None and len(d) == 2 and {x.interval for x in d} == {4} for d in seen)
+    assert sorted({x.target for d in seen for x in d}) == [4, 8] and all(x.rerotate for d in seen for x in d)
+    rs = records(out)
+    assert {r["setting"] for r in rs} == {"knorm~decode4|none", "knorm~decode8|none"} and len(rs) == 4
+    for r in rs:
+        assert r["decode"] == {"target": int(r["setting"][12]), "interval": 4, "buffer": 2, "rerotate": True}
+        assert set(r["keep_end"]) >= {"directive", "defense"} and all(0 <= r["keep_end"][k] <= 1 for k in ("directive", "defense"))
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert (run["decode_target"], run["decode_interval"], run["decode_buffer"], run["rerotate"]) == ("4,8", 4, 2, True)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["results"]["knorm~decode4|none"]["0.0"]["keep_end"]["directive"] is not None
+    assert os.path.isfile(os.path.join(out, "fig_decode.png"))
+    plain = run_evaluate(tmp_path, "plain", "--model", tiny_chat, "--policy", "knorm", "--ratios", "0", "--limit", "1",
+                         "--max-new-tokens", "2")
+    assert "decode_target" not in json.load(open(os.path.join(plain, "run.json")))   # off: earlier folders resume
+    assert records(plain)[0]["decode"] is None
+
+
 # ----------------------------------------------------------------------------- bad input: one line, nothing written
 
 def corrupt_model(tmp_path, tiny_chat, config_text=None, drop=None, **overrides):
@@ -278,6 +303,17 @@ BAD_INPUTS = [
     ("leak", ["--attack", "bogus"], "built-in attack: repeat-previous, print-system"),
     ("leak", ["--leak-threshold", "2"], "--leak-threshold 2.0 is outside [0, 1]"),
     ("leak", ["--defense", "none"], "leak.py needs a defense"),
+    ("evaluate", ["--decode-target", "abc"], "--decode-target 'abc': give whole numbers"),
+    ("evaluate", ["--decode-target", "0"], "decode target must be an integer >= 1"),
+    ("evaluate", ["--decode-target", "8", "--decode-interval", "0"], "decode interval must be an integer >= 1"),
+    ("evaluate", ["--decode-target", "8", "--decode-buffer", "0"], "decode buffer must be an integer >= 1"),
+    ("evaluate", ["--decode-interval", "8"], "--decode-interval needs --decode-target N"),
+    ("evaluate", ["--rerotate"], "--rerotate needs --decode-target N"),
+    ("evaluate", ["--decode-target", "8", "--policy", "h2o"], "h2o reads the query of every cached token"),
+    ("evaluate", ["--decode-target", "8", "--policy", "snapkv", "--decode-buffer", "8"],
+     "snapkv reads the last 16 queries, but a decode cut sees 8"),
+    ("evaluate", ["--decode-target", "8", "--max-new-tokens", "16"], "--max-new-tokens 16 does not exceed --decode-interval 16"),
+    ("leak", ["--decode-target", "8", "--policy", "full"], "decoding with policy 'full' evicts nothing"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("evaluate", ["--device", "cuda"], "no CUDA device is available"))

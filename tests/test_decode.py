@@ -1,0 +1,293 @@
+"""Compression during decoding (policies.Decoding, cache.cut_due) against a naive reference.
+
+The reference decodes one token at a time with a plain float64 forward over the whole sequence,
+in which every query sees the keys at or before its position that no cut had evicted when it
+ran; every `interval` decode forwards it re-scores each layer's whole cache (what each KV head
+still holds, in position order) with the policy, keeps each head's best by sorting, and hides
+the rest from every later query. Scores that tie within rounding are settled as the fast path
+did (reference_cut), and only inside the tie. Nothing of cache.py's buffers, gathering, masks or query
+buffer is used. The fast path must keep the same positions at every cut and generate the same
+tokens, for every policy and allocation, at batch 1 and in ragged batches where rows finish early.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import apply_rope, generate, rope_cos_sin
+from policies import ALLOCATIONS, DECODE_QUERIES, INF, POLICIES, Decoding, Layer
+
+TARGET, INTERVAL = 12, 8
+OPTIONS = {"snapkv": {"window": 4}}
+PAIRS = [(p, a) for p in DECODE_QUERIES for a in ALLOCATIONS]
+
+
+def spec_for(policy, allocation, **more):
+    return Decoding(policy, TARGET, interval=INTERVAL, buffer=INTERVAL, allocation=allocation,
+                    options=OPTIONS.get(policy, {}), **more)
+
+
+# ----------------------------------------------------------------------------- the naive reference
+
+def rms(x, weight, eps):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def forward64(model, tokens, seen_until):
+    """Float64 forward of the whole sequence; seen_until[layer][h][k] = the last position whose query sees key k.
+
+    Returns the last position's logits, and per layer the queries (H, n, D) and keys, values (H_kv, n, D).
+    """
+    a = model.args
+    n = len(tokens)
+    positions = torch.arange(n)
+    freqs = positions[:, None].double() * model.inv_freq.double()
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    x = model.embed_tokens.weight.double()[torch.tensor(tokens)]                 # (n, dim)
+    group = a.n_heads // a.n_kv_heads
+    per_layer = []
+    for i, block in enumerate(model.layers):
+        att = block.self_attn
+        h = rms(x, block.input_layernorm.weight.double(), a.norm_eps)
+        q = (h @ att.q_proj.weight.double().T).view(n, a.n_heads, a.head_dim).transpose(0, 1)
+        k = (h @ att.k_proj.weight.double().T).view(n, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v = (h @ att.v_proj.weight.double().T).view(n, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        outputs = []
+        for head in range(a.n_heads):
+            kv = head // group
+            visible = (positions[None, :] <= positions[:, None]) & (positions[:, None] <= seen_until[i][kv][None, :n])
+            logits = (q[head] @ k[kv].T / math.sqrt(a.head_dim)).masked_fill(~visible, -math.inf)
+            outputs.append(logits.softmax(-1) @ v[kv])
+        y = torch.stack(outputs, 1).reshape(n, -1)
+        x = x + y @ att.o_proj.weight.double().T
+        h = rms(x, block.post_attention_layernorm.weight.double(), a.norm_eps)
+        mlp = block.mlp
+        x = x + (F.silu(h @ mlp.gate_proj.weight.double().T) * (h @ mlp.up_proj.weight.double().T)) @ mlp.down_proj.weight.double().T
+        per_layer.append((q, k, v))
+    logits = rms(x[-1], model.norm.weight.double(), a.norm_eps) @ model.lm_head.weight.double().T
+    return logits, per_layer
+
+
+def reference_cut(spec, layer_index, n_layers, q, k, v, held, fast_kept=None):
+    """Each KV head's kept positions: the policy scores what the heads hold, the allocation counts, sorting chooses.
+
+    Scores equal within rounding at the boundary (K-norm: a token repeated at two positions
+    has one key norm in layer 0) are decided by rounding noise, in float32 as in float64: there
+    the fast path's choice (`fast_kept`) is taken if it differs only inside that tie.
+    """
+    H_kv = k.shape[0]
+    same = all(held[h] == held[0] for h in range(H_kv))
+    groups = [list(range(H_kv))] if same else [[h] for h in range(H_kv)]
+    group = q.shape[0] // H_kv
+    scores = {}
+    for heads in groups:
+        pos = torch.tensor(held[heads[0]])
+        query_heads = [h * group + g for h in heads for g in range(group)]
+        s = POLICIES[spec.policy](q[query_heads][:, pos][None].float(), k[heads][:, pos][None].float(),
+                                  v[heads][:, pos][None].float(), [(0, len(pos))],
+                                  Layer(layer_index, n_layers), **spec.options)[0]
+        for j, h in enumerate(heads):
+            scores[h] = s[j].tolist()
+    width = max(len(p) for p in held)
+    padded = torch.full((H_kv, width), -INF)
+    for h in range(H_kv):
+        padded[h, :len(held[h])] = torch.tensor(scores[h])
+    counts = ALLOCATIONS[spec.allocation](lambda: (padded, None), width, spec.target, Layer(layer_index, n_layers),
+                                          1 - spec.target / width, **spec.allocation_options)
+    counts = torch.as_tensor(counts).expand(H_kv).tolist()
+    kept = []
+    for h in range(H_kv):
+        order = sorted(range(len(held[h])), key=lambda j: -scores[h][j])
+        n = min(counts[h], len(held[h]))
+        chosen = {held[h][j] for j in order[:n]}
+        boundary = scores[h][order[n - 1]] if n else INF
+        if fast_kept is not None and math.isfinite(boundary) and set(fast_kept[h]) != chosen:
+            tie = {held[h][j] for j in order if abs(scores[h][j] - boundary) <= 1e-5 * abs(boundary)}
+            fast = set(fast_kept[h])
+            if len(fast) == n and chosen - tie <= fast and fast - chosen <= tie:
+                chosen = fast
+        kept.append(sorted(chosen))
+    return kept
+
+
+def reference_generate(model, prompt, max_new_tokens, spec, stop_ids=(), fast_cuts=None):
+    """One row, one token at a time, every forward over the whole sequence in float64. Returns (tokens, cuts).
+
+    fast_cuts: the fast path's cuts of this row, only to settle ties within rounding (reference_cut).
+    """
+    a = model.args
+    big = 10 ** 9
+    fast = {(layer, step): kept for layer, step, kept in fast_cuts or []}
+    seen_until = [torch.full((a.n_kv_heads, len(prompt) + max_new_tokens), big) for _ in range(a.n_layers)]
+    seq, answer, cuts, count = list(prompt), [], [], 0
+    logits, _ = forward64(model, seq, seen_until)
+    for step in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token in stop_ids:
+            break
+        answer.append(token)
+        if step + 1 == max_new_tokens:
+            break
+        seq.append(token)
+        count += 1                                                               # decode forward number step + 1
+        logits, layers = forward64(model, seq, seen_until)
+        if count == spec.interval:
+            now = len(seq) - 1
+            for i, (q, k, v) in enumerate(layers):
+                held = [[p for p in range(now + 1) if seen_until[i][h][p] == big] for h in range(a.n_kv_heads)]
+                kept = reference_cut(spec, i, a.n_layers, q, k, v, held, fast.get((i, step + 1)))
+                for h in range(a.n_kv_heads):
+                    for p in set(held[h]) - set(kept[h]):
+                        seen_until[i][h][p] = now                                # later queries no longer see it
+                cuts.append((i, step + 1, kept))
+            count = 0
+    return answer, cuts
+
+
+def fast_cuts(cache, row):
+    return [(c["layer"], c["step"], c["kept"][row]) for c in cache.cut_log if c["kept"][row] is not None]
+
+
+# ----------------------------------------------------------------------------- fast path == reference
+
+def prompt_of(length, seed):
+    """Distinct tokens: a repeated token has one key norm in layer 0, a tie K-norm breaks by rounding."""
+    return torch.randperm(96, generator=torch.Generator().manual_seed(seed))[:length].tolist()
+
+
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_batch_of_one_matches_reference(tiny_model, policy, allocation):
+    prompt = prompt_of(15, 1)
+    spec = spec_for(policy, allocation)
+    cache = tiny_model.new_cache()
+    cache.log_cuts = True
+    answer = generate(tiny_model, cache, torch.tensor([prompt]), 30, stop_ids=(), decoding=spec)[0]
+    expected, cuts = reference_generate(tiny_model, prompt, 30, spec, fast_cuts=fast_cuts(cache, 0))
+    assert len(cuts) == 3 * tiny_model.args.n_layers
+    assert fast_cuts(cache, 0) == cuts
+    assert answer == expected
+
+
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_ragged_batch_matches_each_row_alone(tiny_model, policy, allocation):
+    """Rows of different prompt lengths (right-padded), one finishing early: each equals its own reference."""
+    prompts = [prompt_of(n, 10 + n) for n in (17, 9, 13)]
+    spec = spec_for(policy, allocation)
+    tokens = torch.zeros(3, 17, dtype=torch.long)
+    real = torch.zeros(3, 17, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)], real[b, :len(p)] = torch.tensor(p), True
+    unstopped = generate(tiny_model, tiny_model.new_cache(3), tokens, 30, real=real, stop_ids=(), decoding=spec)
+    stop = next((t,) for t in unstopped[0][2:13] if t not in unstopped[1] + unstopped[2])   # stops row 0 only
+    cache = tiny_model.new_cache(3)
+    cache.log_cuts = True
+    answers = generate(tiny_model, cache, tokens, 30, real=real, stop_ids=stop, decoding=spec)
+    for b, p in enumerate(prompts):
+        expected, cuts = reference_generate(tiny_model, p, 30, spec, stop_ids=stop, fast_cuts=fast_cuts(cache, b))
+        assert fast_cuts(cache, b) == cuts, f"row {b}"
+        assert answers[b] == expected, f"row {b}"
+    assert len(answers[0]) < 13 and len(answers[1]) == len(answers[2]) == 30   # row 0 left between two cuts
+
+def test_no_cut_before_the_interval_and_counters_reset_without_eviction(tiny_model):
+    """Cuts come at decode forwards interval, 2 interval, ...; a cache within the target keeps everything."""
+    prompt = prompt_of(5, 3)
+    cache = tiny_model.new_cache()
+    cache.log_cuts = True
+    generate(tiny_model, cache, torch.tensor([prompt]), 2 * INTERVAL + 1, stop_ids=(),
+             decoding=Decoding("knorm", 100, interval=INTERVAL, buffer=INTERVAL))
+    assert sorted({c["step"] for c in cache.cut_log}) == [INTERVAL, 2 * INTERVAL]
+    last = [c for c in cache.cut_log if c["step"] == 2 * INTERVAL][0]
+    assert last["kept"][0][0] == list(range(5 + 2 * INTERVAL))                  # prompt + every decoded token
+
+
+# ----------------------------------------------------------------------------- memory
+
+@pytest.mark.parametrize("policy", ["knorm", "tova"])
+def test_entries_per_head_stay_bounded_and_capacity_does_not_grow(tiny_model, policy, monkeypatch):
+    from cache import KVCache
+    seen = []
+    original = KVCache.cut_due
+
+    def watched(self, step):
+        original(self, step)
+        held = max(int(v[:, :, :n].sum(-1).max()) for v, n in zip(self.valid, self.lengths))
+        seen.append((step, held, max(k.shape[2] for k in self.keys)))
+    monkeypatch.setattr(KVCache, "cut_due", watched)
+    tokens = torch.tensor([prompt_of(30, 4), prompt_of(30, 5)])
+    generate(tiny_model, tiny_model.new_cache(2), tokens, 100, stop_ids=(), decoding=spec_for(policy, "uniform"))
+    after_first = [s for s in seen if s[0] >= INTERVAL]
+    assert max(h for _, h, _ in after_first) == TARGET + INTERVAL - 1
+    assert {c for _, _, c in after_first} == {TARGET + INTERVAL}                # one capacity from the first cut on
+
+
+# ----------------------------------------------------------------------------- remedies
+
+def test_whitelist_is_never_evicted_and_fair_partitions_keep_equal_fractions(tiny_model):
+    prompt = prompt_of(24, 6)
+    whitelist = [5, 6, 7, 8, 9]
+    cache = tiny_model.new_cache()
+    cache.log_cuts = True
+    generate(tiny_model, cache, torch.tensor([prompt]), 40, stop_ids=(),
+             decoding=spec_for("knorm", "uniform", whitelist=whitelist))
+    assert cache.cut_log and all(set(whitelist) <= set(kept) for c in cache.cut_log for kept in c["kept"][0])
+    cache = tiny_model.new_cache()
+    cache.log_cuts = True
+    generate(tiny_model, cache, torch.tensor([prompt]), 9, stop_ids=(),
+             decoding=spec_for("knorm", "uniform", partitions=[(0, 12), (12, 20)]))
+    for cut in cache.cut_log:                        # 24 prompt (12 + 8 + 4 user turn) + 8 answer = 32 -> 12
+        for kept in cut["kept"][0]:
+            sizes = [sum(1 for p in kept if lo <= p < hi) for lo, hi in [(0, 12), (12, 24), (24, 32)]]
+            assert sizes == [5, 4, 3]                # 12 x (12, 12, 8) / 32 = 4.5, 4.5, 3: the remainder to the first
+
+
+def test_whitelist_larger_than_target_is_refused():
+    with pytest.raises(ValueError, match="must exceed the 12 whitelisted"):
+        Decoding("knorm", 12, whitelist=list(range(12)))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(policy="knorm", target=0), "target must be an integer >= 1"),
+    (dict(policy="knorm", target=8, interval=0), "interval must be an integer >= 1"),
+    (dict(policy="knorm", target=8, buffer=0), "buffer must be an integer >= 1"),
+    (dict(policy="h2o", target=8), "reads the query of every cached token"),
+    (dict(policy="full", target=8), "evicts nothing"),
+    (dict(policy="snapkv", target=8, buffer=8), "reads the last 16 queries, but a decode cut sees 8"),
+    (dict(policy="snapkv", target=8, interval=4), "reads the last 16 queries, but a decode cut sees 4"),
+    (dict(policy="knorm", target=8, allocation="nope"), "unknown allocation"),
+])
+def test_bad_decoding_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Decoding(**kwargs)
+
+
+# ----------------------------------------------------------------------------- re-rotation
+
+@pytest.mark.parametrize("allocation", ["uniform", "adakv"])
+def test_rerotated_keys_equal_keys_computed_at_the_new_positions(tiny_model, allocation):
+    """After each cut the kept keys sit at 0 .. n-1 (fp32 within 1e-5 of RoPE applied there), and decoding continues at n."""
+    pre_rope = {i: [] for i in range(tiny_model.args.n_layers)}               # each token's key before RoPE
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, out, n=n: pre_rope[n].append(out))
+             for n, layer in enumerate(tiny_model.layers)]
+    try:
+        cache = tiny_model.new_cache()
+        cache.log_cuts = True
+        generate(tiny_model, cache, torch.tensor([prompt_of(20, 7)]), 2 * INTERVAL + 1, stop_ids=(),
+                 decoding=spec_for("knorm", allocation, rerotate=True))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    a = tiny_model.args
+    assert {c["step"] for c in cache.cut_log} == {INTERVAL, 2 * INTERVAL}
+    for layer in range(a.n_layers):
+        k = torch.cat(pre_rope[layer], 1)[0].view(-1, a.n_kv_heads, a.head_dim).transpose(0, 1)   # (H_kv, n, D)
+        kept = [c for c in cache.cut_log if c["layer"] == layer][-1]["kept"][0]
+        for h, positions in enumerate(kept):
+            n = len(positions)
+            cos, sin = rope_cos_sin(tiny_model.inv_freq, torch.arange(n)[None], torch.float32)
+            expected = apply_rope(k[h, positions][None, None], cos, sin)[0, 0]
+            assert torch.allclose(cache.keys[layer][0, h, :n], expected, atol=1e-5, rtol=0)
+            assert cache.positions[layer][0, h, :n].tolist() == positions
+    assert int(cache.next_pos[0]) == max(len(p) for c in cache.cut_log for p in c["kept"][0])
