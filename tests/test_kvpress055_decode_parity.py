@@ -3,7 +3,7 @@ DecodingPress does (tests/kvpress055_decode_parity.py), on 2 of the paper's prom
 
 The comparison against kvpress runs only where kvpress 0.5.5 is importable (its own venv: see
 tests/kvpress055_parity.py), e.g.
-    ../kvpress055/bin/python -m pytest -q tests/test_kvpress055_decode_parity.py   # ~3 min on 1 busy core
+    ../kvpress055/bin/python -m pytest -q tests/test_kvpress055_decode_parity.py   # 80 s of CPU, 3-4 min on this busy machine
 (that venv needs pytest: ../kvpress055/bin/pip install pytest) and is skipped in the project's normal environment, which has no kvpress. The checks of the
 script's classifier on hand-made cuts run everywhere.
 """
