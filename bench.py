@@ -526,7 +526,7 @@ def bench_decoding(args) -> dict:
             cache = model.new_cache(capacity=prompt.shape[1] + 16)
             token = model(prompt, cache).argmax(-1)[:, None]
             if decoding is not None:
-                cache.start_decoding([decoding], model.inv_freq)
+                cache.start_decoding([decoding])
             state[name] = dict(cache=cache, token=token, steps=[], peak_bytes=cache.nbytes(), peak_entries=0,
                                peak_bytes_after=0, peak_entries_after=0)
         for step in range(1, n):                                   # interleaved, step by step

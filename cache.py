@@ -33,7 +33,7 @@ class KVCache:
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, head_dim: int,
                  capacity: int = 256, dtype=torch.float32, device="cpu", inv_freq: torch.Tensor | None = None):
         self.n_layers, self.batch_size, self.kv_heads, self.head_dim = n_layers, batch_size, kv_heads, head_dim
-        self.inv_freq = inv_freq         # the model's RoPE frequencies, for policies that undo RoPE
+        self.inv_freq = inv_freq         # the model's RoPE frequencies (D/2,): policies that undo RoPE, re-rotation
         self.dtype, self.device = dtype, torch.device(device)
         shape = (batch_size, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]    # post-RoPE
@@ -261,7 +261,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ compression during decoding
 
-    def start_decoding(self, specs: list[Decoding], inv_freq: torch.Tensor):
+    def start_decoding(self, specs: list[Decoding]):
         """After the prompt's prefill: from now on every forward is a decode forward that counts.
 
         `specs` holds one Decoding per row. Counters start at zero, the query buffers empty; the
@@ -277,9 +277,11 @@ class KVCache:
         self.row_ids = list(range(self.batch_size))
         self.kept_at_end: dict[int, torch.Tensor] = {}
         self._rows_at_start = self.batch_size
-        self._inv_freq = inv_freq                                         # (D/2,) the model's RoPE frequencies
-        if any(s.rerotate for s in specs) and self.rotary is None:
-            self.rotary = [p.clone() for p in self.positions]            # until now RoPE saw the original positions
+        if any(s.rerotate for s in specs):
+            if self.inv_freq is None:
+                raise ValueError("re-rotation needs the model's RoPE frequencies: make the cache with model.new_cache()")
+            if self.rotary is None:
+                self.rotary = [p.clone() for p in self.positions]            # until now RoPE saw the original positions
 
     def stop_decoding(self):
         """End of generation: note what every live row still holds of its prompt (kept_at_end)."""
@@ -391,7 +393,7 @@ class KVCache:
         n = int(held.max())
         old = self.rotary[layer][b, :, :n]                                # (H_kv, n)
         new = torch.arange(n, device=self.device).expand_as(old)
-        angles = (new - old).double()[..., None] * self._inv_freq.double()   # (H_kv, n, D/2)
+        angles = (new - old).double()[..., None] * self.inv_freq.double()   # (H_kv, n, D/2)
         angles = torch.cat((angles, angles), dim=-1)
         keys = self.keys[layer][b, :, :n]
         first, second = keys.double().chunk(2, dim=-1)                   # rotate-half, as model.apply_rope

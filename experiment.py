@@ -633,17 +633,15 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     cache.prepare([j.spec for j in jobs])                               # record what the policy will read
     model(tokens, cache, real=real)                                     # the system turn's prefill
     reports = cache.compress([j.spec for j in jobs])                    # once, in every layer
+    kept = [what_was_kept(cache, row, report, job) for row, (report, job) in enumerate(zip(reports, jobs))]
     compressed = cache.checkpoint()
-    results = []
-    for row, report in enumerate(reports):
-        rate = cache.keep_rate(row)                                     # (L,) per system token
-        results.append({"report": report, "keep": span_keep_rates(rate, jobs[row]),
-                        "token_keep": [round(x, 4) for x in rate.tolist()], "answers": []})
+    results = [{"turns": [], "answers": []} for _ in jobs]
     decoding = [j.decoding for j in jobs] if jobs[0].decoding is not None else None
     for turn in range(len(jobs[0].users)):
         user, user_real = pad([j.user_ids[turn] for j in jobs], device)
         answers = generate(model, cache, user, max_new_tokens, real=user_real, decoding=decoding)
         for row, (result, answer) in enumerate(zip(results, answers)):
+            result["turns"].append(kept[row])                           # every turn answers from the same
             result["answers"].append(answer)
             if decoding is not None:                                    # what the system turn kept to the end
                 rate = cache.kept_at_end[row][:len(jobs[row].system_ids)]
@@ -676,13 +674,17 @@ def run_batch_query_aware(model, jobs: list[Job], max_new_tokens: int) -> list[d
         model(user, cache, real=user_real)                              # the user turn, but its last token
         reports = cache.compress([j.spec for j in jobs], system_len=system_len)
         for row, (result, report) in enumerate(zip(results, reports)):
-            rate = cache.keep_rate(row)                                 # (L,) per system token
-            result["turns"].append({"report": report, "keep": span_keep_rates(rate, jobs[row]),
-                                    "token_keep": [round(x, 4) for x in rate.tolist()]})
+            result["turns"].append(what_was_kept(cache, row, report, jobs[row]))
         last = torch.tensor([[j.user_ids[turn][-1]] for j in jobs], device=device)   # (B, 1)
         for result, answer in zip(results, generate(model, cache, last, max_new_tokens)):
             result["answers"].append(answer)
     return results
+
+
+def what_was_kept(cache, row: int, report: dict, job: Job) -> dict:
+    """One row's compression: compress()'s report, the keep rate per named span and per system token."""
+    rate = cache.keep_rate(row)                                         # (L,) per system token
+    return {"report": report, "keep": span_keep_rates(rate, job), "token_keep": [round(x, 4) for x in rate.tolist()]}
 
 
 def span_keep_rates(rate: torch.Tensor, job: Job) -> dict:
@@ -709,7 +711,7 @@ def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> lis
     decode = None if job.decoding is None else dict(target=job.decoding.target, interval=job.decoding.interval,
                                                     buffer=job.decoding.buffer, rerotate=job.decoding.rerotate)
     for number, ((turn, user), answer) in enumerate(zip(job.users, result["answers"])):
-        compressed = result["turns"][number] if "turns" in result else result    # query-aware: one per user turn
+        compressed = result["turns"][number]                            # what the answer's cache kept
         report = compressed["report"]
         response = tok.decode(answer, skip_special=True)
         record = dict(job=job.key, records_in_job=len(job.users), setting=job.setting.label,

@@ -358,7 +358,7 @@ def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_t
     rows = list(range(tokens.shape[0]))                             # the original row of each live batch entry
     logits = model(tokens, cache, real)                              # (B, V)
     if decoding is not None:
-        cache.start_decoding(decoding if isinstance(decoding, list) else [decoding] * len(rows), model.inv_freq)
+        cache.start_decoding(decoding if isinstance(decoding, list) else [decoding] * len(rows))
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)                               # (B_live,)
         finished = torch.isin(next_token, stop)
