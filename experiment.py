@@ -40,7 +40,8 @@ import torch
 import paperdata
 import prompts as P
 from model import DTYPES, generate, load_model
-from policies import ALLOCATIONS, POLICIES, Compression, Decoding, Layer, covering_spans
+from decoding import Cuts, Decoding
+from policies import ALLOCATIONS, POLICIES, Compression, Context, compress, covering_spans, prefill
 from report import QUERY_AWARE
 from tokenizer import load_tokenizer
 
@@ -171,7 +172,7 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: d
 
 
 def decode_arguments(parser: argparse.ArgumentParser):
-    """Compression during decoding (policies.Decoding): off unless --decode-target is given."""
+    """Compression during decoding (decoding.Decoding): off unless --decode-target is given."""
     a = parser.add_argument
     a("--decode-target", metavar="N[,N...]",
       help="also compress while the answer grows: every --decode-interval decode steps, cut each layer's whole "
@@ -208,7 +209,8 @@ def parse_decode(args, policies: list[str], allocations: list[str]) -> list[int 
         for allocation in allocations:
             for target in targets:
                 try:
-                    Decoding(policy, target, args.decode_interval, args.decode_buffer, allocation)
+                    Decoding(Compression(policy, allocation=allocation), target, args.decode_interval,
+                             args.decode_buffer)
                 except ValueError as e:
                     raise UsageError(f"--decode-target with --policy {policy}: {e}") from None
     if args.max_new_tokens <= args.decode_interval:
@@ -266,10 +268,10 @@ def parse_policies(text: str) -> list[str]:
 
 
 def policy_settings(policy: str) -> dict:
-    """A policy's keyword settings and their defaults: the parameters of its score function after `layer`."""
+    """A policy's keyword settings and their defaults: the parameters of its score function after `context`."""
     parameters = list(inspect.signature(POLICIES[policy]).parameters.values())
-    after_layer = parameters[[p.name for p in parameters].index("layer") + 1:]
-    return {p.name: p.default for p in after_layer if p.default is not inspect.Parameter.empty}
+    after_context = parameters[[p.name for p in parameters].index("context") + 1:]
+    return {p.name: p.default for p in after_context if p.default is not inspect.Parameter.empty}
 
 
 def parse_option_value(text: str, default):
@@ -322,7 +324,7 @@ def try_policy_options(policy: str, options: dict):
     label = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     try:
         rope = 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)                   # (D/2,) RoPE frequencies
-        scores = POLICIES[policy](queries, keys, keys, [(0, L)], Layer(0, 1, inv_freq=rope), **options)
+        scores = POLICIES[policy](queries, keys, keys, [(0, L)], Context(0, 1, inv_freq=rope), **options)
         ok = tuple(scores.shape) == (1, kv_heads, L) and not bool(scores.isnan().any())
     except (ValueError, RuntimeError, TypeError, IndexError, ZeroDivisionError) as e:
         raise UsageError(f"--policy-option {label}: {policy} fails with it ({type(e).__name__}: {e})") from None
@@ -572,9 +574,7 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, decod
                            allocation=job.setting.allocation)
     if job.setting.decode_target is not None:
         try:
-            job.decoding = Decoding(job.setting.policy, job.setting.decode_target, allocation=job.setting.allocation,
-                                    options=job.setting.options, whitelist=job.spec.whitelist,
-                                    partitions=partitions, **(decode or {}))
+            job.decoding = Decoding(job.spec, job.setting.decode_target, **(decode or {}))
         except ValueError as e:
             raise UsageError(f"prompt {job.prompt.key}: --decode-target: {e}") from None
 
@@ -630,23 +630,22 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     device = model.device
     tokens, real = pad([j.system_ids for j in jobs], device)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + 16)
-    cache.prepare([j.spec for j in jobs])                               # record what the policy will read
-    model(tokens, cache, real=real)                                     # the system turn's prefill
-    reports = cache.compress([j.spec for j in jobs])                    # once, in every layer
-    kept = [what_was_kept(cache, row, report, job) for row, (report, job) in enumerate(zip(reports, jobs))]
-    compressed = cache.checkpoint()
+    compressed = prefill(model, cache, tokens, [j.spec for j in jobs], real=real)   # once, in every layer
+    kept = [what_was_kept(compressed, row, job) for row, job in enumerate(jobs)]
+    saved = cache.checkpoint()
     results = [{"turns": [], "answers": []} for _ in jobs]
     decoding = [j.decoding for j in jobs] if jobs[0].decoding is not None else None
     for turn in range(len(jobs[0].users)):
         user, user_real = pad([j.user_ids[turn] for j in jobs], device)
-        answers = generate(model, cache, user, max_new_tokens, real=user_real, decoding=decoding)
+        cuts = None if decoding is None else Cuts(decoding)
+        answers = generate(model, cache, user, max_new_tokens, real=user_real, cuts=cuts)
         for row, (result, answer) in enumerate(zip(results, answers)):
             result["turns"].append(kept[row])                           # every turn answers from the same
             result["answers"].append(answer)
-            if decoding is not None:                                    # what the system turn kept to the end
-                rate = cache.kept_at_end[row][:len(jobs[row].system_ids)]
+            if cuts is not None:                                        # what the system turn kept to the end
+                rate = cuts.kept_at_end[row][:len(jobs[row].system_ids)]
                 result.setdefault("keep_end", []).append(span_keep_rates(rate, jobs[row]))
-        cache.restore(compressed)                                       # back to the compressed system turn
+        cache.restore(saved)                                            # back to the compressed system turn
     return results
 
 
@@ -663,7 +662,7 @@ def run_batch_query_aware(model, jobs: list[Job], max_new_tokens: int) -> list[d
     tokens, real = pad([j.system_ids for j in jobs], device)
     longest_user = max(len(ids) for j in jobs for ids in j.user_ids)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + longest_user + 16)
-    cache.prepare([])                      # record the queries, no observer: H2O sums system and user queries itself
+    cache.record_queries()                 # no observer: H2O sums what the system and user queries pay itself
     model(tokens, cache, real=real)                                     # the system turn's prefill
     system_prefill = cache.checkpoint()                                 # uncompressed, with its queries
     system_len = [len(j.system_ids) for j in jobs]
@@ -672,25 +671,26 @@ def run_batch_query_aware(model, jobs: list[Job], max_new_tokens: int) -> list[d
         cache.restore(system_prefill)
         user, user_real = pad([j.user_ids[turn][:-1] for j in jobs], device)
         model(user, cache, real=user_real)                              # the user turn, but its last token
-        reports = cache.compress([j.spec for j in jobs], system_len=system_len)
-        for row, (result, report) in enumerate(zip(results, reports)):
-            result["turns"].append(what_was_kept(cache, row, report, jobs[row]))
+        compressed = compress(cache, [j.spec for j in jobs], system_len=system_len)
+        for row, result in enumerate(results):
+            result["turns"].append(what_was_kept(compressed, row, jobs[row]))
         last = torch.tensor([[j.user_ids[turn][-1]] for j in jobs], device=device)   # (B, 1)
         for result, answer in zip(results, generate(model, cache, last, max_new_tokens)):
             result["answers"].append(answer)
     return results
 
 
-def what_was_kept(cache, row: int, report: dict, job: Job) -> dict:
+def what_was_kept(compressed, row: int, job: Job) -> dict:
     """One row's compression: compress()'s report, the keep rate per named span and per system token."""
-    rate = cache.keep_rate(row)                                         # (L,) per system token
-    return {"report": report, "keep": span_keep_rates(rate, job), "token_keep": [round(x, 4) for x in rate.tolist()]}
+    rate = compressed.keep_rate(row)                                    # (L,) per system token
+    return {"report": compressed.reports[row], "keep": span_keep_rates(rate, job),
+            "token_keep": [round(x, 4) for x in rate.tolist()]}
 
 
 def span_keep_rates(rate: torch.Tensor, job: Job) -> dict:
     """Mean keep rate (fraction of KV heads keeping a token, averaged over layers) per named span.
 
-    `rate` (L,) is cache.keep_rate(row). "directive" is PREPEND + directive; "defense" every
+    `rate` (L,) is Compressed.keep_rate(row). "directive" is PREPEND + directive; "defense" every
     other token, template tokens included (the paper's buckets). With fair eviction,
     "partitions" gives the rate of each partition as fair eviction sees it (the first owns
     the template head, the last the tail).

@@ -6,9 +6,9 @@ Attention, FeedForward, TransformerBlock, Transformer, then loading and generati
 
 The attention layer is where the data meets the cache: it writes its RoPE'd keys and
 values into the cache and gets back every entry it may attend to, with the mask of what
-each query may see. During the system turn's prefill the cache also keeps the queries, and
-a policy that reads the prefill's attention (H2O) computes it there (`cache.observe`), so
-that afterwards `cache.compress(...)` can ask a policy (policies.py) which entries to keep.
+each query may see. The model knows no policy: policies.py records what it needs through
+the cache (the queries) or through `attention=`, a function run instead of flash attention
+(H2O's sums of what each key receives), then asks the cache to keep what it chose.
 
 Names of parameters follow Hugging Face (`q_proj`, `input_layernorm`, ...), so a
 checkpoint loads with no renaming beyond the leading "model.".
@@ -25,7 +25,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cache import KVCache
-from policies import Decoding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,20 +145,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
-    def forward(self, x, cos, sin, cache: KVCache):
+    def forward(self, x, cos, sin, cache: KVCache, attention=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # the cache stores k, v (and, during a system prefill, q for the policy) and returns every
+        # the cache stores k, v (and, while it records, q for a policy) and returns every
         # key and value this layer may attend to, with the mask of what each query may see
         keys, values, mask = cache.update(self.layer_idx, q, k, v)                     # (B, H_kv, S, D)
         if mask is not None and mask.shape[1] > 1:                                     # per KV head (ragged eviction):
             mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # to its query heads (B, H, T, S)
-        if cache.observer is not None:
-            # a policy reads this prefill's attention (H2O: what each key receives): its observer computes it
-            y = cache.observe(self.layer_idx, q, keys, values, mask)
+        if attention is not None:
+            # a policy reads this prefill's attention (H2O: what each key receives): its own function computes it
+            y = attention(self.layer_idx, q, keys, values, mask)
         else:
             # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
             # and is plainly causal, which lets attention skip the masked half of its work
@@ -187,8 +186,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache, attention=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -219,12 +218,13 @@ class Transformer(nn.Module):
                        dtype=self.dtype, device=self.device, inv_freq=self.inv_freq)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, real: torch.Tensor | None = None,
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, attention=None) -> torch.Tensor:
         """Run `tokens` (B, T) after what `cache` holds; return logits.
 
         `real` (B, T) marks real tokens (False = padding that nothing will attend to).
         Returns the logits of every position (B, T, V) when `all_logits`, else those of
-        each row's last real token (B, V).
+        each row's last real token (B, V). `attention(layer, q, keys, values, mask) -> output`
+        replaces flash attention in every layer (a policy's observer, policies.Observer).
         """
         B, T = tokens.shape
         if real is None:
@@ -240,7 +240,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
         x = self.embed_tokens(tokens)                       # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, attention)
         if not all_logits:                                  # only each row's last real token
             last_real = real.cumsum(1).argmax(1)            # index of the last True per row
             x = x[torch.arange(B, device=x.device), last_real][:, None]
@@ -332,15 +332,8 @@ def _eos_ids(folder: str, config: dict) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, real: torch.Tensor | None = None):
-    """Run a prompt chunk (B, T) through the model, writing the cache; return the last real token's logits."""
-    return model(tokens, cache, real)
-
-
-@torch.no_grad()
 def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_tokens: int,
-             real: torch.Tensor | None = None, stop_ids=None,
-             decoding: Decoding | list[Decoding] | None = None) -> list[list[int]]:
+             real: torch.Tensor | None = None, stop_ids=None, cuts=None) -> list[list[int]]:
     """Greedy decoding: prefill `tokens` (B, T) after what the cache holds, then one token at a time.
 
     Each row stops at its first stop id (kept out of the output) or after `max_new_tokens`;
@@ -349,16 +342,16 @@ def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_t
     costing work; a caller that needs the rows again takes cache.checkpoint() before and
     restore()s after.
 
-    `decoding` (one Decoding, or one per row) compresses while the answer grows: the prefill of
-    `tokens` is not compressed, every decode forward is counted, and after the interval-th one
-    the cache cuts each layer to the target (cache.cut_due, docs/method.md).
+    `cuts` (decoding.Cuts) compresses while the answer grows; the loop only tells it where it
+    is: after the prefill (start), after each decode forward (after_forward), and which rows
+    remain (keep_rows) until the end (finish).
     """
     stop = torch.tensor(list(model.eos_ids if stop_ids is None else stop_ids), device=tokens.device, dtype=torch.long)
     answers = [[] for _ in range(tokens.shape[0])]
     rows = list(range(tokens.shape[0]))                             # the original row of each live batch entry
     logits = model(tokens, cache, real)                              # (B, V)
-    if decoding is not None:
-        cache.start_decoding(decoding if isinstance(decoding, list) else [decoding] * len(rows))
+    if cuts is not None:
+        cuts.start(cache)
     for step in range(max_new_tokens):
         next_token = logits.argmax(-1)                               # (B_live,)
         finished = torch.isin(next_token, stop)
@@ -369,13 +362,15 @@ def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_t
             live = (~finished).nonzero()[:, 0]
             if len(live) == 0:
                 break
+            if cuts is not None:
+                cuts.keep_rows(cache, live)
             cache.select_rows(live)
             rows = [rows[i] for i in live.tolist()]
             next_token = next_token[live]
         if step + 1 < max_new_tokens:
             logits = model(next_token[:, None], cache)               # decode forward number step + 1
-            if decoding is not None:
-                cache.cut_due(step + 1)
-    if decoding is not None:
-        cache.stop_decoding()
+            if cuts is not None:
+                cuts.after_forward(cache, step + 1)
+    if cuts is not None:
+        cuts.finish(cache)
     return answers

@@ -1,41 +1,49 @@
-"""Eviction policies and budget allocations. A policy is a score function, higher = keep; an
-allocation turns a layer's scores into how many entries each KV head keeps. Then the code that
-turns scores into kept positions, written once for all of them: budgets, protected tokens,
-whitelists, and fair eviction over partitions (docs/method.md).
+"""Eviction policies and budget allocations, and the one pipeline that turns their scores into kept
+entries: budgets, protected tokens, whitelists and fair eviction, written once for every protocol
+(docs/method.md). A policy is a score function, higher = keep; an allocation turns the scores of
+every layer into how many entries each (layer, KV head) keeps.
 
-A policy is called on one row of the system turn's prefill, one layer at a time:
+A policy scores the entries one row holds in one layer:
 
-    scores = policy(queries, keys, values, spans, layer, **options)   # -> (1, H_kv, L)
+    scores = policy(queries, keys, values, spans, context, **options)   # -> (1, H_kv, n)
 
-    queries (1, H, L, D)     post-RoPE, as the attention layer computed them
-    keys    (1, H_kv, L, D)  post-RoPE, as cached
-    values  (1, H_kv, L, D)
-    spans   [(start, end), ...] contiguous token spans covering [0, L): one span for the
-            plain policy, one per partition for fair eviction. A policy scores every span
-            on its own terms (its own window, its own anchor, its own recency), and the
-            selection gives each span its share of the budget.
-    layer   Layer: which layer (index, count), a dict the policy may keep across the layers
-            of one row, what the prefill observed for it (H2O's attention sums), and the
-            model's RoPE frequencies (Expected Attention undoes and predicts RoPE with them).
+    queries (1, H, n, D)     post-RoPE, as the attention layer computed them (NaN where the
+                             protocol has none: a decode cut keeps only the newest queries)
+    keys    (1, H_kv, n, D)  post-RoPE, as cached, in original-position order
+    values  (1, H_kv, n, D)
+    spans   [(start, end), ...] contiguous spans covering [0, n): one span for the plain
+            policy, one per partition for fair eviction. A policy scores every span on its
+            own terms (its own window, its own anchor, its own recency), and the selection
+            gives each span its share of the budget.
+    context Context: which layer, what the prefill observed for it (H2O's attention sums), and
+            the model's RoPE frequencies (Expected Attention undoes and predicts RoPE with them).
 
-An allocation is called once per layer and row with the budget n_kept = max(1, int(L (1 - r))):
+An allocation is called once per row with every layer's scores:
 
-    counts = allocation(plain, L, n_kept, layer, ratio, **options)   # -> int, or (H_kv,) per KV head
+    counts = allocation(plain, held, budget, **options)   # -> (n_layers, H_kv)
 
-    plain() returns the policy's whole-turn scores (H_kv, L) and their tiers (see `tiers`),
-    computed on first use; only allocations that rank scores call it.
+    plain   one function per layer returning that layer's whole-turn scores (H_kv, n) and
+            their tiers (see `tiers`), computed on first use: only allocations that rank
+            scores call it
+    held    (n_layers, H_kv) how many evictable entries each head holds
+    budget  how many entries a head keeps on average: L (1 - r) at the prefill, the target at
+            a decode cut (a float: PyramidKV's formula reads it unrounded)
 
 How the remedies combine with an allocation: the allocation decides HOW MANY entries each
-(layer, KV head) keeps; the whitelist and fair eviction decide WHICH. A whitelist ranks its
-tokens above every unprotected token, in the allocation (AdaKV's ranking across heads) and in
-each head's selection; a head's count smaller than the whitelist keeps its best-scored
-whitelisted tokens. Fair eviction splits each head's count over the partitions in proportion
-to their lengths (largest remainder), so every partition keeps the same fraction of every
-layer; debias blends that split with where the plain policy put the head's count.
+(layer, KV head) keeps; the whitelist and fair eviction decide WHICH. Entries are chosen tier
+by tier, protected (+inf) then whitelisted then the rest, and by score inside a tier, in the
+allocation (AdaKV's ranking across heads) and in each head's selection. Fair eviction splits
+each head's count over the partitions in proportion to what the head holds of each (largest
+remainder), so every partition keeps the same fraction; debias blends that split with where
+the plain policy put the head's count.
+
+The protocols (the system turn compressed once after its prefill, here; compression during
+decoding, decoding.py) differ only in what they hand to `evict_row`: the budget, which entries
+may go, the partitions, and whether each partition can be scored with its own queries.
 
 H2O's scores are the attention each key receives in the prefill. A policy may name an
-*observer* (OBSERVERS): an attention function that the cache runs in the system prefill
-instead of flash attention, which returns the output and what the policy reads. H2O's is
+*observer* (OBSERVERS): an attention function run in the system prefill instead of flash
+attention, which returns the output and what the policy reads. H2O's is
 `attention_with_received`, far cheaper than a second pass over every q . k.
 
 Tokens a policy must never drop (sinks, SnapKV's window, TOVA's anchor) get +inf.
@@ -50,6 +58,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from model import apply_rope, rope_cos_sin
 
 INF = float("inf")
 
@@ -81,27 +91,18 @@ def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return scores.view(kv_heads, H // kv_heads, L).mean(1)[None]
 
 
-def rope(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, D) to positions (T,) as the model's RoPE does (rotate-half); negative positions undo it."""
-    angles = positions[:, None].float() * inv_freq                                # (T, D/2)
-    angles = torch.cat((angles, angles), -1)                                      # (T, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
-
-
 @dataclass
-class Layer:
-    """Which layer a policy scores: a policy may depend on depth, or keep state across layers."""
-    index: int                              # 0 .. count - 1
-    count: int                              # layers in the model
-    state: dict = field(default_factory=dict)    # one dict per row, shared by the layers of one compress()
+class Context:
+    """Where a policy scores: which layer (a policy may depend on depth), and what else it may read."""
+    layer: int                              # 0 .. n_layers - 1
+    n_layers: int
     observed: torch.Tensor | None = None    # what the prefill's observer recorded, e.g. H2O's sums (1, H_kv, L)
     inv_freq: torch.Tensor | None = None    # the model's RoPE frequencies (D/2,), to undo or predict RoPE
 
 
 # ----------------------------------------------------------------------------- policies
 
-def streaming_llm(queries, keys, values, spans, layer, n_sink: int = 4):
+def streaming_llm(queries, keys, values, spans, context, n_sink: int = 4):
     """StreamingLLM: keep the first `n_sink` tokens and the most recent ones.
 
     Recency is the position itself, so within each span the latest tokens win: with
@@ -113,11 +114,11 @@ def streaming_llm(queries, keys, values, spans, layer, n_sink: int = 4):
     return scores.expand(1, keys.shape[1], L)
 
 
-def h2o(queries, keys, values, spans, layer, block: int = 32):
+def h2o(queries, keys, values, spans, context, block: int = 32):
     """H2O as kvpress's ObservedAttention: mean attention a key receives from the queries that see it.
 
     score[k] = sum_q A[q, k] / (number of queries that see k), GQA mean. The plain policy takes
-    the sums from the prefill when its observer recorded them (`layer.observed`, from
+    the sums from the prefill when its observer recorded them (`context.observed`, from
     attention_with_received). With partitions, the attention that a later span's queries pay
     to an earlier span's keys is removed, so a key counts only its own span's queries
     (softmax rows are not renormalised); without the prefill's sums, they are
@@ -126,9 +127,9 @@ def h2o(queries, keys, values, spans, layer, block: int = 32):
     block's own span are one slice.
     """
     H, L = queries.shape[1], keys.shape[2]
-    if layer.observed is not None and len(spans) == 1:
+    if context.observed is not None and len(spans) == 1:
         seen_by = torch.arange(L, 0, -1, device=keys.device)                      # L - k queries see key k
-        return layer.observed / (H // keys.shape[1]) / seen_by
+        return context.observed / (H // keys.shape[1]) / seen_by
     queries, keys = queries.float(), keys.float()                                 # convert once, not per block
     totals = torch.zeros(H, L, device=keys.device)                                # (H, L)
     n_queries = torch.zeros(L, device=keys.device)                                # (L,) queries that see k
@@ -200,12 +201,12 @@ def attention_with_received(q, k, v, mask, block: int | None = None, scratch: di
     return y.view(B, H, T, D).to(q.dtype), received.sum(1).view(B, kv, T)
 
 
-def knorm(queries, keys, values, spans, layer):
+def knorm(queries, keys, values, spans, context):
     """K-norm: keep the keys with the lowest L2 norm (RoPE does not change it)."""
     return -keys.float().norm(dim=-1)
 
 
-def snapkv(queries, keys, values, spans, layer, window: int = 16, kernel: int = 5):
+def snapkv(queries, keys, values, spans, context, window: int = 16, kernel: int = 5):
     """SnapKV: attention from the last `window` queries, averaged, smoothed by average pooling.
 
     Each span gets its own observation window at its end (the window is split evenly across
@@ -234,7 +235,7 @@ def snapkv(queries, keys, values, spans, layer, window: int = 16, kernel: int = 
     return scores
 
 
-def tova(queries, keys, values, spans, layer):
+def tova(queries, keys, values, spans, context):
     """TOVA: the last token's attention, averaged over ALL query heads: one selection per layer.
 
     With partitions, each span's last token is its anchor and scores the span's keys.
@@ -250,18 +251,18 @@ def tova(queries, keys, values, spans, layer):
     return scores.expand(1, keys.shape[1], L)
 
 
-def random(queries, keys, values, spans, layer, seed: int = 0):
+def random(queries, keys, values, spans, context, seed: int = 0):
     """Baseline: uniform random scores per KV head (the same draw in every layer)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(1, keys.shape[1], keys.shape[2], generator=generator).to(keys.device)
 
 
-def full(queries, keys, values, spans, layer):
+def full(queries, keys, values, spans, context):
     """Baseline: no eviction (Compression.budget keeps everything)."""
     return torch.zeros(1, keys.shape[1], keys.shape[2], device=keys.device)
 
 
-def expected_attention(queries, keys, values, spans, layer, n_future: int = 512, n_sink: int = 4,
+def expected_attention(queries, keys, values, spans, context, n_future: int = 512, n_sink: int = 4,
                        covariance: bool = True, value_norm: bool = True, epsilon: float = 0.0):
     """Expected Attention (kvpress ExpectedAttentionPress): the attention a key can expect from future queries.
 
@@ -281,12 +282,12 @@ def expected_attention(queries, keys, values, spans, layer, n_future: int = 512,
     scores = torch.full((1, kv_heads, L), INF, device=keys.device)                # (1, H_kv, L)
     if L <= n_sink:
         return scores
-    if layer.inv_freq is None:
-        raise ValueError("expected_attention needs the model's RoPE frequencies (Layer.inv_freq; model.new_cache() "
+    if context.inv_freq is None:
+        raise ValueError("expected_attention needs the model's RoPE frequencies (Context.inv_freq; model.new_cache() "
                          "gives them to the cache)")
-    inv_freq = layer.inv_freq.float().to(keys.device)
-    positions = torch.arange(L, device=keys.device)
-    pre_rope = rope(queries[0].float(), inv_freq, -positions)[:, n_sink:]         # (H, L - n_sink, D)
+    inv_freq = context.inv_freq.float().to(keys.device)
+    cos, sin = rope_cos_sin(inv_freq, -torch.arange(L, device=keys.device)[None], torch.float32)   # undo RoPE
+    pre_rope = apply_rope(queries.float(), cos, sin)[0, :, n_sink:]               # (H, L - n_sink, D)
     mean = pre_rope.mean(1)                                                       # (H, D)
     centred = pre_rope - mean[:, None]
     cov = centred.transpose(1, 2) @ centred / centred.shape[1]                    # (H, D, D)
@@ -309,7 +310,7 @@ def expected_attention(queries, keys, values, spans, layer, n_future: int = 512,
     return scores
 
 
-def keydiff(queries, keys, values, spans, layer):
+def keydiff(queries, keys, values, spans, context):
     """KeyDiff (kvpress KeyDiffPress): keep the keys least like the others.
 
     A key's score is minus its cosine similarity to the anchor, the mean of the span's
@@ -340,61 +341,70 @@ POLICIES = {
 # cache runs instead of flash attention in that prefill (it returns the output and the record)
 OBSERVERS = {"h2o": attention_with_received}
 
-
 # ----------------------------------------------------------------------------- allocations
 
-def uniform(plain, L: int, n_kept: int, layer: Layer, ratio: float) -> int:
-    """The paper's budget: n_kept = max(1, int(L (1 - r))) in every layer and every KV head."""
-    return n_kept
+def uniform(plain, held: torch.Tensor, budget: float) -> torch.Tensor:
+    """The paper's budget: max(1, int(budget)) = max(1, int(L (1 - r))) in every layer and KV head."""
+    return torch.full_like(held, max(1, int(budget)))
 
 
-def pyramid(plain, L: int, n_kept: int, layer: Layer, ratio: float, window: int = 16, beta: int = 20) -> int:
+def pyramid(plain, held: torch.Tensor, budget: float, window: int = 16, beta: int = 20) -> torch.Tensor:
     """PyramidKV (Cai et al., arXiv 2406.02069), as kvpress 0.5.5's PyramidKVPress.get_layer_budget.
 
     Budgets fall linearly from the first layer to the last, the same for every KV head of a
-    layer, with a mean of about L (1 - r) over the layers. `window` is the part of every budget
+    layer, with a mean of about `budget` over the layers. `window` is the part of every budget
     the pyramid sets aside (kvpress ties it to SnapKV's window; here any policy may use it);
-    `beta` sets the steepness. When the pyramid does not fit (a short turn or a low ratio),
-    every layer keeps round(L (1 - r)).
+    `beta` sets the steepness. When the pyramid does not fit a layer of L entries (a short turn
+    or a low ratio), the layer keeps round(budget).
     """
-    capacity = window + L * (1 - ratio)
-    low = (capacity - window) / beta
-    high = (capacity - window) * 2 - low
-    if high >= L - window:
-        high = L - window
-        low = (capacity - window) * 2 - high
-    if not L >= high >= low >= window:
-        return max(1, round(L * (1 - ratio)))
-    step = (high - low) / (layer.count - 1) if layer.count > 1 else 0.0
-    return max(1, round(high - layer.index * step))
+    n_layers = held.shape[0]
+    counts = torch.empty_like(held)
+    for layer in range(n_layers):
+        L = int(held[layer].max())
+        low = budget / beta
+        high = budget * 2 - low
+        if high >= L - window:
+            high = L - window
+            low = budget * 2 - high
+        if not L >= high >= low >= window:
+            counts[layer] = max(1, round(budget))
+            continue
+        step = (high - low) / (n_layers - 1) if n_layers > 1 else 0.0
+        counts[layer] = max(1, round(high - layer * step))
+    return counts
 
 
-def adakv(plain, L: int, n_kept: int, layer: Layer, ratio: float, alpha: float = 0.2) -> torch.Tensor:
+def adakv(plain, held: torch.Tensor, budget: float, alpha: float = 0.2) -> torch.Tensor:
     """AdaKV (Feng et al., arXiv 2407.11550), as kvpress 0.5.5's AdaKVPress: budgets adapt per KV head.
 
-    The layer keeps H_kv * n_kept entries in all. Each head first keeps its best
-    max(1, int(n_kept * alpha)) (the safeguard); the rest of the layer's budget goes to the best
-    remaining scores over all heads together, so heads whose scores stand out keep more.
-    Ranking is by tier (protected, whitelisted, rest), then score. Returns counts (H_kv,).
+    Each layer keeps H_kv * n_kept entries in all (n_kept = max(1, int(budget))). Each head
+    first keeps its best max(1, int(n_kept * alpha)) (the safeguard); the rest of the layer's
+    budget goes to the best remaining scores over all heads together, so heads whose scores
+    stand out keep more. Ranking is by tier (protected, whitelisted, rest), then score.
     """
-    scores, tier = plain()                                                        # (H_kv, L)
-    H = scores.shape[0]
-    tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
-    safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
-    safeguard = torch.zeros_like(tier)
-    safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                      # each head's best `safe`
-    order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
-    return torch.bincount(order[:H * n_kept] // L, minlength=H)                   # (H_kv,)
+    n_kept = max(1, int(budget))
+    counts = torch.empty_like(held)
+    for layer, scored in enumerate(plain):
+        scores, tier = scored()                                                   # (H_kv, n)
+        H, n = scores.shape
+        tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
+        safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
+        safeguard = torch.zeros_like(tier)
+        safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                  # each head's best `safe`
+        order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
+        counts[layer] = torch.bincount(order[:H * n_kept] // n, minlength=H).to(counts.device)
+    return counts
 
 
 ALLOCATIONS = {"uniform": uniform, "pyramid": pyramid, "adakv": adakv}
+RANKING_ALLOCATIONS = {"adakv"}      # allocations that read the policy's whole-turn scores
 
 
-# ----------------------------------------------------------------------------- from scores to kept positions
+# ----------------------------------------------------------------------------- what to evict
 
 @dataclass
 class Compression:
-    """What to evict from a system turn of L tokens.
+    """What to evict from a system turn of L tokens, and how (validated once, here).
 
     ratio      fraction evicted, 0 <= r < 1; the budget n_kept = max(1, int(L * (1 - r)))
     allocation how the budget becomes counts per layer and KV head (ALLOCATIONS): "uniform"
@@ -406,7 +416,7 @@ class Compression:
                a gap goes to the partition before it)
     whitelist  token positions never evicted, within the same budget. If the budget is smaller
                than the whitelist, the budget wins: the best-scored whitelisted tokens stay
-               and cache.compress reports the fraction of the whitelist kept.
+               and compress() reports the fraction of the whitelist kept.
     debias     with partitions: 1 = fair eviction; 0 = the plain policy; in between, each span's
                budget is (1 - debias) * what the plain policy keeps there + debias * its fair
                share (per KV head, rounded by largest remainder), filled by span-local scores.
@@ -431,25 +441,18 @@ class Compression:
         if not 0.0 <= self.debias <= 1.0:
             raise ValueError(f"debias {self.debias} is outside [0, 1]")
 
-    def budget(self, L: int) -> int:
+    def n_kept(self, L: int) -> int:
         if self.policy == "full" or self.ratio == 0:
             return L
         return max(1, int(L * (1 - self.ratio)))  # kvpress's int(), plus its later clamp to 1
 
+    def reads_observed(self) -> bool:
+        """Whether compressing reads what the policy's observer records in the prefill (whole-turn scores)."""
+        whole = not self.partitions or self.debias < 1 or self.allocation in RANKING_ALLOCATIONS   # fair: by span
+        return self.policy in OBSERVERS and self.ratio > 0 and whole
 
-def reads_received(spec: Compression) -> bool:
-    """Whether compressing with `spec` reads what its policy's observer records in the prefill."""
-    plain_scores = not spec.partitions or spec.debias < 1 or spec.allocation == "adakv"   # fair: span by span
-    return spec.policy in OBSERVERS and spec.ratio > 0 and plain_scores
 
-
-def prefill_observer(specs: list[Compression]):
-    """The attention function a system prefill should run so that these specs' policies can read it, or None."""
-    wanted = {spec.policy for spec in specs if reads_received(spec)}
-    if len(wanted) > 1:
-        raise ValueError(f"one prefill can observe for one policy, not {sorted(wanted)}: batch them apart")
-    return OBSERVERS[wanted.pop()] if wanted else None
-
+# ----------------------------------------------------------------------------- from scores to kept entries
 
 def covering_spans(partitions, L: int) -> list[tuple[int, int]]:
     """Stretch sorted, disjoint partitions into contiguous spans that cover [0, L)."""
@@ -471,17 +474,17 @@ def largest_remainder(weights: torch.Tensor, total) -> torch.Tensor:
     return counts + (order < short).long()
 
 
-def tiers(scores: torch.Tensor, whitelist: list[int] | None) -> torch.Tensor | None:
-    """Selection tier of each key (H, L): 2 = protected (+inf), 1 = whitelisted, 0 = the rest; None without a whitelist.
+def tiers(scores: torch.Tensor, whitelisted: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor | None:
+    """Selection tier of each entry (H, n): 2 = protected (+inf), 1 = whitelisted, 0 = the rest, -1 = absent;
+    None without a whitelist (then the tiers are the scores' own order).
 
-    Keys are chosen tier by tier and by score inside a tier. Lifting whitelisted scores by a
+    Entries are chosen tier by tier and by score inside a tier. Lifting whitelisted scores by a
     constant instead would round attention-sized scores (1e-6 .. 1e-3) into ties in float32.
     """
-    if not whitelist:
+    if whitelisted is None:
         return None
-    tier = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)
-    tier[:, list(whitelist)] = 1
-    return tier.masked_fill_(scores == INF, 2)
+    tier = whitelisted.long().masked_fill_(scores == math.inf, 2)
+    return tier.masked_fill_(~present, -1)
 
 
 def ranked(scores: torch.Tensor, *levels: torch.Tensor) -> torch.Tensor:
@@ -493,180 +496,254 @@ def ranked(scores: torch.Tensor, *levels: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Indices of the best k keys along the last dim: by tier first, then by score (H, n) -> (H, k)."""
+    """Indices of the best k entries along the last dim: by tier first, then by score (n,) -> (k,)."""
     if tier is None:
         return scores.topk(k, dim=-1).indices
     return ranked(scores, tier)[..., :k]
 
 
-def top_per_span(scores: torch.Tensor, tier, spans, quotas: torch.Tensor) -> torch.Tensor:
-    """Kept mask (H, L): the best quotas[h, j] keys of span j for head h; scores (H, L), quotas (H, n_spans)."""
+def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: torch.Tensor) -> torch.Tensor:
+    """Kept mask (H, n): for each head h and part j, its best quotas[h, j] entries of part j (part None: one part)."""
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    for (s, e), quota in zip(spans, quotas.T.tolist()):
-        for h, q in enumerate(quota):                     # one head at a time: each its own quota
-            kept[h, s:e].scatter_(0, top_k(scores[h, s:e], None if tier is None else tier[h, s:e], q), True)
+    for h, head_quotas in enumerate(quotas.tolist()):
+        for j, quota in enumerate(head_quotas):          # one head at a time: each its own quota
+            index = None if part is None else (part[h] == j).nonzero()[:, 0]
+            take = (lambda x: x[h]) if index is None else (lambda x: x[h, index])
+            best = top_k(take(scores), None if tier is None else take(tier), quota)
+            kept[h, best if index is None else index[best]] = True
     return kept
-
-
-def select_kept(spec: Compression, queries, keys, values, layer: Layer | None = None,
-                system_len: int | None = None) -> torch.Tensor:
-    """Kept mask (H_kv, L) for one row and one layer: the allocation's count per KV head, chosen by score.
-
-    Query-aware compression passes the system turn followed by a user turn, and system_len: the
-    policy scores all of it with all its queries (one span), the allocation and selection work
-    on the system turn's first system_len positions with its own budget, and the user turn's
-    positions are all kept. The mask then covers both (H_kv, system + user).
-    """
-    H, total = keys.shape[1], keys.shape[2]
-    L = total if system_len is None else system_len                               # the evictable system turn
-    layer = layer or Layer(0, 1)
-    n_kept = spec.budget(L)
-    kept = torch.ones(H, total, dtype=torch.bool, device=keys.device)
-    if n_kept >= L:
-        return kept
-    if spec.whitelist and not all(0 <= p < L for p in spec.whitelist):
-        raise ValueError(f"whitelist positions must lie inside the system turn [0, {L})")
-    if spec.partitions and L < total:
-        raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
-
-    def scored(spans):                     # the policy's scores (H, L) of the system turn, and their tiers
-        scores = POLICIES[spec.policy](queries, keys, values, spans, layer, **spec.options)[0][:, :L]
-        return scores, tiers(scores, spec.whitelist)
-
-    whole = [(0, L)]
-    plain = functools.cache(lambda: scored([(0, total)]))   # the whole-turn scores, computed once, only if needed
-
-    counts = ALLOCATIONS[spec.allocation](plain, L, n_kept, layer, spec.ratio, **spec.allocation_options)
-    counts = torch.as_tensor(counts).expand(H).cpu()                              # (H,) per KV head
-    if not spec.partitions or spec.debias == 0:
-        kept[:, :L] = top_per_span(*plain(), whole, counts[:, None])
-        return kept
-    spans = covering_spans(spec.partitions, L)
-    lengths = torch.tensor([float(e - s) for s, e in spans])
-    quotas = largest_remainder(lengths.expand(H, -1), counts[:, None])            # (H, n_spans) fair shares
-    if spec.debias < 1:
-        plain_kept = top_per_span(*plain(), whole, counts[:, None]).cpu()        # (H, L)
-        plain_counts = torch.stack([plain_kept[:, s:e].sum(-1) for s, e in spans], -1)
-        blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
-        quotas = largest_remainder(blend.float(), counts[:, None])
-    return top_per_span(*scored(spans), spans, quotas)
-
-
-# ----------------------------------------------------------------------------- compression during decoding
-
-# How many of the newest queries a policy reads, from its options. Decoding keeps only the
-# queries of the last `buffer` decode tokens; a policy absent from this table reads the query of
-# every key it scores (H2O, Expected Attention) and cannot run during decoding.
-DECODE_QUERIES = {
-    "streaming_llm": lambda options: 0,
-    "knorm": lambda options: 0,
-    "random": lambda options: 0,
-    "snapkv": lambda options: options.get("window", 16),
-    "tova": lambda options: 1,
-    "keydiff": lambda options: 0,
-}
-
-WHITELISTED = 3       # the decode-time tier of a whitelisted key: above even a policy's protected (+inf) keys
 
 
 @dataclass
-class Decoding:
-    """Compression while the answer grows (kvpress DecodingPress semantics, docs/method.md).
+class Held:
+    """The entries one row holds in one layer, per KV head, packed in original-position order."""
+    slots: torch.Tensor        # (H_kv, n) the cache slot of each entry (anything where absent)
+    present: torch.Tensor      # (H_kv, n) True where the head holds an entry
+    positions: torch.Tensor    # (H_kv, n) original positions (-1 where absent)
+    evictable: torch.Tensor    # (H_kv, n) entries that may go; the others are kept whatever their score
 
-    Every `interval`-th decode forward, each layer's whole cache (prompt, answer so far, the
-    current token) is cut to `target` entries per KV head by `policy` and `allocation`. The
-    policy sees the post-RoPE queries of the last min(buffer, interval) decode tokens, each at
-    its own position.
 
-    rerotate   after each cut, re-rotate the kept keys to positions 0 .. n-1 and continue at n
-    whitelist  original positions (of the system turn) that no cut ever evicts; the target must
-               exceed their number
-    partitions spans (start, end) of the system turn for fair eviction: with the generated text
-               as one more partition, each cut keeps the same fraction of every partition
+def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
+    """What row `row` holds in `layer`; entries at original positions >= limit (if any) may not go."""
+    valid = cache.valid[layer][row, :, :cache.lengths[layer]]                    # (H_kv, S)
+    count = valid.sum(-1)
+    slots = valid.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, :int(count.max())]
+    present = torch.arange(slots.shape[1], device=valid.device) < count[:, None]
+    positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
+    evictable = present if limit is None else present & (positions < limit)
+    return Held(slots, present, positions, evictable)
+
+
+def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, spans: list | None,
+                  n_queries: int | None, observed) -> torch.Tensor:
+    """The policy's scores (H_kv, n) of what the row holds in `layer`: the one place a policy is called.
+
+    Heads holding the same entries are scored in one call, with every query head; a head holding
+    its own (after a ragged decode cut) alone, with its own query heads (then TOVA's mean runs over
+    those). spans None is one span over each call's entries. The queries of the newest n_queries
+    slots are recorded (all: None); any other is NaN, so a policy that reads one it was not given
+    fails loudly.
     """
-    policy: str
-    target: int
-    interval: int = 16
-    buffer: int = 16
-    allocation: str = "uniform"
-    options: dict = field(default_factory=dict)
-    allocation_options: dict = field(default_factory=dict)
-    rerotate: bool = False
-    whitelist: list[int] | None = None
-    partitions: list[tuple[int, int]] | None = None
-
-    def __post_init__(self):
-        for name in ("target", "interval", "buffer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"decode {name} must be an integer >= 1, got {value!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
-        if self.policy == "full":
-            raise ValueError("decoding with policy 'full' evicts nothing: choose an evicting policy or leave decoding off")
-        if self.policy not in DECODE_QUERIES:
-            usable = ", ".join(DECODE_QUERIES)
-            raise ValueError(f"{self.policy} reads the query of every cached token, and decoding keeps only the "
-                             f"last --decode-buffer queries: choose one of {usable} for decoding")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r} (choose from {', '.join(ALLOCATIONS)})")
-        needed, seen = self.queries_needed(), min(self.buffer, self.interval)
-        if needed > seen:
-            raise ValueError(f"{self.policy} reads the last {needed} queries, but a decode cut sees {seen} "
-                             f"(buffer {self.buffer}, interval {self.interval}): raise both to at least {needed}")
-        if self.whitelist and len(set(self.whitelist)) >= self.target:
-            raise ValueError(f"decode target {self.target} must exceed the {len(set(self.whitelist))} whitelisted "
-                             f"positions that no cut evicts")
-
-    def queries_needed(self) -> int:
-        return DECODE_QUERIES[self.policy](self.options)
+    keys, values, queries = cache.keys[layer][row], cache.values[layer][row], cache.queries[layer][row]
+    kv_heads, n = held.positions.shape
+    group, S = queries.shape[0] // kv_heads, cache.lengths[layer]
+    same = bool((held.positions == held.positions[:1]).all())
+    scores = torch.full((kv_heads, n), -math.inf, device=keys.device)
+    for heads in [list(range(kv_heads))] if same else [[h] for h in range(kv_heads)]:
+        slots = held.slots[heads[0], :int(held.present[heads[0]].sum())]           # (m,) in position order
+        query_heads = [h * group + g for h in heads for g in range(group)]
+        pick = (lambda x: x[:, slots]) if same else (lambda x: x[heads][:, slots])   # (heads, m, ...)
+        if n_queries is None and queries.shape[1] == S:
+            q = pick(queries) if same else queries[query_heads][:, slots]         # (h * group, m, D)
+        else:                                                                     # the known ones sit at the end
+            q = torch.full((len(query_heads), len(slots), keys.shape[-1]), math.nan, dtype=queries.dtype,
+                           device=keys.device)
+            known = slots >= S - (queries.shape[1] if n_queries is None else n_queries)
+            q[:, known] = queries[query_heads][:, slots[known] - (S - queries.shape[1])]
+        context = Context(layer, cache.n_layers, None if observed is None else pick(observed[layer][row])[None],
+                          cache.inv_freq)
+        found = POLICIES[spec.policy](q[None], pick(keys)[None], pick(values)[None], spans or [(0, len(slots))],
+                                      context, **spec.options)[0].float()
+        if torch.isnan(found).any():
+            raise RuntimeError(f"{spec.policy} read a query that this protocol does not keep: "
+                               "declare what it reads in decoding.DECODE")
+        scores[heads, :len(slots)] = found
+    return scores
 
 
-def decode_spans(partitions, generated_from: int) -> list[int]:
-    """First original position of each decode-time partition: the system turn's, stretched as in
-    covering_spans (the user turn joins the last one), then the generated text from `generated_from`."""
-    if not partitions:
-        return [0]
-    spans = covering_spans(partitions, generated_from)
-    return [start for start, _ in spans] + [generated_from]
+def evict_row(spec: Compression, budget: float, cache, row: int, limit: int | None = None,
+              part_starts: list[int] | None = None, n_queries: int | None = None, observed=None,
+              span_local: bool = True, explain: list | None = None) -> list[torch.Tensor]:
+    """One row's kept slots (H_kv, S) in every layer: scores -> counts per (layer, KV head) -> the best of
+    each part by tier and score. The one eviction pipeline, for the prefill and for decode cuts.
 
-
-def decode_kept(spec: Decoding, scores: torch.Tensor, present: torch.Tensor, positions: torch.Tensor,
-                layer: Layer, generated_from: int) -> torch.Tensor:
-    """Kept mask (H_kv, S) of one row and layer at a decode cut.
-
-    scores (H_kv, S) the policy's; present (H_kv, S) which slots hold an entry (packed at the
-    front of each head; S = the longest head); positions (H_kv, S) their original positions.
-    The allocation gives each head its count (at most what it holds); a head keeps its best
-    entries by tier (whitelisted, then protected, then the rest) and score. With partitions,
-    each head's count is split over the partitions in proportion to what it holds of each
-    (largest remainder), and each partition keeps its best.
+    budget       entries a head keeps on average: L (1 - r) at the prefill, the target at a decode cut
+    limit        only entries at original positions below it may go (the system turn); None: any
+    part_starts  the first original position of each partition (fair eviction); None: one part
+    n_queries    how many of the newest slots have a recorded query (None: every slot)
+    observed     per layer, what the prefill's observer recorded (H2O's sums), or None
+    span_local   whether each partition can be scored with its own queries (the prefill: every
+                 query is there); otherwise partitions only split the counts of the whole-cache scores
+    explain      a list to append, per layer, what was ranked: positions, scores, tiers, counts, quotas
     """
-    H, S = scores.shape
-    held = present.sum(-1).cpu()                                                  # (H,)
-    scores = scores.float().masked_fill(~present, -INF)
-    tier = None
+    held = [held_entries(cache, layer, row, limit) for layer in range(cache.n_layers)]
+    width = [int(h.evictable.sum(-1).max()) for h in held]                       # evictable entries come first
+    whitelist = None if not spec.whitelist else torch.tensor(sorted(set(spec.whitelist)), device=cache.device)
+    if whitelist is not None and limit is not None and not all(0 <= p < limit for p in spec.whitelist):
+        raise ValueError(f"whitelist positions must lie inside the system turn [0, {limit})")
+    part = None
+    if spec.partitions and (part_starts or [0])[1:]:
+        if any(bool((h.present & ~h.evictable).any()) for h in held):
+            raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
+        starts = torch.tensor(part_starts, device=cache.device)
+        part = [(torch.searchsorted(starts, h.positions, right=True) - 1).masked_fill(~h.evictable, -1)[:, :w]
+                for h, w in zip(held, width)]
+
+    def scored(layer: int, spans) -> tuple[torch.Tensor, torch.Tensor | None]:      # scores (H_kv, n) and their tiers
+        h, w = held[layer], width[layer]
+        scores = policy_scores(spec, cache, layer, row, h, spans, n_queries, observed)[:, :w]
+        listed = None if whitelist is None else torch.isin(h.positions[:, :w], whitelist)
+        return scores, tiers(scores, listed, h.evictable[:, :w])
+
+    plain = [functools.cache(functools.partial(scored, layer, None)) for layer in range(cache.n_layers)]   # one span
+    counts = torch.stack([h.evictable.sum(-1) for h in held]).cpu()              # (n_layers, H_kv)
+    counts = torch.minimum(ALLOCATIONS[spec.allocation](plain, counts, budget, **spec.allocation_options).cpu(), counts)
+    masks = []
+    for layer, (h, w) in enumerate(zip(held, width)):
+        quotas = counts[layer][:, None]                                           # (H_kv, parts)
+        if part is None or spec.debias == 0:
+            scores, tier = plain[layer]()
+            chosen = keep_best(scores, tier, None, quotas)
+        else:
+            sizes = torch.stack([(part[layer] == j).sum(-1) for j in range(len(part_starts))], -1).cpu().float()
+            quotas = largest_remainder(sizes, counts[layer][:, None])
+            if spec.debias < 1:
+                plain_kept = keep_best(*plain[layer](), None, counts[layer][:, None]).cpu()
+                plain_counts = torch.stack([(plain_kept & (part[layer].cpu() == j)).sum(-1)
+                                            for j in range(len(part_starts))], -1)
+                blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
+                quotas = largest_remainder(blend.float(), counts[layer][:, None])
+            spans = list(zip(part_starts, part_starts[1:] + [w]))
+            scores, tier = scored(layer, spans) if span_local else plain[layer]()
+            chosen = keep_best(scores, tier, part[layer], quotas)
+        kept = h.present & ~h.evictable                                           # (H_kv, n) kept whatever they score
+        kept[:, :w] |= chosen
+        mask = torch.zeros_like(cache.valid[layer][row, :, :cache.lengths[layer]])
+        masks.append(mask.scatter_(1, h.slots, kept))
+        if explain is not None:
+            explain.append(dict(layer=layer, positions=h.positions[:, :w], scores=scores, tier=tier,
+                                counts=counts[layer], quotas=quotas, kept=chosen))
+    return masks
+
+
+# ----------------------------------------------------------------------------- the paper's protocol
+
+class Observer:
+    """A policy's attention for the system prefill (OBSERVERS): runs instead of flash attention in every
+    layer and keeps what it records, per layer (H2O: what each key receives)."""
+
+    def __init__(self, attend):
+        self.attend, self.records, self.scratch = attend, {}, {}
+
+    def __call__(self, layer: int, q, keys, values, mask):
+        if keys.shape[2] != q.shape[2]:
+            raise RuntimeError("the prefill's observer needs the system prefill to start an empty cache")
+        output, self.records[layer] = self.attend(q, keys, values, mask, scratch=self.scratch)
+        return output
+
+
+def observer_for(specs: list[Compression]) -> Observer | None:
+    """The attention a system prefill should run so that these specs' policies can read it, or None."""
+    wanted = {spec.policy for spec in specs if spec.reads_observed()}
+    if len(wanted) > 1:
+        raise ValueError(f"one prefill can observe for one policy, not {sorted(wanted)}: batch them apart")
+    return Observer(OBSERVERS[wanted.pop()]) if wanted else None
+
+
+@torch.no_grad()
+def prefill(model, cache, tokens: torch.Tensor, spec: Compression | list[Compression],
+            real: torch.Tensor | None = None, explain: bool = False) -> "Compressed":
+    """The paper's protocol: run the system turn (B, T) into an empty cache, recording what the policies
+    read (every query, and the observer's record), then compress it once, in every layer."""
+    specs = spec if isinstance(spec, list) else [spec] * tokens.shape[0]
+    cache.record_queries()
+    observer = observer_for(specs)
+    model(tokens, cache, real, attention=observer)
+    return compress(cache, specs, observed=None if observer is None else observer.records, explain=explain)
+
+
+@torch.no_grad()
+def compress(cache, spec: Compression | list[Compression], system_len: list[int] | None = None,
+             observed: dict | None = None, explain: bool = False) -> "Compressed":
+    """Evict entries of the system turn, once, right after its prefill (docs/method.md).
+
+    The cache holds each row's system prefill, right-padded, with every query recorded since
+    cache.record_queries(). `spec` is one Compression for every row or a list with one per row.
+    Query-aware compression passes `system_len` (one per row): the cache then holds the system
+    turn's prefill followed by a user turn's; the policy scores both with the queries of both,
+    only the first system_len[b] entries may go, with the system turn's budget.
+    """
+    specs = spec if isinstance(spec, list) else [spec] * cache.batch_size
+    if len(specs) != cache.batch_size:
+        raise ValueError(f"compress got {len(specs)} specs for a batch of {cache.batch_size}")
+    if cache.queries is None or any(q is None for q in cache.queries):
+        raise RuntimeError("compress() needs the system turn's prefill recorded: run policies.prefill, or the "
+                           "prefill after cache.record_queries()")
+    S = cache.lengths[0]
+    valid = cache.valid[0][:, 0, :S]                                  # (B, S), the prefill's: same everywhere
+    front = lambda n: torch.arange(S, device=cache.device)[None] < torch.as_tensor(n, device=cache.device)[:, None]
+    if set(cache.lengths) != {S} or any(q.shape[2] != S for q in cache.queries):
+        raise RuntimeError("compress() expects every layer to hold the prefill whose queries it recorded")
+    if system_len is None and not torch.equal(valid, front(valid.sum(1))):
+        raise RuntimeError("compress() expects the cache to hold one right-padded system prefill per row")
+    if system_len is not None and (len(system_len) != cache.batch_size
+                                   or not torch.equal(valid & front(system_len), front(system_len))):
+        raise RuntimeError("compress(system_len=...) expects each row's system turn in its first slots")
+    lengths = valid.sum(1).tolist() if system_len is None else list(system_len)
+    explained = [[] if explain else None for _ in specs]
+    rows = []
+    for b, (s, L) in enumerate(zip(specs, lengths)):
+        if s.n_kept(L) >= L:
+            rows.append([cache.valid[layer][b, :, :S].clone() for layer in range(cache.n_layers)])
+            continue
+        starts = [start for start, _ in covering_spans(s.partitions, L)] if s.partitions else None
+        rows.append(evict_row(s, L * (1 - s.ratio), cache, b, limit=L, part_starts=starts, observed=observed,
+                              explain=explained[b]))
+    kept = [torch.stack([masks[layer] for masks in rows]) for layer in range(cache.n_layers)]   # (B, H_kv, S) each
+    for layer, mask in enumerate(kept):
+        cache.keep(layer, mask)
+    cache.stop_recording()
+    return Compressed(kept, lengths, [report(kept, b, s, L, cache) for b, (s, L) in enumerate(zip(specs, lengths))],
+                      explained if explain else None)
+
+
+def report(kept: list[torch.Tensor], row: int, spec: Compression, L: int, cache) -> dict:
+    """L, the budget n_kept, what was kept per (layer, KV head) of the system turn (mean, min, max), the bytes
+    its entries take, and, with a whitelist, how much of it stayed."""
+    counts = torch.stack([k[row, :, :L].sum(-1) for k in kept]).float()          # (layers, H_kv)
+    entry_bytes = 2 * cache.kv_heads * cache.head_dim * cache.keys[0].element_size()
+    out = {"system_len": L, "n_kept": spec.n_kept(L), "kept_mean": float(counts.mean()),
+           "kept_min": int(counts.min()), "kept_max": int(counts.max()),
+           "effective_ratio": 1 - float(counts.mean()) / L,
+           "kv_bytes": int(counts.max(1).values.sum()) * entry_bytes}             # each layer sized by its largest head
     if spec.whitelist:
-        tier = torch.zeros(H, S, dtype=torch.long, device=scores.device)
-        tier.masked_fill_(scores == INF, 2)
-        tier.masked_fill_(torch.isin(positions, torch.tensor(spec.whitelist, device=positions.device)), WHITELISTED)
-        tier.masked_fill_(~present, -1)
-    plain = lambda: (scores, tier)
-    counts = ALLOCATIONS[spec.allocation](plain, S, spec.target, layer, 1 - spec.target / S, **spec.allocation_options)
-    counts = torch.minimum(torch.as_tensor(counts).expand(H).cpu(), held)         # (H,)
-    if not spec.partitions:
-        return top_per_span(scores, tier, [(0, S)], counts[:, None])
-    starts = torch.tensor(decode_spans(spec.partitions, generated_from), device=positions.device)
-    span_of = torch.searchsorted(starts, positions, right=True) - 1               # (H, S) partition of each entry
-    span_of = span_of.masked_fill(~present, -1)
-    n_spans = len(starts)
-    sizes = torch.stack([(span_of == j).sum(-1) for j in range(n_spans)], -1).cpu().float()   # (H, n_spans)
-    quotas = largest_remainder(sizes, counts[:, None])                            # (H, n_spans)
-    kept = torch.zeros(H, S, dtype=torch.bool, device=scores.device)
-    for h in range(H):
-        for j, quota in enumerate(quotas[h].tolist()):
-            slots = (span_of[h] == j).nonzero()[:, 0]
-            if quota > 0:
-                best = top_k(scores[h, slots], None if tier is None else tier[h, slots], quota)
-                kept[h, slots[best]] = True
-    return kept
+        listed = torch.tensor(sorted(set(spec.whitelist)), device=kept[0].device)
+        whitelisted = torch.stack([k[row][:, listed] for k in kept])             # (layers, H_kv, |W|)
+        out["whitelist_len"] = len(listed)
+        out["whitelist_kept"] = float(whitelisted.float().mean())                # 1.0 = every entry everywhere
+    return out
+
+
+@dataclass
+class Compressed:
+    """What compress() did: per layer the kept mask (B, H_kv, S) over the slots of the prefill, each row's
+    system turn length and report, and on request what each (row, layer) ranked (`explain`)."""
+    kept: list[torch.Tensor]
+    system_len: list[int]
+    reports: list[dict]
+    explained: list[list[dict]] | None = None
+
+    def keep_rate(self, row: int = 0) -> torch.Tensor:
+        """Per system-turn position: the fraction of KV heads that kept it, averaged over layers. (L,)"""
+        L = self.system_len[row]
+        return torch.stack([k[row, :, :L].float().mean(0) for k in self.kept]).mean(0)

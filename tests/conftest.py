@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random checkpoints written as Hugging Face folders."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -43,6 +44,30 @@ def tiny_model(tmp_path_factory):
     from model import load_model
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")
     return load_model(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, default_model_folder):
+    """A tiny random model with the default model's tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny-chat") / "model"
+    write_tiny_checkpoint(folder, vocab_size=49152, tie_word_embeddings=True, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(default_model_folder, name), folder)
+    return str(folder)
+
+
+def records(out, name="responses.jsonl"):
+    """The records an experiment wrote to `out`, in file order."""
+    with open(os.path.join(out, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def answers(out, name="responses.jsonl"):
+    """{(job, turn): response}, failing on a duplicated record."""
+    rs = records(out, name)
+    by_answer = {(r["job"], r.get("turn", "task")): r["response"] for r in rs}
+    assert len(by_answer) == len(rs), "a record is duplicated"
+    return by_answer
 
 
 @pytest.fixture(scope="session")

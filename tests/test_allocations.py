@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from policies import (ALLOCATIONS, POLICIES, Compression, Layer, adakv, covering_spans, largest_remainder, pyramid,
-                      select_kept)
+from policies import (ALLOCATIONS, POLICIES, Compression, Context, adakv, covering_spans, largest_remainder, prefill,
+                      pyramid)
+from reference import kept_masks, ref_snapkv
 
 L = 45
 PAIRS = [(p, a) for p in POLICIES if p != "full" for a in ALLOCATIONS]
@@ -21,7 +22,7 @@ def layers(tiny_model):
     """Queries, keys and values of every layer after a system prefill of L tokens."""
     tokens = torch.randint(0, tiny_model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(5))
     cache = tiny_model.new_cache()
-    cache.record_queries = True
+    cache.record_queries()
     tiny_model(tokens, cache)
     return [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
             for i, q in enumerate(cache.queries)]
@@ -55,12 +56,13 @@ def ref_pyramid_budget(L, ratio, layer, n_layers, window=16, beta=20):
     return round(max_num - layer * steps)
 
 
-def counts_of(spec, q, k, v, layer):
-    """What the allocation gives each KV head of this layer (H_kv,)."""
-    scores = POLICIES[spec.policy](q, k, v, [(0, k.shape[2])], layer, **spec.options)[0]
-    plain = lambda: (scores, None)                                                  # noqa: E731
-    counts = ALLOCATIONS[spec.allocation](plain, k.shape[2], spec.budget(k.shape[2]), layer, spec.ratio)
-    return torch.as_tensor(counts).expand(k.shape[1])
+def counts_of(spec, layers, inv_freq):
+    """What the allocation gives each KV head of each layer (n_layers, H_kv), from the whole-turn scores."""
+    plain = [lambda q=q, k=k, v=v, i=i: (POLICIES[spec.policy](q, k, v, [(0, L)], Context(i, len(layers), inv_freq=inv_freq),
+                                                            **spec.options)[0], None)
+             for i, (q, k, v) in enumerate(layers)]
+    held = torch.full((len(layers), layers[0][1].shape[1]), L)
+    return ALLOCATIONS[spec.allocation](plain, held, L * (1 - spec.ratio))
 
 
 # ----------------------------------------------------------------------------- AdaKV
@@ -71,7 +73,7 @@ def test_adakv_counts_equal_the_reference_on_random_scores(trial):
     H, n = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(5, 80, (1,), generator=g))
     scores = torch.rand(H, n, generator=g) * torch.rand(H, 1, generator=g) * 10    # heads on different scales
     for n_kept in (1, 2, n // 3, n // 2, n - 1):
-        counts = adakv(lambda: (scores, None), n, n_kept, Layer(0, 1), 0.5)
+        counts = adakv([lambda: (scores, None)], torch.full((1, H), n), n_kept)[0]
         assert counts.tolist() == ref_adakv_counts(scores.tolist(), n_kept)
 
 
@@ -79,10 +81,11 @@ def test_adakv_counts_equal_the_reference_on_random_scores(trial):
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
 def test_adakv_layer_totals_safeguard_and_top_sets(layers, tiny_model, policy, ratio):
     spec = Compression(policy, ratio, allocation="adakv")
-    n_kept, safe = spec.budget(L), max(1, int(spec.budget(L) * 0.2))
+    n_kept, safe = spec.n_kept(L), max(1, int(spec.n_kept(L) * 0.2))
+    masks = kept_masks(spec, layers, tiny_model.inv_freq)
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
-        kept = select_kept(spec, q, k, v, where)                                      # (H_kv, L)
+        where = Context(index, len(layers), inv_freq=tiny_model.inv_freq)
+        kept = masks[index]                                                           # (H_kv, L)
         scores = POLICIES[policy](q, k, v, [(0, L)], where)[0]
         counts = kept.sum(-1)
         assert int(counts.sum()) == k.shape[1] * n_kept                             # the layer's total
@@ -97,7 +100,7 @@ def test_adakv_layer_totals_safeguard_and_top_sets(layers, tiny_model, policy, r
 def test_adakv_moves_budget_between_heads(layers):
     """Not vacuous: on the tiny model some heads keep more than n_kept and others less."""
     spec = Compression("snapkv", 0.5, allocation="adakv")
-    counts = [select_kept(spec, q, k, v, Layer(i, len(layers))).sum(-1) for i, (q, k, v) in enumerate(layers)]
+    counts = [kept.sum(-1) for kept in kept_masks(spec, layers)]
     assert any(len(set(c.tolist())) > 1 for c in counts)
 
 
@@ -107,7 +110,7 @@ def test_adakv_moves_budget_between_heads(layers):
 def test_pyramid_budgets_equal_the_formula(n_layers):
     for length in (10, 40, 45, 100, 165, 1000):
         for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
-            budgets = [pyramid(None, length, None, Layer(i, n_layers), ratio) for i in range(n_layers)]
+            budgets = pyramid(None, torch.full((n_layers, 1), length), length * (1 - ratio))[:, 0].tolist()
             assert budgets == [ref_pyramid_budget(length, ratio, i, n_layers) for i in range(n_layers)]
             mean = sum(budgets) / n_layers
             if n_layers > 1:                                    # one layer gets the pyramid's top, as in kvpress
@@ -116,9 +119,9 @@ def test_pyramid_budgets_equal_the_formula(n_layers):
 
 
 def test_pyramid_is_steep_when_it_fits():
-    budgets = [pyramid(None, 165, None, Layer(i, 30), 0.5) for i in range(30)]
+    budgets = pyramid(None, torch.full((30, 1), 165), 165 * 0.5)[:, 0].tolist()
     assert budgets[0] == 149 and budgets[-1] == 16                             # L - window ... window
-    assert pyramid(None, 20, None, Layer(0, 30), 0.5) == 10                    # too short: round(L (1 - r))
+    assert pyramid(None, torch.full((30, 1), 20), 20 * 0.5)[0, 0] == 10        # too short: round(L (1 - r))
 
 
 # ----------------------------------------------------------------------------- every policy x allocation
@@ -127,14 +130,15 @@ def test_pyramid_is_steep_when_it_fits():
 @pytest.mark.parametrize("ratio", [0.3, 0.8])
 def test_kept_counts_are_the_allocations_and_protected_tokens_stay(layers, tiny_model, policy, allocation, ratio):
     spec = Compression(policy, ratio, allocation=allocation)
+    masks, all_counts = kept_masks(spec, layers, tiny_model.inv_freq), counts_of(spec, layers, tiny_model.inv_freq)
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
-        kept = select_kept(spec, q, k, v, where)
+        where = Context(index, len(layers), inv_freq=tiny_model.inv_freq)
+        kept = masks[index]
         assert kept.shape == (k.shape[1], L) and kept.dtype == torch.bool
-        counts = counts_of(spec, q, k, v, where)
+        counts = all_counts[index]
         assert torch.equal(kept.sum(-1), counts) and (counts >= 1).all()
         if allocation == "uniform":
-            assert (counts == spec.budget(L)).all()
+            assert (counts == spec.n_kept(L)).all()
         scores = POLICIES[policy](q, k, v, [(0, L)], where)[0]
         protected = scores == math.inf
         for h in range(k.shape[1]):
@@ -146,9 +150,10 @@ def test_kept_counts_are_the_allocations_and_protected_tokens_stay(layers, tiny_
 def test_whitelist_is_kept_under_every_allocation(layers, tiny_model, policy, allocation):
     whitelist = [10, 11, 12, 13]
     spec = Compression(policy, 0.5, allocation=allocation, whitelist=whitelist)
+    masks = kept_masks(spec, layers, tiny_model.inv_freq)
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
-        kept = select_kept(spec, q, k, v, where)
+        where = Context(index, len(layers), inv_freq=tiny_model.inv_freq)
+        kept = masks[index]
         counts = kept.sum(-1)
         protected = POLICIES[policy](q, k, v, [(0, L)], where)[0] == math.inf
         for h in range(k.shape[1]):
@@ -159,7 +164,7 @@ def test_whitelist_is_kept_under_every_allocation(layers, tiny_model, policy, al
             else:                                               # the budget wins: protected, then whitelisted
                 assert not (kept[h] & ~protected[h] & ~listed).any(), (index, h)
         if allocation == "adakv":
-            assert int(counts.sum()) == k.shape[1] * spec.budget(L)
+            assert int(counts.sum()) == k.shape[1] * spec.n_kept(L)
 
 
 @pytest.mark.parametrize("policy,allocation", PAIRS)
@@ -169,10 +174,10 @@ def test_fair_eviction_splits_each_heads_count_by_length(layers, tiny_model, pol
     lengths = torch.tensor([float(e - s) for s, e in spans])
     fair = Compression(policy, 0.6, allocation=allocation, partitions=partitions, whitelist=[20, 21])
     plain = Compression(policy, 0.6, allocation=allocation, whitelist=[20, 21])
+    fair_masks, plain_masks = kept_masks(fair, layers, tiny_model.inv_freq), kept_masks(plain, layers, tiny_model.inv_freq)
     for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
-        kept = select_kept(fair, q, k, v, where)
-        counts = select_kept(plain, q, k, v, where).sum(-1)                 # how many: the allocation's
+        kept = fair_masks[index]
+        counts = plain_masks[index].sum(-1)                                  # how many: the allocation's
         assert torch.equal(kept.sum(-1), counts)
         for h in range(k.shape[1]):
             quotas = largest_remainder(lengths, int(counts[h]))
@@ -181,33 +186,24 @@ def test_fair_eviction_splits_each_heads_count_by_length(layers, tiny_model, pol
 
 @pytest.mark.parametrize("allocation", list(ALLOCATIONS))
 def test_debias_zero_is_the_plain_policy(layers, allocation):
-    for index, (q, k, v) in enumerate(layers):
-        where = Layer(index, len(layers))
-        plain = select_kept(Compression("snapkv", 0.6, allocation=allocation), q, k, v, where)
-        zero = select_kept(Compression("snapkv", 0.6, allocation=allocation, partitions=[(0, 20), (20, L)], debias=0.0),
-                           q, k, v, where)
-        assert torch.equal(plain, zero)
+    plain = kept_masks(Compression("snapkv", 0.6, allocation=allocation), layers)
+    zero = kept_masks(Compression("snapkv", 0.6, allocation=allocation, partitions=[(0, 20), (20, L)], debias=0.0), layers)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
 
 
-def test_policies_are_told_their_layer_and_keep_state_per_row(tiny_model, monkeypatch):
-    """A policy sees layer.index 0..n-1 with layer.count = n, and one state dict per row across layers."""
+def test_policies_are_told_their_layer(tiny_model, monkeypatch):
+    """A policy sees context.layer 0..n-1 with context.n_layers = n, for every row."""
     seen = []
 
-    def depth(queries, keys, values, spans, layer):
-        layer.state["calls"] = layer.state.get("calls", 0) + 1
-        seen.append((layer.index, layer.count, layer.state["calls"], id(layer.state)))
-        return torch.rand(1, keys.shape[1], keys.shape[2], generator=torch.Generator().manual_seed(layer.index))
+    def depth(queries, keys, values, spans, context):
+        seen.append((context.layer, context.n_layers))
+        return torch.rand(1, keys.shape[1], keys.shape[2], generator=torch.Generator().manual_seed(context.layer))
 
     monkeypatch.setitem(POLICIES, "depth", depth)
     tokens = torch.randint(0, tiny_model.args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
-    cache = tiny_model.new_cache(2)
-    specs = [Compression("depth", 0.5)] * 2
-    cache.prepare(specs)
-    tiny_model(tokens, cache)
-    cache.compress(specs)
+    prefill(tiny_model, tiny_model.new_cache(2), tokens, Compression("depth", 0.5))
     n = tiny_model.args.n_layers
-    assert [(i, c, calls) for i, c, calls, _ in seen] == [(i, n, i + 1) for i in range(n) for _ in range(2)]
-    assert len({state for *_, state in seen}) == 2                             # one state per row
+    assert seen == [(i, n) for _ in range(2) for i in range(n)]
 
 
 def test_unknown_allocation_is_a_clear_error():
@@ -218,10 +214,7 @@ def test_unknown_allocation_is_a_clear_error():
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_adakv_with_snapkv_equals_the_reference_from_the_full_attention_matrix(layers, ratio):
     """End to end: the float64 SnapKV reference (full attention matrix) fed to the list-sorting AdaKV."""
-    from test_policies import L as REF_L, ref_snapkv
-    assert REF_L == L
     spec = Compression("snapkv", ratio, allocation="adakv")
-    for index, (q, k, v) in enumerate(layers):
-        counts = select_kept(spec, q, k, v, Layer(index, len(layers))).sum(-1)
+    for (q, k, v), kept in zip(layers, kept_masks(spec, layers)):
         reference = ref_snapkv(q, k, [(0, L)])                                      # (H_kv, L) float64
-        assert counts.tolist() == ref_adakv_counts(reference.tolist(), spec.budget(L))
+        assert kept.sum(-1).tolist() == ref_adakv_counts(reference.tolist(), spec.n_kept(L))

@@ -11,7 +11,7 @@ import torch
 
 from cache import HEADROOM
 from model import generate
-from policies import ALLOCATIONS, POLICIES, Compression
+from policies import ALLOCATIONS, POLICIES, Compression, compress, prefill
 
 L, USER = 40, 7
 PAIRS = [(p, a) for p in POLICIES for a in ALLOCATIONS]
@@ -54,11 +54,10 @@ def tokens_for(model, seed=7):
 
 
 def compressed(model, system, spec, real=None):
-    specs = spec if isinstance(spec, list) else [spec] * system.shape[0]
+    """A cache holding the compressed system turn; what compression did rides along as .reports, .kept, .keep_rate."""
     cache = model.new_cache(system.shape[0])
-    cache.prepare(specs)
-    model(system, cache, real=real)
-    cache.reports = cache.compress(specs)
+    result = prefill(model, cache, system, spec, real=real)
+    cache.reports, cache.kept, cache.keep_rate = result.reports, result.kept, result.keep_rate
     return cache
 
 
@@ -72,7 +71,7 @@ def test_decoding_after_compression_matches_naive_reference(tiny_model, policy, 
     kept = [k[0] for k in cache.kept]
     reference = naive_logits(tiny_model, tokens[0], L, kept)[L:]
     assert (ours.double() - reference).abs().max() < 1e-4
-    assert int(cache.next_pos[0]) == L + USER
+    assert int(cache.next_position[0]) == int(cache.next_rotary[0]) == L + USER
 
 
 def test_adakv_leaves_heads_ragged_and_the_reference_notices(tiny_model):
@@ -108,7 +107,7 @@ def test_positions_do_not_restart_at_the_compressed_length(tiny_model):
     """A cache that re-numbered positions from n_kept would fail the naive reference."""
     tokens = tokens_for(tiny_model)
     cache = compressed(tiny_model, tokens[:, :L], Compression("streaming_llm", 0.5))
-    cache.next_pos[:] = cache.lengths[0]                                 # simulate the bug
+    cache.next_rotary[:] = cache.lengths[0]                              # simulate the bug
     wrong = tiny_model(tokens[:, L:], cache, all_logits=True)[0]
     reference = naive_logits(tiny_model, tokens[0], L, [k[0] for k in cache.kept])[L:]
     assert (wrong.double() - reference).abs().max() > 1e-3
@@ -136,7 +135,7 @@ def test_restore_returns_to_the_compressed_state_bit_identically(tiny_model, all
     before = [(k[:, :, :m].clone(), v[:, :, :m].clone()) for k, v, m in zip(cache.keys, cache.values, n)]
     first = generate(tiny_model, cache, tokens[:, L:], 80, stop_ids=[])            # grows the buffers too
     cache.restore(saved)
-    assert cache.lengths == n == saved["lengths"] and torch.equal(cache.next_pos, saved["next_pos"])
+    assert cache.lengths == n == saved["lengths"] and torch.equal(cache.next_rotary, saved["next_rotary"])
     for (k0, v0), k, v, valid, m, valid0 in zip(before, cache.keys, cache.values, cache.valid, n, saved["valid"]):
         assert torch.equal(valid[:, :, :m], valid0) and not valid[:, :, m:].any()
         assert torch.equal(k0, k[:, :, :m]) and torch.equal(v0, v[:, :, :m])
@@ -146,8 +145,8 @@ def test_restore_returns_to_the_compressed_state_bit_identically(tiny_model, all
 def test_compress_needs_a_recorded_prefill(tiny_model):
     cache = tiny_model.new_cache()
     tiny_model(tokens_for(tiny_model)[:, :L], cache)
-    with pytest.raises(RuntimeError, match="prepare"):
-        cache.compress(Compression("tova", 0.5))
+    with pytest.raises(RuntimeError, match="record"):
+        compress(cache, Compression("tova", 0.5))
 
 
 def test_keep_rate_is_the_mean_over_heads_and_layers(tiny_model):

@@ -18,31 +18,8 @@ import evaluate
 import experiment
 import leak
 import prompts as P
-from conftest import write_tiny_checkpoint
+from conftest import answers, records, write_tiny_checkpoint
 from experiment import RunFolder, main_guard
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory, default_model_folder):
-    """A tiny random model with the default model's tokenizer and chat template."""
-    folder = tmp_path_factory.mktemp("tiny-chat") / "model"
-    write_tiny_checkpoint(folder, vocab_size=49152, tie_word_embeddings=True, eos_token_id=2)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(os.path.join(default_model_folder, name), folder)
-    return str(folder)
-
-
-def records(out, name="responses.jsonl"):
-    with open(os.path.join(out, name)) as f:
-        return [json.loads(line) for line in f]
-
-
-def answers(out, name="responses.jsonl"):
-    """{(job, turn): response}, failing on a duplicated record."""
-    rs = records(out, name)
-    by_answer = {(r["job"], r.get("turn", "task")): r["response"] for r in rs}
-    assert len(by_answer) == len(rs), "a record is duplicated"
-    return by_answer
 
 
 def run_evaluate(tmp_path, name, *argv):

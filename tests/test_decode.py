@@ -1,4 +1,4 @@
-"""Compression during decoding (policies.Decoding, cache.cut_due) against a naive reference.
+"""Compression during decoding (decoding.Decoding, decoding.Cuts) against a naive reference.
 
 The reference decodes one token at a time with a plain float64 forward over the whole sequence,
 in which every query sees the keys at or before its position that no cut had evicted when it
@@ -15,17 +15,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from decoding import DECODE, Cuts, Decoding
 from model import apply_rope, generate, rope_cos_sin
-from policies import ALLOCATIONS, DECODE_QUERIES, INF, POLICIES, Decoding, Layer
+from policies import ALLOCATIONS, POLICIES, Compression, Context
 
+INF = math.inf
 TARGET, INTERVAL = 12, 8
 OPTIONS = {"snapkv": {"window": 4}}
-PAIRS = [(p, a) for p in DECODE_QUERIES for a in ALLOCATIONS]
+PAIRS = [(p, a) for p in DECODE for a in ALLOCATIONS]
 
 
-def spec_for(policy, allocation, **more):
-    return Decoding(policy, TARGET, interval=INTERVAL, buffer=INTERVAL, allocation=allocation,
-                    options=OPTIONS.get(policy, {}), **more)
+def spec_for(policy, allocation, rerotate=False, **more):
+    compression = Compression(policy, allocation=allocation, options=OPTIONS.get(policy, {}), **more)
+    return Decoding(compression, TARGET, interval=INTERVAL, buffer=INTERVAL, rerotate=rerotate)
+
+
+def generate_logged(model, cache, tokens, max_new_tokens, spec, **kwargs):
+    """generate() with decode cuts; returns the answers and the Cuts (its log holds every cut)."""
+    cuts = Cuts(spec, log=True)
+    return generate(model, cache, tokens, max_new_tokens, cuts=cuts, **kwargs), cuts
 
 
 # ----------------------------------------------------------------------------- the naive reference
@@ -71,33 +79,46 @@ def forward64(model, tokens, seen_until):
     return logits, per_layer
 
 
-def reference_cut(spec, layer_index, n_layers, q, k, v, held, fast_kept=None):
-    """Each KV head's kept positions: the policy scores what the heads hold, the allocation counts, sorting chooses.
+def reference_scores(spec, layer_index, n_layers, q, k, v, held):
+    """Each KV head's scores of what it holds (a list per head): heads holding the same tokens in one call."""
+    H_kv = k.shape[0]
+    same = all(held[h] == held[0] for h in range(H_kv))
+    groups = [list(range(H_kv))] if same else [[h] for h in range(H_kv)]
+    group = q.shape[0] // H_kv
+    c = spec.compression
+    scores = {}
+    for heads in groups:
+        pos = torch.tensor(held[heads[0]])
+        query_heads = [h * group + g for h in heads for g in range(group)]
+        s = POLICIES[c.policy](q[query_heads][:, pos][None].float(), k[heads][:, pos][None].float(),
+                               v[heads][:, pos][None].float(), [(0, len(pos))], Context(layer_index, n_layers),
+                               **c.options)[0]
+        for j, h in enumerate(heads):
+            scores[h] = s[j].tolist()
+    return [scores[h] for h in range(H_kv)]
+
+
+def reference_counts(spec, scores, held):
+    """The allocation's count per (layer, KV head), from every layer's scores padded with -inf."""
+    plain = []
+    for layer_scores, layer_held in zip(scores, held):
+        padded = torch.full((len(layer_held), max(len(p) for p in layer_held)), -INF)
+        for h, head_scores in enumerate(layer_scores):
+            padded[h, :len(head_scores)] = torch.tensor(head_scores)
+        plain.append(lambda padded=padded: (padded, None))
+    sizes = torch.tensor([[len(p) for p in layer_held] for layer_held in held])
+    c = spec.compression
+    return ALLOCATIONS[c.allocation](plain, sizes, spec.target, **c.allocation_options).tolist()
+
+
+def reference_cut(scores, counts, held, fast_kept=None):
+    """Each KV head's kept positions: its `counts[h]` best by sorting.
 
     Scores equal within rounding at the boundary (K-norm: a token repeated at two positions
     has one key norm in layer 0) are decided by rounding noise, in float32 as in float64: there
     the fast path's choice (`fast_kept`) is taken if it differs only inside that tie.
     """
-    H_kv = k.shape[0]
-    same = all(held[h] == held[0] for h in range(H_kv))
-    groups = [list(range(H_kv))] if same else [[h] for h in range(H_kv)]
-    group = q.shape[0] // H_kv
-    scores = {}
-    for heads in groups:
-        pos = torch.tensor(held[heads[0]])
-        query_heads = [h * group + g for h in heads for g in range(group)]
-        s = POLICIES[spec.policy](q[query_heads][:, pos][None].float(), k[heads][:, pos][None].float(),
-                                  v[heads][:, pos][None].float(), [(0, len(pos))],
-                                  Layer(layer_index, n_layers), **spec.options)[0]
-        for j, h in enumerate(heads):
-            scores[h] = s[j].tolist()
-    width = max(len(p) for p in held)
-    padded = torch.full((H_kv, width), -INF)
-    for h in range(H_kv):
-        padded[h, :len(held[h])] = torch.tensor(scores[h])
-    counts = ALLOCATIONS[spec.allocation](lambda: (padded, None), width, spec.target, Layer(layer_index, n_layers),
-                                          1 - spec.target / width, **spec.allocation_options)
-    counts = torch.as_tensor(counts).expand(H_kv).tolist()
+    H_kv = len(held)
     kept = []
     for h in range(H_kv):
         order = sorted(range(len(held[h])), key=lambda j: -scores[h][j])
@@ -136,19 +157,22 @@ def reference_generate(model, prompt, max_new_tokens, spec, stop_ids=(), fast_cu
         logits, layers = forward64(model, seq, seen_until)
         if count == spec.interval:
             now = len(seq) - 1
-            for i, (q, k, v) in enumerate(layers):
-                held = [[p for p in range(now + 1) if seen_until[i][h][p] == big] for h in range(a.n_kv_heads)]
-                kept = reference_cut(spec, i, a.n_layers, q, k, v, held, fast.get((i, step + 1)))
+            held = [[[p for p in range(now + 1) if seen_until[i][h][p] == big] for h in range(a.n_kv_heads)]
+                    for i in range(a.n_layers)]
+            scores = [reference_scores(spec, i, a.n_layers, q, k, v, held[i]) for i, (q, k, v) in enumerate(layers)]
+            counts = reference_counts(spec, scores, held)
+            for i in range(a.n_layers):
+                kept = reference_cut(scores[i], counts[i], held[i], fast.get((i, step + 1)))
                 for h in range(a.n_kv_heads):
-                    for p in set(held[h]) - set(kept[h]):
+                    for p in set(held[i][h]) - set(kept[h]):
                         seen_until[i][h][p] = now                                # later queries no longer see it
                 cuts.append((i, step + 1, kept))
             count = 0
     return answer, cuts
 
 
-def fast_cuts(cache, row):
-    return [(c["layer"], c["step"], c["kept"][row]) for c in cache.cut_log if c["kept"][row] is not None]
+def fast_cuts(cuts, row):
+    return [(c["layer"], c["step"], c["kept"][row]) for c in cuts.log if c["kept"][row] is not None]
 
 
 # ----------------------------------------------------------------------------- fast path == reference
@@ -162,13 +186,11 @@ def prompt_of(length, seed):
 def test_batch_of_one_matches_reference(tiny_model, policy, allocation):
     prompt = prompt_of(15, 1)
     spec = spec_for(policy, allocation)
-    cache = tiny_model.new_cache()
-    cache.log_cuts = True
-    answer = generate(tiny_model, cache, torch.tensor([prompt]), 30, stop_ids=(), decoding=spec)[0]
-    expected, cuts = reference_generate(tiny_model, prompt, 30, spec, fast_cuts=fast_cuts(cache, 0))
+    answers, logged = generate_logged(tiny_model, tiny_model.new_cache(), torch.tensor([prompt]), 30, spec, stop_ids=())
+    expected, cuts = reference_generate(tiny_model, prompt, 30, spec, fast_cuts=fast_cuts(logged, 0))
     assert len(cuts) == 3 * tiny_model.args.n_layers
-    assert fast_cuts(cache, 0) == cuts
-    assert answer == expected
+    assert fast_cuts(logged, 0) == cuts
+    assert answers[0] == expected
 
 
 @pytest.mark.parametrize("policy,allocation", PAIRS)
@@ -180,26 +202,22 @@ def test_ragged_batch_matches_each_row_alone(tiny_model, policy, allocation):
     real = torch.zeros(3, 17, dtype=torch.bool)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)], real[b, :len(p)] = torch.tensor(p), True
-    unstopped = generate(tiny_model, tiny_model.new_cache(3), tokens, 30, real=real, stop_ids=(), decoding=spec)
+    unstopped, _ = generate_logged(tiny_model, tiny_model.new_cache(3), tokens, 30, spec, real=real, stop_ids=())
     stop = next((t,) for t in unstopped[0][2:13] if t not in unstopped[1] + unstopped[2])   # stops row 0 only
-    cache = tiny_model.new_cache(3)
-    cache.log_cuts = True
-    answers = generate(tiny_model, cache, tokens, 30, real=real, stop_ids=stop, decoding=spec)
+    answers, logged = generate_logged(tiny_model, tiny_model.new_cache(3), tokens, 30, spec, real=real, stop_ids=stop)
     for b, p in enumerate(prompts):
-        expected, cuts = reference_generate(tiny_model, p, 30, spec, stop_ids=stop, fast_cuts=fast_cuts(cache, b))
-        assert fast_cuts(cache, b) == cuts, f"row {b}"
+        expected, cuts = reference_generate(tiny_model, p, 30, spec, stop_ids=stop, fast_cuts=fast_cuts(logged, b))
+        assert fast_cuts(logged, b) == cuts, f"row {b}"
         assert answers[b] == expected, f"row {b}"
     assert len(answers[0]) < 13 and len(answers[1]) == len(answers[2]) == 30   # row 0 left between two cuts
 
 def test_no_cut_before_the_interval_and_counters_reset_without_eviction(tiny_model):
     """Cuts come at decode forwards interval, 2 interval, ...; a cache within the target keeps everything."""
     prompt = prompt_of(5, 3)
-    cache = tiny_model.new_cache()
-    cache.log_cuts = True
-    generate(tiny_model, cache, torch.tensor([prompt]), 2 * INTERVAL + 1, stop_ids=(),
-             decoding=Decoding("knorm", 100, interval=INTERVAL, buffer=INTERVAL))
-    assert sorted({c["step"] for c in cache.cut_log}) == [INTERVAL, 2 * INTERVAL]
-    last = [c for c in cache.cut_log if c["step"] == 2 * INTERVAL][0]
+    _, cuts = generate_logged(tiny_model, tiny_model.new_cache(), torch.tensor([prompt]), 2 * INTERVAL + 1,
+                              Decoding(Compression("knorm"), 100, interval=INTERVAL, buffer=INTERVAL), stop_ids=())
+    assert sorted({c["step"] for c in cuts.log}) == [INTERVAL, 2 * INTERVAL]
+    last = [c for c in cuts.log if c["step"] == 2 * INTERVAL][0]
     assert last["kept"][0][0] == list(range(5 + 2 * INTERVAL))                  # prompt + every decoded token
 
 
@@ -207,17 +225,16 @@ def test_no_cut_before_the_interval_and_counters_reset_without_eviction(tiny_mod
 
 @pytest.mark.parametrize("policy", ["knorm", "tova"])
 def test_entries_per_head_stay_bounded_and_capacity_does_not_grow(tiny_model, policy, monkeypatch):
-    from cache import KVCache
     seen = []
-    original = KVCache.cut_due
+    original = Cuts.after_forward
 
-    def watched(self, step):
-        original(self, step)
-        held = max(int(v[:, :, :n].sum(-1).max()) for v, n in zip(self.valid, self.lengths))
-        seen.append((step, held, max(k.shape[2] for k in self.keys)))
-    monkeypatch.setattr(KVCache, "cut_due", watched)
+    def watched(self, cache, step):
+        original(self, cache, step)
+        held = max(int(v[:, :, :n].sum(-1).max()) for v, n in zip(cache.valid, cache.lengths))
+        seen.append((step, held, max(k.shape[2] for k in cache.keys)))
+    monkeypatch.setattr(Cuts, "after_forward", watched)
     tokens = torch.tensor([prompt_of(30, 4), prompt_of(30, 5)])
-    generate(tiny_model, tiny_model.new_cache(2), tokens, 100, stop_ids=(), decoding=spec_for(policy, "uniform"))
+    generate(tiny_model, tiny_model.new_cache(2), tokens, 100, stop_ids=(), cuts=Cuts(spec_for(policy, "uniform")))
     after_first = [s for s in seen if s[0] >= INTERVAL]
     assert max(h for _, h, _ in after_first) == TARGET + INTERVAL - 1
     assert {c for _, _, c in after_first} == {TARGET + INTERVAL}                # one capacity from the first cut on
@@ -228,16 +245,12 @@ def test_entries_per_head_stay_bounded_and_capacity_does_not_grow(tiny_model, po
 def test_whitelist_is_never_evicted_and_fair_partitions_keep_equal_fractions(tiny_model):
     prompt = prompt_of(24, 6)
     whitelist = [5, 6, 7, 8, 9]
-    cache = tiny_model.new_cache()
-    cache.log_cuts = True
-    generate(tiny_model, cache, torch.tensor([prompt]), 40, stop_ids=(),
-             decoding=spec_for("knorm", "uniform", whitelist=whitelist))
-    assert cache.cut_log and all(set(whitelist) <= set(kept) for c in cache.cut_log for kept in c["kept"][0])
-    cache = tiny_model.new_cache()
-    cache.log_cuts = True
-    generate(tiny_model, cache, torch.tensor([prompt]), 9, stop_ids=(),
-             decoding=spec_for("knorm", "uniform", partitions=[(0, 12), (12, 20)]))
-    for cut in cache.cut_log:                        # 24 prompt (12 + 8 + 4 user turn) + 8 answer = 32 -> 12
+    _, cuts = generate_logged(tiny_model, tiny_model.new_cache(), torch.tensor([prompt]), 40,
+                              spec_for("knorm", "uniform", whitelist=whitelist), stop_ids=())
+    assert cuts.log and all(set(whitelist) <= set(kept) for c in cuts.log for kept in c["kept"][0])
+    _, cuts = generate_logged(tiny_model, tiny_model.new_cache(), torch.tensor([prompt]), 9,
+                              spec_for("knorm", "uniform", partitions=[(0, 12), (12, 20)]), stop_ids=())
+    for cut in cuts.log:                        # 24 prompt (12 + 8 + 4 user turn) + 8 answer = 32 -> 12
         for kept in cut["kept"][0]:
             sizes = [sum(1 for p in kept if lo <= p < hi) for lo, hi in [(0, 12), (12, 24), (24, 32)]]
             assert sizes == [5, 4, 3]                # 12 x (12, 12, 8) / 32 = 4.5, 4.5, 3: the remainder to the first
@@ -245,7 +258,7 @@ def test_whitelist_is_never_evicted_and_fair_partitions_keep_equal_fractions(tin
 
 def test_whitelist_larger_than_target_is_refused():
     with pytest.raises(ValueError, match="must exceed the 12 whitelisted"):
-        Decoding("knorm", 12, whitelist=list(range(12)))
+        Decoding(Compression("knorm", whitelist=list(range(12))), 12)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -261,7 +274,7 @@ def test_whitelist_larger_than_target_is_refused():
 ])
 def test_bad_decoding_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        Decoding(**kwargs)
+        Decoding(Compression(kwargs.pop("policy"), allocation=kwargs.pop("allocation", "uniform")), **kwargs)
 
 
 # ----------------------------------------------------------------------------- re-rotation
@@ -274,21 +287,20 @@ def test_rerotated_keys_equal_keys_computed_at_the_new_positions(tiny_model, all
              for n, layer in enumerate(tiny_model.layers)]
     try:
         cache = tiny_model.new_cache()
-        cache.log_cuts = True
-        generate(tiny_model, cache, torch.tensor([prompt_of(20, 7)]), 2 * INTERVAL + 1, stop_ids=(),
-                 decoding=spec_for("knorm", allocation, rerotate=True))
+        _, cuts = generate_logged(tiny_model, cache, torch.tensor([prompt_of(20, 7)]), 2 * INTERVAL + 1,
+                                  spec_for("knorm", allocation, rerotate=True), stop_ids=())
     finally:
         for hook in hooks:
             hook.remove()
     a = tiny_model.args
-    assert {c["step"] for c in cache.cut_log} == {INTERVAL, 2 * INTERVAL}
+    assert {c["step"] for c in cuts.log} == {INTERVAL, 2 * INTERVAL}
     for layer in range(a.n_layers):
         k = torch.cat(pre_rope[layer], 1)[0].view(-1, a.n_kv_heads, a.head_dim).transpose(0, 1)   # (H_kv, n, D)
-        kept = [c for c in cache.cut_log if c["layer"] == layer][-1]["kept"][0]
+        kept = [c for c in cuts.log if c["layer"] == layer][-1]["kept"][0]
         for h, positions in enumerate(kept):
             n = len(positions)
             cos, sin = rope_cos_sin(tiny_model.inv_freq, torch.arange(n)[None], torch.float32)
             expected = apply_rope(k[h, positions][None, None], cos, sin)[0, 0]
             assert torch.allclose(cache.keys[layer][0, h, :n], expected, atol=1e-5, rtol=0)
             assert cache.positions[layer][0, h, :n].tolist() == positions
-    assert int(cache.next_pos[0]) == max(len(p) for c in cache.cut_log for p in c["kept"][0])
+    assert int(cache.next_rotary[0]) == max(len(p) for c in cuts.log for p in c["kept"][0])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import generate, load_model
-from policies import Compression
+from policies import Compression, prefill
 
 PROMPTS = [
     ("You are a helpful assistant.", "What is the capital of France?"),
@@ -49,8 +49,6 @@ def test_mildly_compressed_system_turn_still_answers(default, policy):
         "countries. Answer briefly, truthfully and in English. If you do not know the answer, say so. "
         "Never make up facts.", "What is the capital of France?")
     cache = model.new_cache()
-    cache.record_queries = True
-    model(torch.tensor([system.ids]), cache)
-    cache.compress(Compression(policy, 0.25))
+    prefill(model, cache, torch.tensor([system.ids]), Compression(policy, 0.25))
     answer = generate(model, cache, torch.tensor([full.ids[len(system.ids):]]), 20)[0]
     assert "Paris" in tok.decode(answer)

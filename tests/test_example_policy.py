@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import policies
-from policies import Compression, Layer, covering_spans, largest_remainder
+from policies import Compression, Context, covering_spans, largest_remainder
 
 L = 45
 POLICIES_BEFORE = dict(policies.POLICIES)
@@ -21,7 +21,7 @@ POLICIES_BEFORE = dict(policies.POLICIES)
 
 # ----------------------------------------------------------------------------- the policy (docs/adding-a-policy.md, step 1)
 
-def value_norm(queries, keys, values, spans, layer):
+def value_norm(queries, keys, values, spans, context):
     """Value norm: keep the entries whose values have the largest L2 norm (per KV head)."""
     return values.float().norm(dim=-1)                                   # (1, H_kv, L)
 
@@ -45,7 +45,7 @@ def prefill(tiny_model):
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randperm(tiny_model.args.vocab_size, generator=generator)[:L][None]     # (1, L)
     cache = tiny_model.new_cache()
-    cache.record_queries = True
+    cache.record_queries()
     tiny_model(tokens, cache)
     return tokens, [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
                     for i, q in enumerate(cache.queries)]
@@ -69,15 +69,15 @@ def ref_top(scores, start, end, k):
 
 
 def compress(model, tokens, spec):
+    """The compressed cache, and what compression kept (.kept: per layer (1, H_kv, L)) and reported."""
     cache = model.new_cache()
-    cache.record_queries = True
-    model(tokens, cache)
-    return cache, cache.compress(spec)[0]
+    compressed = policies.prefill(model, cache, tokens, spec)
+    return cache, compressed
 
 
 def test_scores_equal_the_reference(prefill):
     for q, k, v in prefill[1]:
-        fast = value_norm(q, k, v, [(0, L)], Layer(0, 1))[0]
+        fast = value_norm(q, k, v, [(0, L)], Context(0, 1))[0]
         assert fast.shape == (k.shape[1], L)
         assert torch.allclose(fast.double(), ref_value_norm(v), atol=1e-5, rtol=0)
 
@@ -85,13 +85,13 @@ def test_scores_equal_the_reference(prefill):
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
 def test_kept_entries_are_the_reference_top_k(registered, tiny_model, prefill, ratio):
     tokens, layers = prefill
-    cache, report = compress(tiny_model, tokens, Compression("value_norm", ratio))
+    cache, compressed = compress(tiny_model, tokens, Compression("value_norm", ratio))
     n_kept = int(L * (1 - ratio))
-    assert report["n_kept"] == n_kept and cache.lengths == [n_kept] * len(layers)
+    assert compressed.reports[0]["n_kept"] == n_kept and cache.lengths == [n_kept] * len(layers)
     for layer, (q, k, v) in enumerate(layers):
         reference = ref_value_norm(v)                                    # (H_kv, L)
         for h in range(k.shape[1]):
-            kept = cache.kept[layer][0, h].nonzero()[:, 0]               # kept positions, sorted
+            kept = compressed.kept[layer][0, h].nonzero()[:, 0]          # kept positions, sorted
             assert set(kept.tolist()) == ref_top(reference[h], 0, L, n_kept)
             assert torch.equal(cache.values[layer][0, h, :n_kept], v[0, h, kept])   # gathered in order
 
@@ -99,12 +99,12 @@ def test_kept_entries_are_the_reference_top_k(registered, tiny_model, prefill, r
 def test_fair_eviction_takes_the_reference_top_of_each_span(registered, tiny_model, prefill):
     partitions = [(2, 15), (15, 33), (33, 43)]                           # head and tail go to first/last
     spans = covering_spans(partitions, L)
-    cache, report = compress(tiny_model, prefill[0], Compression("value_norm", 0.6, partitions=partitions))
-    quotas = largest_remainder(torch.tensor([float(e - s) for s, e in spans]), report["n_kept"])
+    cache, compressed = compress(tiny_model, prefill[0], Compression("value_norm", 0.6, partitions=partitions))
+    quotas = largest_remainder(torch.tensor([float(e - s) for s, e in spans]), compressed.reports[0]["n_kept"])
     for layer, (q, k, v) in enumerate(prefill[1]):
         reference = ref_value_norm(v)
         for h in range(k.shape[1]):
-            kept = set(cache.kept[layer][0, h].nonzero()[:, 0].tolist())
+            kept = set(compressed.kept[layer][0, h].nonzero()[:, 0].tolist())
             expected = set().union(*(ref_top(reference[h], s, e, int(n)) for (s, e), n in zip(spans, quotas)))
             assert kept == expected
 

@@ -14,7 +14,8 @@ import torch
 
 from conftest import write_tiny_checkpoint
 from model import load_model
-from policies import Compression, Layer, covering_spans, expected_attention, keydiff, rope
+from model import apply_rope, rope_cos_sin
+from policies import Compression, Context, covering_spans, expected_attention, keydiff, prefill as compress_prefill
 
 L = 45
 
@@ -22,7 +23,7 @@ L = 45
 def record(model, tokens):
     """Post-RoPE queries, keys and values of every layer after a system prefill of `tokens` (1, L)."""
     cache = model.new_cache()
-    cache.prepare([Compression("expected_attention", 0.5)])
+    cache.record_queries()
     model(tokens, cache)
     n = tokens.shape[1]
     return [(q.clone(), cache.keys[i][:, :, :n].clone(), cache.values[i][:, :, :n].clone())
@@ -107,7 +108,7 @@ def close(fast, reference, rtol=1e-4):
                                      {"n_future": 7, "n_sink": 2}])
 def test_expected_attention_equals_the_explicit_rotation_reference(tiny_model, prefill, options):
     for index, (q, k, v) in enumerate(prefill[1]):
-        fast = expected_attention(q, k, v, [(0, L)], Layer(index, 2, inv_freq=tiny_model.inv_freq), **options)
+        fast = expected_attention(q, k, v, [(0, L)], Context(index, 2, inv_freq=tiny_model.inv_freq), **options)
         assert fast.shape == (1, k.shape[1], L)
         assert close(fast, ref_expected_attention(q, k, v, tiny_model.inv_freq, **options)), (index, options)
 
@@ -122,7 +123,7 @@ def test_expected_attention_on_other_models(tmp_path, overrides):
     model = load_model(write_tiny_checkpoint(tmp_path / "m", seed=3, **overrides))
     tokens = torch.randint(0, model.args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     for index, (q, k, v) in enumerate(record(model, tokens)):
-        fast = expected_attention(q, k, v, [(0, 40)], Layer(index, 2, inv_freq=model.inv_freq))
+        fast = expected_attention(q, k, v, [(0, 40)], Context(index, 2, inv_freq=model.inv_freq))
         assert close(fast, ref_expected_attention(q, k, v, model.inv_freq)), (overrides, index)
 
 
@@ -131,7 +132,7 @@ def test_expected_attention_on_other_models(tmp_path, overrides):
                                                               "original_max_position_embeddings": 16}),
                                        dict(model_type="qwen2")])
 def test_undoing_rope_gives_the_queries_before_rope(tmp_path, overrides):
-    """Layer 0's pre-RoPE queries are q_proj(input_layernorm(embedding)): what `rope(q, -positions)` must return."""
+    """Layer 0's pre-RoPE queries are q_proj(input_layernorm(embedding)): what RoPE at -positions must return."""
     model = load_model(write_tiny_checkpoint(tmp_path / "m", seed=4, **overrides))
     tokens = torch.randint(0, model.args.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
     q_post = record(model, tokens)[0][0]                                          # (1, H, T, D)
@@ -139,13 +140,13 @@ def test_undoing_rope_gives_the_queries_before_rope(tmp_path, overrides):
     with torch.no_grad():
         x = model.layers[0].input_layernorm(model.embed_tokens(tokens))
         q_pre = attention.q_proj(x).view(1, 30, attention.n_heads, attention.head_dim).transpose(1, 2)
-    undone = rope(q_post.float(), model.inv_freq, -torch.arange(30))
+    undone = apply_rope(q_post.float(), *rope_cos_sin(model.inv_freq, -torch.arange(30)[None], torch.float32))
     assert torch.allclose(undone, q_pre, atol=1e-5 * float(q_pre.abs().max()))
     assert not torch.allclose(q_post, q_pre, atol=1e-2 * float(q_pre.abs().max()))      # RoPE did rotate them
 
 
 def test_expected_attention_keeps_the_sinks_and_ignores_spans(tiny_model, prefill):
-    where = Layer(0, 2, inv_freq=tiny_model.inv_freq)
+    where = Context(0, 2, inv_freq=tiny_model.inv_freq)
     q, k, v = prefill[1][0]
     plain = expected_attention(q, k, v, [(0, L)], where)
     assert plain[..., :4].isinf().all() and plain[..., 4:].isfinite().all()
@@ -158,23 +159,20 @@ def test_expected_attention_keeps_the_sinks_and_ignores_spans(tiny_model, prefil
 def test_expected_attention_without_rope_frequencies_is_a_clear_error(prefill):
     q, k, v = prefill[1][0]
     with pytest.raises(ValueError, match="RoPE frequencies"):
-        expected_attention(q, k, v, [(0, L)], Layer(0, 1))
+        expected_attention(q, k, v, [(0, L)], Context(0, 1))
 
 
-def test_cache_compress_gives_expected_attention_the_models_frequencies(tiny_model, prefill):
-    """End to end through cache.compress: the kept sets are the reference's top n_kept (sinks first)."""
+def test_compress_gives_expected_attention_the_models_frequencies(tiny_model, prefill):
+    """End to end through policies.prefill: the kept sets are the reference's top n_kept (sinks first)."""
     tokens, layers = prefill
-    cache = tiny_model.new_cache()
     spec = Compression("expected_attention", 0.6)
-    cache.prepare([spec])
-    tiny_model(tokens, cache)
-    cache.compress(spec)
-    n_kept = spec.budget(L)
+    compressed = compress_prefill(tiny_model, tiny_model.new_cache(), tokens, spec)
+    n_kept = spec.n_kept(L)
     for index, (q, k, v) in enumerate(layers):
         reference = ref_expected_attention(q, k, v, tiny_model.inv_freq)
         for h in range(k.shape[1]):
             expected = set(reference[h].topk(n_kept).indices.tolist())
-            assert set(cache.kept[index][0, h].nonzero()[:, 0].tolist()) == expected, (index, h)
+            assert set(compressed.kept[index][0, h].nonzero()[:, 0].tolist()) == expected, (index, h)
 
 
 # ----------------------------------------------------------------------------- KeyDiff
@@ -182,13 +180,13 @@ def test_cache_compress_gives_expected_attention_the_models_frequencies(tiny_mod
 @pytest.mark.parametrize("spans", [[(0, L)], [(0, 20), (20, L)], [(0, 9), (9, 30), (30, L)]])
 def test_keydiff_equals_the_reference(prefill, spans):
     for index, (q, k, v) in enumerate(prefill[1]):
-        assert close(keydiff(q, k, v, spans, Layer(index, 2)), ref_keydiff(k, spans), rtol=1e-5), (index, spans)
+        assert close(keydiff(q, k, v, spans, Context(index, 2)), ref_keydiff(k, spans), rtol=1e-5), (index, spans)
 
 
 def test_keydiff_anchors_are_per_span(prefill):
     q, k, v = prefill[1][1]
-    whole = keydiff(q, k, v, [(0, L)], Layer(1, 2))
-    split = keydiff(q, k, v, [(0, 20), (20, L)], Layer(1, 2))
+    whole = keydiff(q, k, v, [(0, L)], Context(1, 2))
+    split = keydiff(q, k, v, [(0, 20), (20, L)], Context(1, 2))
     assert not torch.allclose(whole, split)
     assert torch.allclose(split[..., 20:], keydiff(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], [(0, L - 20)],
-                                                   Layer(1, 2)))
+                                                   Context(1, 2)))

@@ -1,4 +1,4 @@
-"""policies.py and cache.compress against slow, obviously-correct references.
+"""policies.py (scores, selection, compress) against slow, obviously-correct references.
 
 The references materialise the full causal attention matrix in float64 with explicit
 loops over heads, from the queries and keys the model handed to the cache.
@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from policies import (POLICIES, Compression, Layer, covering_spans, h2o, knorm, largest_remainder, select_kept,
-                      snapkv, streaming_llm, tova)
+import policies
+from policies import (POLICIES, Compression, Context, covering_spans, h2o, knorm, largest_remainder, snapkv,
+                      streaming_llm, tova)
+from reference import kept_masks, ref_attention, ref_h2o, ref_snapkv
 
-FIRST = Layer(0, 1)   # the layer a direct policy call scores
+FIRST = Context(0, 1)   # the layer a direct policy call scores
 
 L = 45
 
@@ -21,59 +23,10 @@ def prefill(tiny_model):
     """Queries and keys of every layer after a system prefill of L tokens."""
     tokens = torch.randint(0, tiny_model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(5))
     cache = tiny_model.new_cache()
-    cache.prepare([Compression("snapkv", 0.5)])
+    cache.record_queries()
     tiny_model(tokens, cache)
     return tokens, [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
                     for i, q in enumerate(cache.queries)]
-
-
-def ref_attention(q, k):
-    """A[h, i, j]: float64 causal softmax, query head h reading KV head h // group."""
-    H, kv_heads, n, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-    A = torch.zeros(H, n, n, dtype=torch.float64)
-    for h in range(H):
-        logits = q[0, h].double() @ k[0, h // (H // kv_heads)].double().T / math.sqrt(D)
-        for i in range(n):
-            logits[i, i + 1:] = -math.inf
-        A[h] = logits.softmax(-1)
-    return A
-
-
-def ref_gqa_mean(per_head, kv_heads):
-    H = per_head.shape[0]
-    g = H // kv_heads
-    return torch.stack([per_head[j * g:(j + 1) * g].mean(0) for j in range(kv_heads)])
-
-
-def ref_h2o(q, k, spans):
-    A = ref_attention(q, k)
-    scores = torch.zeros(A.shape[0], L, dtype=torch.float64)
-    for s, e in spans:
-        for j in range(s, e):
-            scores[:, j] = A[:, j:e, j].sum(1) / (e - j)  # only queries of j's own span, i >= j
-    return ref_gqa_mean(scores, k.shape[1])
-
-
-def ref_avg_pool(x, kernel):
-    n, half = len(x), kernel // 2
-    return torch.tensor([sum(x[t] for t in range(j - half, j + half + 1) if 0 <= t < n) / kernel for j in range(n)])
-
-
-def ref_snapkv(q, k, spans, window=16, kernel=5):
-    A = ref_attention(q, k)
-    H = A.shape[0]
-    scores = torch.zeros(H, L, dtype=torch.float64)
-    protected = []
-    for j, (s, e) in enumerate(spans):
-        w = window // len(spans) + (1 if j < window % len(spans) else 0)
-        w = min(w, e - s - 1)
-        for h in range(H):
-            observed = A[h, e - w:e, s:e - w].mean(0)
-            scores[h, s:e - w] = ref_avg_pool(observed, kernel)
-        protected += list(range(e - w, e))
-    scores = ref_gqa_mean(scores, k.shape[1])
-    scores[:, protected] = math.inf
-    return scores
 
 
 def ref_tova(q, k, spans):
@@ -131,11 +84,13 @@ def test_streaming_llm_keeps_sinks_and_the_most_recent(prefill):
 
 
 def compress(model, tokens, spec):
+    """The cache and the compression's report; .kept holds the kept masks."""
     cache = model.new_cache()
-    cache.record_queries = True            # queries only: H2O scores by its own pass, as the references do
+    cache.record_queries()                 # queries only: H2O scores by its own pass, as the references do
     model(tokens, cache)
-    report = cache.compress(spec)[0]
-    return cache, report
+    compressed = policies.compress(cache, spec)
+    cache.kept = compressed.kept
+    return cache, compressed.reports[0]
 
 
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
@@ -148,7 +103,7 @@ def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
     for layer, (q, k, v) in enumerate(layers):
         kept = cache.kept[layer][0]                                      # (H_kv, L)
         assert (kept.sum(1) == n_kept).all()
-        scores = POLICIES[policy](q, k, v, [(0, L)], Layer(layer, len(layers), inv_freq=tiny_model.inv_freq))[0]
+        scores = POLICIES[policy](q, k, v, [(0, L)], Context(layer, len(layers), inv_freq=tiny_model.inv_freq))[0]
         for h in range(kept.shape[0]):
             index = kept[h].nonzero()[:, 0]
             assert torch.equal(cache.keys[layer][0, h, :n_kept], k[0, h, index])   # gathered in sorted order
@@ -247,9 +202,9 @@ def test_whitelist_larger_than_budget_keeps_the_best_scored_whitelisted(policy):
         k = torch.randn(1, kv_heads, n, dim, generator=g)
         whitelist = sorted(torch.randperm(n, generator=g)[:n // 2].tolist())
         spec = Compression(policy, 0.8, whitelist=whitelist)
-        kept = [row.nonzero()[:, 0] for row in select_kept(spec, q, k, k)]     # per KV head, sorted
+        kept = [row.nonzero()[:, 0] for row in kept_masks(spec, [(q, k, k)])[0]]   # per KV head, sorted
         scores = POLICIES[policy](q, k, k, [(0, n)], FIRST)[0]                   # (H_kv, n)
-        budget = spec.budget(n)
+        budget = spec.n_kept(n)
         for h in range(kv_heads):
             protected = (scores[h] == math.inf).nonzero()[:, 0].tolist()        # sinks, windows, anchors
             listed = [p for p in whitelist if p not in protected]

@@ -16,8 +16,9 @@ import experiment
 import leak
 import prompts as P
 from experiment import boundaries, system_parts
-from policies import ALLOCATIONS, POLICIES, Compression, Layer, select_kept
-from test_cli import records, tiny_chat  # noqa: F401  (the fixture)
+from policies import ALLOCATIONS, POLICIES, Compression, Context
+from reference import kept_masks
+from conftest import records
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ PROTECTED = boundaries(PARTS, 4)                                 # 3 + 8 + 8 + 8
 def layers(tiny_model):
     tokens = torch.randint(0, tiny_model.args.vocab_size, (1, L), generator=torch.Generator().manual_seed(7))
     cache = tiny_model.new_cache()
-    cache.record_queries = True
+    cache.record_queries()
     tiny_model(tokens, cache)
     return [(q.clone(), cache.keys[i][:, :, :L].clone(), cache.values[i][:, :, :L].clone())
             for i, q in enumerate(cache.queries)]
@@ -85,10 +86,10 @@ def test_protected_boundaries_follow_the_tier_rules_at_every_ratio(layers, tiny_
     assert len(PROTECTED) == 29
     for ratio in (0.25, 0.5, 0.75, 0.9, 0.95):
         spec = Compression(policy, ratio, allocation=allocation, whitelist=PROTECTED)
+        masks = kept_masks(spec, layers, tiny_model.inv_freq)
         for index, (q, k, v) in enumerate(layers):
-            where = Layer(index, len(layers), inv_freq=tiny_model.inv_freq)
-            kept = select_kept(spec, q, k, v, where)
-            scores = POLICIES[policy](q, k, v, [(0, L)], Layer(index, len(layers), inv_freq=tiny_model.inv_freq))[0]
+            kept = masks[index]
+            scores = POLICIES[policy](q, k, v, [(0, L)], Context(index, len(layers), inv_freq=tiny_model.inv_freq))[0]
             for h in range(k.shape[1]):
                 n = int(kept[h].sum())
                 inf = scores[h] == math.inf
@@ -102,7 +103,7 @@ def test_protected_boundaries_follow_the_tier_rules_at_every_ratio(layers, tiny_
                 if 0 < n_listed < int(listed.sum()):                    # the budget wins: the best-scored stay
                     assert scores[h][kept[h] & listed].min() >= scores[h][~kept[h] & listed].max()
             if allocation == "uniform":
-                assert (kept.sum(-1) == spec.budget(L)).all()
+                assert (kept.sum(-1) == spec.n_kept(L)).all()
 
 
 # ----------------------------------------------------------------------------- the scripts

@@ -16,9 +16,9 @@ import torch
 import evaluate
 import leak
 from experiment import RunFolder
-from policies import ALLOCATIONS, POLICIES, Compression
-from test_cli import answers, records, tiny_chat  # noqa: F401  (the fixture)
-from test_policies import ref_attention, ref_avg_pool, ref_gqa_mean
+from conftest import answers, records
+from policies import ALLOCATIONS, POLICIES, Compression, compress
+from reference import ref_attention, ref_avg_pool, ref_gqa_mean
 
 SYSTEM, USER = 40, 13                        # the user turn's last token is fed after compression: 12 in the prefill
 
@@ -26,8 +26,8 @@ SYSTEM, USER = 40, 13                        # the user turn's last token is fed
 def prefill(model, system_rows, user_rows, dtype=torch.float32):
     """The query-aware prefill of a batch: system turns (right-padded), then user turns (right-padded)."""
     cache = model.new_cache(len(system_rows))
-    cache.prepare([])
-    for rows in (system_rows, user_rows):
+    cache.record_queries()
+    for rows in [rows for rows in (system_rows, user_rows) if rows]:
         width = max(map(len, rows))
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         real = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -79,11 +79,12 @@ def test_query_aware_selection_equals_the_float64_reference(tiny_model, policy, 
     total = SYSTEM + USER - 1
     inputs = [(q.clone(), cache.keys[i][:, :, :total].clone()) for i, q in enumerate(cache.queries)]
     spec = Compression(policy, ratio)
-    reports = cache.compress(spec, system_len=[SYSTEM])
-    n_kept = spec.budget(SYSTEM)
+    compressed = compress(cache, spec, system_len=[SYSTEM])
+    reports = compressed.reports
+    n_kept = spec.n_kept(SYSTEM)
     assert reports[0]["system_len"] == SYSTEM and reports[0]["n_kept"] == n_kept
     for layer, (q, k) in enumerate(inputs):
-        kept = cache.kept[layer][0]                                       # (H_kv, total)
+        kept = compressed.kept[layer][0]                                  # (H_kv, total)
         assert kept[:, SYSTEM:].all()                                     # the user turn stays whole
         scores = ref_scores(policy, q, k, total)[:, :SYSTEM]
         for h in range(k.shape[1]):                                       # the best n_kept, up to exact ties
@@ -96,18 +97,14 @@ def test_query_aware_selection_equals_the_float64_reference(tiny_model, policy, 
             if policy == "snapkv":                                        # its window: 12 user + 4 system tokens
                 assert scores[h].isinf().nonzero()[:, 0].tolist() == list(range(SYSTEM - 4, SYSTEM))
     assert cache.lengths == [n_kept + USER - 1] * len(inputs)
-    assert float(cache.keep_rate(0).sum()) == pytest.approx(n_kept)      # keep rates are the system turn's
+    assert float(compressed.keep_rate(0).sum()) == pytest.approx(n_kept)  # keep rates are the system turn's
 
 
 def test_the_user_turn_changes_what_survives(tiny_model):
     """The same system turn, compressed alone and with a user turn: SnapKV's window now lies in the user turn."""
     system, user = random_rows(tiny_model, [SYSTEM, USER], seed=11)
-    aware = prefill(tiny_model, [system], [user[:-1]])
-    aware.compress(Compression("snapkv", 0.5), system_len=[SYSTEM])
-    plain = tiny_model.new_cache()
-    plain.prepare([])
-    tiny_model(torch.tensor([system]), plain)
-    plain.compress(Compression("snapkv", 0.5))
+    aware = compress(prefill(tiny_model, [system], [user[:-1]]), Compression("snapkv", 0.5), system_len=[SYSTEM])
+    plain = compress(prefill(tiny_model, [system], []), Compression("snapkv", 0.5))
     assert not all(torch.equal(a[0, :, :SYSTEM], p[0]) for a, p in zip(aware.kept, plain.kept))
     assert all(bool(p[0, :, SYSTEM - 16:].all()) for p in plain.kept)    # alone: its own window is kept
     assert not all(bool(a[0, :, SYSTEM - 16:SYSTEM].all()) for a in aware.kept)
@@ -118,9 +115,10 @@ def test_every_policy_and_allocation_keeps_the_system_budget(tiny_model, policy,
     system, user = random_rows(tiny_model, [SYSTEM, USER], seed=3)
     cache = prefill(tiny_model, [system], [user[:-1]])
     spec = Compression(policy, 0.6, allocation=allocation, whitelist=[5, 6, 7])
-    report, = cache.compress(spec, system_len=[SYSTEM])
-    n_kept = spec.budget(SYSTEM)
-    for kept in cache.kept:
+    compressed = compress(cache, spec, system_len=[SYSTEM])
+    report, = compressed.reports
+    n_kept = spec.n_kept(SYSTEM)
+    for kept in compressed.kept:
         assert kept[0, :, SYSTEM:].all() and kept[0, :, [5, 6, 7]].all()
         if allocation == "uniform":
             assert (kept[0, :, :SYSTEM].sum(-1) == n_kept).all()
@@ -133,7 +131,7 @@ def test_fair_eviction_is_refused_with_a_user_turn(tiny_model):
     system, user = random_rows(tiny_model, [SYSTEM, USER], seed=3)
     cache = prefill(tiny_model, [system], [user[:-1]])
     with pytest.raises(ValueError, match="fair eviction"):
-        cache.compress(Compression("snapkv", 0.5, partitions=[(0, 20), (20, SYSTEM)]), system_len=[SYSTEM])
+        compress(cache, Compression("snapkv", 0.5, partitions=[(0, 20), (20, SYSTEM)]), system_len=[SYSTEM])
 
 
 def test_batched_rows_equal_rows_alone_in_float32(tiny_model):
@@ -144,13 +142,12 @@ def test_batched_rows_equal_rows_alone_in_float32(tiny_model):
     users = random_rows(tiny_model, [9, 14, 6], seed=6)
     spec = Compression("h2o", 0.5)
     cache = prefill(tiny_model, systems, [u[:-1] for u in users])
-    cache.compress(spec, system_len=[len(s) for s in systems])
-    kept_batched = [k.clone() for k in cache.kept]
+    kept_batched = compress(cache, spec, system_len=[len(s) for s in systems]).kept
     answers_batched = generate(tiny_model, cache, torch.tensor([[u[-1]] for u in users]), 6, stop_ids=[])
     for b, (system, user) in enumerate(zip(systems, users)):
         alone = prefill(tiny_model, [system], [user[:-1]])
-        alone.compress(spec, system_len=[len(system)])
-        for batched, single in zip(kept_batched, alone.kept):
+        kept_alone = compress(alone, spec, system_len=[len(system)]).kept
+        for batched, single in zip(kept_batched, kept_alone):
             S = len(system)
             assert torch.equal(batched[b, :, :S], single[0, :, :S])
             user_slots = batched[b, :, 45:45 + len(user) - 1]            # after the widest system turn

@@ -1,4 +1,4 @@
-"""H2O's sums taken in the prefill's own attention pass (model.attention_with_received).
+"""H2O's sums taken in the prefill's own attention pass (policies.attention_with_received, run by an Observer).
 
 The reference is the explicit float64 causal attention matrix, one query head at a time:
 received[kv, k] = sum over the query heads h reading KV head kv and over queries q of A_h[q, k].
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policies import Compression, Layer, attention_with_received, h2o, reads_received
+from policies import Compression, Context, attention_with_received, compress, h2o, observer_for
+from reference import ref_h2o
 
-from test_policies import L, ref_h2o
+L = 45
 
 
 def ref_received(q, k, real=None):
@@ -66,9 +67,12 @@ def test_padding_queries_send_no_attention_to_real_keys(tiny_model):
 
 
 def recorded(model, tokens, received: bool, real=None):
+    """The cache after a recorded prefill, its logits, and the Observer's record per layer (None without)."""
     cache = model.new_cache(tokens.shape[0])
-    cache.prepare([Compression("h2o" if received else "snapkv", 0.5)])
-    logits = model(tokens, cache, real=real)
+    cache.record_queries()
+    observer = observer_for([Compression("h2o" if received else "snapkv", 0.5)])
+    logits = model(tokens, cache, real=real, attention=observer)
+    cache.observed = None if observer is None else observer.records
     return cache, logits
 
 
@@ -88,7 +92,7 @@ def test_h2o_from_received_equals_full_matrix_reference(tiny_model):
     cache, _ = recorded(tiny_model, tokens, True)
     for layer in range(tiny_model.args.n_layers):
         q, k = cache.queries[layer], cache.keys[layer][:, :, :L]
-        observed = Layer(layer, tiny_model.args.n_layers, observed=cache.observed[layer])
+        observed = Context(layer, tiny_model.args.n_layers, observed=cache.observed[layer])
         scores = h2o(q, k, k, [(0, L)], observed)
         assert torch.allclose(scores.double(), ref_h2o(q, k, [(0, L)]), atol=1e-5, rtol=0)
         spans = [(0, 20), (20, L)]                                  # fair eviction: computed span by span
@@ -101,30 +105,29 @@ def test_compress_keeps_the_same_entries_with_received(tiny_model, ratio):
     tokens = torch.randint(0, tiny_model.args.vocab_size, (2, L), generator=torch.Generator().manual_seed(6))
     real = torch.arange(L)[None] < torch.tensor([[L], [31]])
     spec = Compression("h2o", ratio)
-    assert reads_received(spec)
+    assert spec.reads_observed()
     kept = []
     for received in (False, True):
         cache, _ = recorded(tiny_model, tokens, received, real=real)
-        cache.compress(spec)
-        kept.append(cache.kept)
+        kept.append(compress(cache, spec, observed=cache.observed).kept)
     for a, b in zip(*kept):
         assert torch.equal(a, b)
 
 
-def test_reads_received_only_when_the_plain_h2o_scores_are_used():
-    assert reads_received(Compression("h2o", 0.5))
-    assert reads_received(Compression("h2o", 0.5, partitions=[(0, 5), (5, 9)], debias=0.5))
-    assert not reads_received(Compression("h2o", 0.5, partitions=[(0, 5), (5, 9)]))   # fair: span by span
-    assert not reads_received(Compression("h2o", 0.0))
-    assert not reads_received(Compression("snapkv", 0.5))
+def test_reads_observed_only_when_the_plain_h2o_scores_are_used():
+    assert Compression("h2o", 0.5).reads_observed()
+    assert Compression("h2o", 0.5, partitions=[(0, 5), (5, 9)], debias=0.5).reads_observed()
+    assert not Compression("h2o", 0.5, partitions=[(0, 5), (5, 9)]).reads_observed()   # fair: span by span
+    assert not Compression("h2o", 0.0).reads_observed()
+    assert not Compression("snapkv", 0.5).reads_observed()
 
 
 def test_received_needs_a_prefill_that_starts_the_cache(tiny_model):
     cache = tiny_model.new_cache()
     tiny_model(torch.tensor([[1, 2, 3]]), cache)
-    cache.prepare([Compression("h2o", 0.5)])
+    observer = observer_for([Compression("h2o", 0.5)])
     with pytest.raises(RuntimeError, match="empty cache"):
-        tiny_model(torch.tensor([[4, 5]]), cache)
+        tiny_model(torch.tensor([[4, 5]]), cache, attention=observer)
 
 
 def test_bfloat16_prefill_records_float32_sums(tmp_path):

@@ -17,7 +17,6 @@ import pytest
 import evaluate
 import leak
 from experiment import RunFolder, Shard, UsageError
-from test_cli import tiny_chat  # noqa: F401  (the fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCEPTANCE = ["--policy", "tova,snapkv", "--ratios", "0,0.5", "--limit", "8"]

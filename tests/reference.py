@@ -1,0 +1,75 @@
+"""Slow, obviously-correct references that several test files share, and a way to run the fast path
+on given tensors.
+
+The references materialise the full causal attention matrix in float64 with explicit loops over
+heads. `kept_masks` runs policies.compress on a cache that holds exactly the queries, keys and
+values given, so a test can compare the fast selection with a reference computed from the same
+tensors.
+"""
+import math
+
+import torch
+
+from cache import KVCache
+from policies import compress
+
+
+def kept_masks(spec, layers, inv_freq=None, observed=None, system_len=None):
+    """The fast path's kept masks, (H_kv, n) per layer, for one row's (q, k, v) of every layer
+    (q (1, H, n, D), k and v (1, H_kv, n, D)); `observed` as an Observer records it (H2O's sums)."""
+    _, kv_heads, n, dim = layers[0][1].shape
+    cache = KVCache(len(layers), 1, kv_heads, dim, capacity=n, dtype=layers[0][1].dtype, inv_freq=inv_freq)
+    cache.record_queries()
+    cache.begin(torch.ones(1, n, dtype=torch.bool))
+    for index, (q, k, v) in enumerate(layers):
+        cache.update(index, q, k, v)
+    return [mask[0] for mask in compress(cache, spec, system_len=system_len, observed=observed).kept]
+
+
+def ref_attention(q, k):
+    """A[h, i, j]: float64 causal softmax, query head h reading KV head h // group."""
+    H, kv_heads, n, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    A = torch.zeros(H, n, n, dtype=torch.float64)
+    for h in range(H):
+        logits = q[0, h].double() @ k[0, h // (H // kv_heads)].double().T / math.sqrt(D)
+        for i in range(n):
+            logits[i, i + 1:] = -math.inf
+        A[h] = logits.softmax(-1)
+    return A
+
+
+def ref_gqa_mean(per_head, kv_heads):
+    H = per_head.shape[0]
+    g = H // kv_heads
+    return torch.stack([per_head[j * g:(j + 1) * g].mean(0) for j in range(kv_heads)])
+
+
+def ref_h2o(q, k, spans):
+    A = ref_attention(q, k)
+    scores = torch.zeros(A.shape[0], k.shape[2], dtype=torch.float64)
+    for s, e in spans:
+        for j in range(s, e):
+            scores[:, j] = A[:, j:e, j].sum(1) / (e - j)  # only queries of j's own span, i >= j
+    return ref_gqa_mean(scores, k.shape[1])
+
+
+def ref_avg_pool(x, kernel):
+    n, half = len(x), kernel // 2
+    return torch.tensor([sum(x[t] for t in range(j - half, j + half + 1) if 0 <= t < n) / kernel for j in range(n)])
+
+
+def ref_snapkv(q, k, spans, window=16, kernel=5):
+    A = ref_attention(q, k)
+    H = A.shape[0]
+    scores = torch.zeros(H, k.shape[2], dtype=torch.float64)
+    protected = []
+    for j, (s, e) in enumerate(spans):
+        w = window // len(spans) + (1 if j < window % len(spans) else 0)
+        w = min(w, e - s - 1)
+        for h in range(H):
+            observed = A[h, e - w:e, s:e - w].mean(0)
+            scores[h, s:e - w] = ref_avg_pool(observed, kernel)
+        protected += list(range(e - w, e))
+    scores = ref_gqa_mean(scores, k.shape[1])
+    scores[:, protected] = math.inf
+    return scores
