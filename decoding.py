@@ -120,7 +120,7 @@ class Cuts:
             parts = spec.compression.partitions
             starts = [s for s, _ in covering_spans(parts, self.prompt_len[b])] + [self.prompt_len[b]] if parts else None
             explained[b] = [] if self.explain else None
-            masks[b] = evict_row(spec.compression, spec.target, cache, b, part_starts=starts,
+            masks[b] = evict_row(spec.compression, spec.target, cache, b, None, part_starts=starts,
                                  n_queries=min(self.steps[b], spec.buffer), span_local=False, explain=explained[b])
         for layer in range(cache.n_layers):
             S = cache.lengths[layer]

@@ -39,7 +39,7 @@ import torch
 
 import paperdata
 import prompts as P
-from model import DTYPES, generate, load_model
+from model import DTYPES, generate, load_model, pad
 from decoding import Cuts, Decoding
 from policies import ALLOCATIONS, POLICIES, Compression, Context, compress, covering_spans, prefill
 from report import QUERY_AWARE
@@ -605,17 +605,6 @@ def make_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 
 # ----------------------------------------------------------------------------- running
-
-def pad(rows: list[list[int]], device):
-    """Right-pad token lists into (B, T) tokens and a (B, T) mask of real tokens."""
-    width = max(map(len, rows))
-    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    real = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)] = torch.tensor(row, device=device)
-        real[i, :len(row)] = True
-    return tokens, real
-
 
 def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     """Prefill and compress the jobs' system turns together, then answer each user turn from them.

@@ -7,8 +7,9 @@ Attention, FeedForward, TransformerBlock, Transformer, then loading and generati
 The attention layer is where the data meets the cache: it writes its RoPE'd keys and
 values into the cache and gets back every entry it may attend to, with the mask of what
 each query may see. The model knows no policy: policies.py records what it needs through
-the cache (the queries) or through `attention=`, a function run instead of flash attention
-(H2O's sums of what each key receives), then asks the cache to keep what it chose.
+the cache (the queries) or through `attention=`, a function every attention layer calls
+(H2O sums what each key receives in the prefill; KVzip scores a replay of the turn), then
+asks the cache to keep what it chose.
 
 Names of parameters follow Hugging Face (`q_proj`, `input_layernorm`, ...), so a
 checkpoint loads with no renaming beyond the leading "model.".
@@ -156,10 +157,10 @@ class Attention(nn.Module):
         keys, values, mask = cache.update(self.layer_idx, q, k, v)                     # (B, H_kv, S, D)
         if mask is not None and mask.shape[1] > 1:                                     # per KV head (ragged eviction):
             mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # to its query heads (B, H, T, S)
-        if attention is not None:
-            # a policy reads this prefill's attention (H2O: what each key receives): its own function computes it
-            y = attention(self.layer_idx, q, keys, values, mask)
-        else:
+        # a policy that reads this layer's attention gets it first (policies.Observer): it may compute the
+        # output itself (H2O sums what each key receives as it goes) or only look (None)
+        y = None if attention is None else attention(self.layer_idx, x, q, keys, values, mask)
+        if y is None:
             # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
             # and is plainly causal, which lets attention skip the masked half of its work
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -223,8 +224,9 @@ class Transformer(nn.Module):
 
         `real` (B, T) marks real tokens (False = padding that nothing will attend to).
         Returns the logits of every position (B, T, V) when `all_logits`, else those of
-        each row's last real token (B, V). `attention(layer, q, keys, values, mask) -> output`
-        replaces flash attention in every layer (a policy's observer, policies.Observer).
+        each row's last real token (B, V). Every attention layer calls `attention(layer, x, q, keys,
+        values, mask)` (a policy's observer, policies.Observer) with its input x (B, T, dim) and uses
+        what it returns as its output, or runs flash attention when it returns None.
         """
         B, T = tokens.shape
         if real is None:
@@ -330,6 +332,15 @@ def _eos_ids(folder: str, config: dict) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- generation
+
+def pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (B, T) tokens and the (B, T) mask of real tokens."""
+    width = max(map(len, rows))
+    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    return tokens, torch.arange(width, device=device) < torch.tensor(list(map(len, rows)), device=device)[:, None]
+
 
 @torch.no_grad()
 def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_tokens: int,

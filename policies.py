@@ -56,10 +56,12 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
-from model import apply_rope, rope_cos_sin
+from model import apply_rope, pad, rope_cos_sin
 
 INF = float("inf")
 
@@ -139,7 +141,7 @@ def h2o(queries, keys, values, spans, context, block: int = 32):
             rows = torch.arange(start, end, device=keys.device)
             attn = attention_probs(queries[0, :, start:end], keys[:, :, :end], rows)  # (H, n, end)
             totals[:, span_start:end] += attn[..., span_start:].sum(1)
-        n_queries[span_start:span_end] = torch.arange(span_end - span_start, 0, -1)
+        n_queries[span_start:span_end] = torch.arange(span_end - span_start, 0, -1, device=keys.device)
     return gqa_mean(totals / n_queries, keys.shape[1])
 
 
@@ -252,9 +254,10 @@ def tova(queries, keys, values, spans, context):
 
 
 def random(queries, keys, values, spans, context, seed: int = 0):
-    """Baseline: uniform random scores per KV head (the same draw in every layer)."""
+    """Baseline: uniform random scores per KV head (the same draw in every layer, drawn on the CPU: the same
+    on every device)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(1, keys.shape[1], keys.shape[2], generator=generator).to(keys.device)
+    return torch.rand(1, keys.shape[1], keys.shape[2], generator=generator, device="cpu").to(keys.device)
 
 
 def full(queries, keys, values, spans, context):
@@ -296,7 +299,7 @@ def expected_attention(queries, keys, values, spans, context, n_future: int = 51
     angles = torch.cat((angles, angles), -1)                                      # (n_future, D)
     h = D // 2
     rotate_half = torch.zeros(D, D, device=keys.device)                          # rotate_half @ x == (-x2, x1)
-    rotate_half[:h, h:], rotate_half[h:, :h] = -torch.eye(h), torch.eye(h)
+    rotate_half[:h, h:], rotate_half[h:, :h] = -torch.eye(h, device=keys.device), torch.eye(h, device=keys.device)
     R = torch.diag(angles.cos().mean(0)) + torch.diag(angles.sin().mean(0)) @ rotate_half   # (D, D)
     mean, cov = mean @ R.T, R @ cov @ R.T
     k = keys[0, :, n_sink:].float().repeat_interleave(H // kv_heads, 0)          # (H, L - n_sink, D)
@@ -325,6 +328,25 @@ def keydiff(queries, keys, values, spans, context):
     return scores
 
 
+def kvzip(queries, keys, values, spans, context, n_sink: int = 4, plus: bool = False, chunk_size: int = 2048):
+    """KVzip (Kim et al., arXiv 2505.23416; kvpress 0.5.5's KVzipPress): keep what the model reads to repeat the turn.
+
+    After the prefill the model is asked to repeat the system turn (`replay_turns`: "Repeat the
+    previous context exactly.", then the turn's text again, in chunks of `chunk_size` tokens). A
+    key's score is the most attention it receives from any replay query of any query head of its
+    group (`ReplayAttention`, read here as context.observed); KVzip+ (`plus`) first divides each
+    query's attention by the norm of its hidden state and multiplies each key's by the norm of what
+    its value writes back, ||W_O v||. The first `n_sink` tokens get +inf; tokens of the template's
+    header, which the replay does not repeat, score 0. The scores do not depend on the spans.
+    """
+    if context.observed is None:
+        raise ValueError("kvzip scores what a replay of the turn attends to: run it with policies.prefill(..., "
+                         "replay=tokenizer.replay(system)), which makes the replay")
+    scores = context.observed.float().clone()                                     # (1, H_kv, L)
+    scores[..., :n_sink] = math.inf
+    return scores
+
+
 POLICIES = {
     "streaming_llm": streaming_llm,
     "h2o": h2o,
@@ -333,6 +355,7 @@ POLICIES = {
     "tova": tova,
     "expected_attention": expected_attention,
     "keydiff": keydiff,
+    "kvzip": kvzip,
     "random": random,
     "full": full,
 }
@@ -340,15 +363,23 @@ POLICIES = {
 # policies that read what the system prefill's attention computes: the attention function the
 # cache runs instead of flash attention in that prefill (it returns the output and the record)
 OBSERVERS = {"h2o": attention_with_received}
+# policies that score a replay of the turn after its prefill (prefill's replay=): the model repeats the turn
+REPLAYS = {"kvzip"}
+
+
+def option_defaults(policy: str) -> dict:
+    """A policy's keyword settings and their defaults: the parameters of its score function after `context`."""
+    parameters = list(inspect.signature(POLICIES[policy]).parameters.values())[5:]
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 # ----------------------------------------------------------------------------- allocations
 
-def uniform(plain, held: torch.Tensor, budget: float) -> torch.Tensor:
+def uniform(plain, held: torch.Tensor, budget: float, ratio) -> torch.Tensor:
     """The paper's budget: max(1, int(budget)) = max(1, int(L (1 - r))) in every layer and KV head."""
     return torch.full_like(held, max(1, int(budget)))
 
 
-def pyramid(plain, held: torch.Tensor, budget: float, window: int = 16, beta: int = 20) -> torch.Tensor:
+def pyramid(plain, held: torch.Tensor, budget: float, ratio, window: int = 16, beta: int = 20) -> torch.Tensor:
     """PyramidKV (Cai et al., arXiv 2406.02069), as kvpress 0.5.5's PyramidKVPress.get_layer_budget.
 
     Budgets fall linearly from the first layer to the last, the same for every KV head of a
@@ -374,7 +405,7 @@ def pyramid(plain, held: torch.Tensor, budget: float, window: int = 16, beta: in
     return counts
 
 
-def adakv(plain, held: torch.Tensor, budget: float, alpha: float = 0.2) -> torch.Tensor:
+def adakv(plain, held: torch.Tensor, budget: float, ratio, alpha: float = 0.2) -> torch.Tensor:
     """AdaKV (Feng et al., arXiv 2407.11550), as kvpress 0.5.5's AdaKVPress: budgets adapt per KV head.
 
     Each layer keeps H_kv * n_kept entries in all (n_kept = max(1, int(budget))). Each head
@@ -383,21 +414,50 @@ def adakv(plain, held: torch.Tensor, budget: float, alpha: float = 0.2) -> torch
     stand out keep more. Ranking is by tier (protected, whitelisted, rest), then score.
     """
     n_kept = max(1, int(budget))
+    safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
+    return torch.stack([shared(*scored(), safe, held.shape[1] * n_kept) for scored in plain])
+
+
+def global_budget(plain, held: torch.Tensor, budget: float, ratio, n_sink: int = 4,
+                  layerwise: bool = False) -> torch.Tensor:
+    """One budget over every layer and KV head (kvpress 0.5.5's KVzipPress), or one per layer shared by its
+    heads (`layerwise`, KVzipPress(layerwise=True)).
+
+    N entries in all keep N - int(N r), kvpress's count (uniform keeps n_layers H_kv max(1, int(L (1 - r))),
+    which rounds per head); at a decode cut, where there is no ratio, int(N budget / L). Each head first
+    keeps its n_sink best (KVzip's sinks, which it scores +inf: a head is never emptied), then the best
+    remaining entries over the whole group, by tier and score: a head may keep little more than its sinks
+    while another keeps almost everything.
+    """
+    n_layers, kv_heads = held.shape
+    width = max(scored()[0].shape[1] for scored in plain)
+    pad = lambda x, fill: F.pad(x, (0, width - x.shape[1]), value=fill)          # noqa: E731
+    scores, tiers_ = zip(*(scored() for scored in plain))
+    scores = torch.stack([pad(x, -math.inf) for x in scores])                     # (n_layers, H_kv, width)
+    tier = torch.stack([pad(torch.zeros_like(x, dtype=torch.long) if t is None else t, -1)
+                        for x, t in zip(scores, tiers_)])
+    groups = [slice(layer, layer + 1) for layer in range(n_layers)] if layerwise else [slice(0, n_layers)]
     counts = torch.empty_like(held)
-    for layer, scored in enumerate(plain):
-        scores, tier = scored()                                                   # (H_kv, n)
-        H, n = scores.shape
-        tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
-        safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
-        safeguard = torch.zeros_like(tier)
-        safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                  # each head's best `safe`
-        order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
-        counts[layer] = torch.bincount(order[:H * n_kept] // n, minlength=H).to(counts.device)
+    for group in groups:
+        total = int(held[group].sum())
+        keep = total - int(total * ratio) if ratio is not None else int(total * budget / width)
+        counts[group] = shared(scores[group].flatten(0, 1), tier[group].flatten(0, 1), n_sink, keep).view(-1, kv_heads)
     return counts
 
 
-ALLOCATIONS = {"uniform": uniform, "pyramid": pyramid, "adakv": adakv}
-RANKING_ALLOCATIONS = {"adakv"}      # allocations that read the policy's whole-turn scores
+def shared(scores: torch.Tensor, tier: torch.Tensor | None, safe: int, total: int) -> torch.Tensor:
+    """Counts (heads,) when heads share `total` entries: each keeps its best `safe`, the rest go to the best
+    remaining (heads, n) scores over all heads, by tier then score."""
+    heads, n = scores.shape
+    tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
+    safeguard = torch.zeros_like(tier)
+    safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                      # each head's best `safe`
+    order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
+    return torch.bincount(order[:total] // n, minlength=heads).cpu()
+
+
+ALLOCATIONS = {"uniform": uniform, "pyramid": pyramid, "adakv": adakv, "global": global_budget}
+RANKING_ALLOCATIONS = {"adakv", "global"}      # allocations that read the policy's whole-turn scores
 
 
 # ----------------------------------------------------------------------------- what to evict
@@ -571,13 +631,14 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     return scores
 
 
-def evict_row(spec: Compression, budget: float, cache, row: int, limit: int | None = None,
+def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | None = None, limit: int | None = None,
               part_starts: list[int] | None = None, n_queries: int | None = None, observed=None,
               span_local: bool = True, explain: list | None = None) -> list[torch.Tensor]:
     """One row's kept slots (H_kv, S) in every layer: scores -> counts per (layer, KV head) -> the best of
     each part by tier and score. The one eviction pipeline, for the prefill and for decode cuts.
 
     budget       entries a head keeps on average: L (1 - r) at the prefill, the target at a decode cut
+    ratio        the prefill's r (None at a decode cut), for allocations that count as kvpress does (global)
     limit        only entries at original positions below it may go (the system turn); None: any
     part_starts  the first original position of each partition (fair eviction); None: one part
     n_queries    how many of the newest slots have a recorded query (None: every slot)
@@ -607,7 +668,8 @@ def evict_row(spec: Compression, budget: float, cache, row: int, limit: int | No
 
     plain = [functools.cache(functools.partial(scored, layer, None)) for layer in range(cache.n_layers)]   # one span
     counts = torch.stack([h.evictable.sum(-1) for h in held]).cpu()              # (n_layers, H_kv)
-    counts = torch.minimum(ALLOCATIONS[spec.allocation](plain, counts, budget, **spec.allocation_options).cpu(), counts)
+    allocated = ALLOCATIONS[spec.allocation](plain, counts, budget, ratio, **spec.allocation_options)
+    counts = torch.minimum(allocated.cpu(), counts)
     masks = []
     for layer, (h, w) in enumerate(zip(held, width)):
         quotas = counts[layer][:, None]                                           # (H_kv, parts)
@@ -645,7 +707,7 @@ class Observer:
     def __init__(self, attend):
         self.attend, self.records, self.scratch = attend, {}, {}
 
-    def __call__(self, layer: int, q, keys, values, mask):
+    def __call__(self, layer: int, x, q, keys, values, mask):
         if keys.shape[2] != q.shape[2]:
             raise RuntimeError("the prefill's observer needs the system prefill to start an empty cache")
         output, self.records[layer] = self.attend(q, keys, values, mask, scratch=self.scratch)
@@ -662,14 +724,106 @@ def observer_for(specs: list[Compression]) -> Observer | None:
 
 @torch.no_grad()
 def prefill(model, cache, tokens: torch.Tensor, spec: Compression | list[Compression],
-            real: torch.Tensor | None = None, explain: bool = False) -> "Compressed":
+            real: torch.Tensor | None = None, replay: "Replay | list[Replay] | None" = None,
+            explain: bool = False) -> "Compressed":
     """The paper's protocol: run the system turn (B, T) into an empty cache, recording what the policies
-    read (every query, and the observer's record), then compress it once, in every layer."""
+    read (every query, the observer's record, or a replay's), then compress it once, in every layer.
+
+    A policy in REPLAYS (KVzip) scores a replay of each row's turn: `replay` says how (one per row, or one
+    for all; tokenizer.Tokenizer.replay makes it from the chat template)."""
     specs = spec if isinstance(spec, list) else [spec] * tokens.shape[0]
+    real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
     cache.record_queries()
     observer = observer_for(specs)
     model(tokens, cache, real, attention=observer)
-    return compress(cache, specs, observed=None if observer is None else observer.records, explain=explain)
+    observed = None if observer is None else observer.records
+    if any(s.policy in REPLAYS and s.ratio > 0 for s in specs):
+        if replay is None:
+            raise ValueError("kvzip replays the system turn: pass replay=tokenizer.replay(system) to prefill")
+        turns = [row[keep].tolist() for row, keep in zip(tokens, real)]
+        observed = replay_turns(model, cache, turns, specs, replay if isinstance(replay, list) else [replay] * len(turns))
+    return compress(cache, specs, observed=observed, explain=explain)
+
+
+@dataclass
+class Replay:
+    """How a replaying policy (KVzip) has the model repeat one row's system turn, as kvpress 0.5.5's KVzipPress:
+    the turn's tokens from `start` (after the template's header) are repeated in chunks, each after a prompt
+    (`prompt` for the first, `later_prompt` + the previous chunk's last 8 tokens for the others) and the
+    template's `suffix` (the end of a user turn and the assistant's header)."""
+    start: int
+    prompt: list[int]             # "\n\nRepeat the previous context exactly."
+    later_prompt: list[int]       # "\n\nRepeat the part of the previous context exactly, starting with"
+    suffix: list[int]
+
+    def chunks(self, turn: list[int], size: int) -> list[tuple[int, int, list[int]]]:
+        """(first, end, tokens) of each replay pass: the turn's positions [first, end) repeated after the prompt."""
+        out = []
+        for first in range(self.start, len(turn), size):
+            prompt = self.prompt if first == self.start else self.later_prompt + turn[first - min(8, size):first]
+            out.append((first, min(first + size, len(turn)), prompt + self.suffix + turn[first:first + size]))
+        return out
+
+
+@torch.no_grad()
+def replay_turns(model, cache, turns: list[list[int]], specs: list[Compression], replays: list[Replay]) -> list:
+    """Each row's turn repeated through the model after it (batched, right-padded, one chunk at a time); the
+    cache returns to its state after every pass, bit for bit. Returns per layer the policy's record (B, H_kv, S)."""
+    settings = [{**option_defaults(s.policy), **s.options} for s in specs]
+    chunks = [r.chunks(turn, o["chunk_size"]) if s.policy in REPLAYS else []
+              for r, turn, s, o in zip(replays, turns, specs, settings)]
+    attention = ReplayAttention(model, cache, settings)
+    saved = cache.checkpoint()
+    for index in range(max(map(len, chunks))):
+        rows = [c[index] if index < len(c) else (0, 0, []) for c in chunks]       # a row done: all padding
+        attention.rows = [(first, end, len(ids)) if ids else None for first, end, ids in rows]
+        tokens, real = pad([ids for _, _, ids in rows], cache.device)
+        model(tokens, cache, real, attention=attention)
+        cache.restore(saved)
+    return attention.scores
+
+
+class ReplayAttention:
+    """The attention hook of KVzip's replay passes: per layer, the most attention each replayed key receives.
+
+    For one row, the replay's queries (at their positions after the turn) attend to the sinks, the chunk
+    being replayed and the replay itself (causally); the softmax covers those keys only, as kvpress's.
+    Query blocks of 256 bound the memory. The layer's own attention then runs as usual (returns None).
+    """
+
+    def __init__(self, model, cache, settings: list[dict]):
+        self.settings, self.rows = settings, []
+        self.o_proj = [layer.self_attn.o_proj.weight for layer in model.layers]
+        self.scores = [torch.zeros(cache.batch_size, cache.kv_heads, cache.lengths[0], device=cache.device)
+                       for _ in range(cache.n_layers)]
+
+    def __call__(self, layer: int, x, q, keys, values, mask):
+        S, (kv_heads, D) = keys.shape[2] - q.shape[2], keys.shape[1::2]          # the replay's keys come last
+        group = q.shape[1] // kv_heads
+        for b, row in enumerate(self.rows):
+            if row is None:
+                continue
+            (first, end, n), n_sink, plus = row, self.settings[b]["n_sink"], self.settings[b]["plus"]
+            sink = min(n_sink, first)
+            columns = [*range(sink), *range(first, end), *range(S, S + n)]
+            k, v = keys[b][:, columns].float(), values[b][:, columns].float()   # (H_kv, c, D)
+            if plus:                                                              # ||W_O v|| per query head and key
+                o = self.o_proj[layer].float().view(-1, kv_heads, group, D)       # (dim, H_kv, group, D)
+                written = torch.cat([torch.einsum("jhgi,hti->hgtj", o, v[:, i:i + 256]).norm(dim=-1)
+                                     for i in range(0, v.shape[1], 256)], -1)     # (H_kv, group, c)
+            best = torch.zeros(kv_heads, end - first, device=q.device)
+            for start in range(0, n, 256):
+                stop = min(start + 256, n)
+                rows_q = q[b, :, start:stop].float().view(kv_heads, group, stop - start, D)
+                logits = rows_q @ k.transpose(1, 2)[:, None] / math.sqrt(D)      # (H_kv, group, block, c)
+                future = torch.arange(n, device=q.device)[None] > torch.arange(start, stop, device=q.device)[:, None]
+                logits[..., -n:].masked_fill_(future, -math.inf)
+                probs = logits.softmax(-1)
+                if plus:
+                    probs = probs / x[b, start:stop].float().norm(dim=-1)[:, None] * written[:, :, None]
+                best = torch.maximum(best, probs[..., sink:sink + end - first].amax(dim=(1, 2)))
+            self.scores[layer][b, :, first:end] = best
+        return None
 
 
 @torch.no_grad()
@@ -700,6 +854,8 @@ def compress(cache, spec: Compression | list[Compression], system_len: list[int]
                                    or not torch.equal(valid & front(system_len), front(system_len))):
         raise RuntimeError("compress(system_len=...) expects each row's system turn in its first slots")
     lengths = valid.sum(1).tolist() if system_len is None else list(system_len)
+    if system_len is not None and any(s.policy in REPLAYS and s.ratio > 0 for s in specs):
+        raise ValueError("kvzip replays the system turn alone: with a user turn (query-aware) it is not defined yet")
     explained = [[] if explain else None for _ in specs]
     rows = []
     for b, (s, L) in enumerate(zip(specs, lengths)):
@@ -707,7 +863,7 @@ def compress(cache, spec: Compression | list[Compression], system_len: list[int]
             rows.append([cache.valid[layer][b, :, :S].clone() for layer in range(cache.n_layers)])
             continue
         starts = [start for start, _ in covering_spans(s.partitions, L)] if s.partitions else None
-        rows.append(evict_row(s, L * (1 - s.ratio), cache, b, limit=L, part_starts=starts, observed=observed,
+        rows.append(evict_row(s, L * (1 - s.ratio), cache, b, s.ratio, limit=L, part_starts=starts, observed=observed,
                               explain=explained[b]))
     kept = [torch.stack([masks[layer] for masks in rows]) for layer in range(cache.n_layers)]   # (B, H_kv, S) each
     for layer, mask in enumerate(kept):

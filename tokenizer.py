@@ -625,6 +625,27 @@ class Tokenizer:
         order = range(len(messages))
         return text, content_ranges, [spans[i] for i in order], [leads[i] for i in order]
 
+    def replay(self, system: ChatEncoding):
+        """How KVzip has the model repeat this system turn (policies.Replay), with kvpress 0.5.5's prompts: the
+        turn's tokens after the template's header, after "Repeat the previous context exactly." and the
+        template's end of a user turn and assistant header (what follows a user message's content when the
+        template renders one with the generation prompt)."""
+        from policies import Replay
+        separator = "\n" + "#" * 13
+        rendered = self.render_chat([{"role": "user", "content": "dummy context" + separator}], add_generation_prompt=True)
+        suffix = rendered.split(separator)[-1]
+        pieces = [*self.special_regex.finditer(suffix), None]                  # the template's special tokens count
+        suffix_ids, cursor = [], 0
+        for piece in pieces:
+            end = piece.start() if piece else len(suffix)
+            suffix_ids += self.backend.encode(suffix[cursor:end], at_start=cursor == 0) if end > cursor else []
+            if piece:
+                suffix_ids.append(self.special_tokens[piece.group()])
+                cursor = piece.end()
+        start = next(t for t, (_, end) in enumerate(system.offsets) if end > system.content_spans[0][0])
+        return Replay(start, self.encode("\n\nRepeat the previous context exactly."),
+                      self.encode("\n\nRepeat the part of the previous context exactly, starting with"), suffix_ids)
+
     def chat_ids(self, system: str, user: str) -> tuple[ChatEncoding, ChatEncoding]:
         """(the system turn alone, no generation prompt; system + user with the generation prompt).
         The first's ids are a prefix of the second's, so a cache prefilled with the system turn can be reused."""

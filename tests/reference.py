@@ -9,9 +9,17 @@ tensors.
 import math
 
 import torch
+import torch.nn.functional as F
+
+from model import apply_rope
+from policies import Replay
 
 from cache import KVCache
 from policies import compress
+
+
+# a replay for tests on the tiny random models (vocabulary 96): a 3-token header, then prompts of made-up ids
+REPLAY = Replay(start=3, prompt=[11, 12, 13, 14], later_prompt=[21, 22, 23], suffix=[31, 32])
 
 
 def kept_masks(spec, layers, inv_freq=None, observed=None, system_len=None):
@@ -73,3 +81,49 @@ def ref_snapkv(q, k, spans, window=16, kernel=5):
     scores = ref_gqa_mean(scores, k.shape[1])
     scores[:, protected] = math.inf
     return scores
+
+
+def rms(x, weight, eps):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def forward64(model, tokens, seen_until=None):
+    """Float64 forward of the whole sequence; seen_until[layer][h][k] = the last position whose query sees key k
+    (None: every key at or before the query).
+
+    Returns the last position's logits, and per layer the queries (H, n, D), keys and values (H_kv, n, D), and
+    the attention's input (n, dim).
+    """
+    a = model.args
+    n = len(tokens)
+    positions = torch.arange(n)
+    freqs = positions[:, None].double() * model.inv_freq.double()
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    x = model.embed_tokens.weight.double()[torch.tensor(tokens)]                 # (n, dim)
+    group = a.n_heads // a.n_kv_heads
+    per_layer = []
+    for i, block in enumerate(model.layers):
+        att = block.self_attn
+        h = rms(x, block.input_layernorm.weight.double(), a.norm_eps)
+        attention_input = h
+        q = (h @ att.q_proj.weight.double().T).view(n, a.n_heads, a.head_dim).transpose(0, 1)
+        k = (h @ att.k_proj.weight.double().T).view(n, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v = (h @ att.v_proj.weight.double().T).view(n, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        outputs = []
+        for head in range(a.n_heads):
+            kv = head // group
+            visible = positions[None, :] <= positions[:, None]
+            if seen_until is not None:
+                visible &= positions[:, None] <= seen_until[i][kv][None, :n]
+            logits = (q[head] @ k[kv].T / math.sqrt(a.head_dim)).masked_fill(~visible, -math.inf)
+            outputs.append(logits.softmax(-1) @ v[kv])
+        y = torch.stack(outputs, 1).reshape(n, -1)
+        x = x + y @ att.o_proj.weight.double().T
+        h = rms(x, block.post_attention_layernorm.weight.double(), a.norm_eps)
+        mlp = block.mlp
+        x = x + (F.silu(h @ mlp.gate_proj.weight.double().T) * (h @ mlp.up_proj.weight.double().T)) @ mlp.down_proj.weight.double().T
+        per_layer.append((q, k, v, attention_input))
+    logits = rms(x[-1], model.norm.weight.double(), a.norm_eps) @ model.lm_head.weight.double().T
+    return logits, per_layer

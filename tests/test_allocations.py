@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from policies import (ALLOCATIONS, POLICIES, Compression, Context, adakv, covering_spans, largest_remainder, prefill,
-                      pyramid)
+from policies import (ALLOCATIONS, POLICIES, REPLAYS, Compression, Context, adakv, covering_spans, largest_remainder,
+                      prefill, pyramid)
 from reference import kept_masks, ref_snapkv
 
 L = 45
-PAIRS = [(p, a) for p in POLICIES if p != "full" for a in ALLOCATIONS]
+PAIRS = [(p, a) for p in POLICIES if p != "full" and p not in REPLAYS for a in ALLOCATIONS]   # KVzip: test_kvzip
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def counts_of(spec, layers, inv_freq):
                                                             **spec.options)[0], None)
              for i, (q, k, v) in enumerate(layers)]
     held = torch.full((len(layers), layers[0][1].shape[1]), L)
-    return ALLOCATIONS[spec.allocation](plain, held, L * (1 - spec.ratio))
+    return ALLOCATIONS[spec.allocation](plain, held, L * (1 - spec.ratio), spec.ratio)
 
 
 # ----------------------------------------------------------------------------- AdaKV
@@ -73,7 +73,7 @@ def test_adakv_counts_equal_the_reference_on_random_scores(trial):
     H, n = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(5, 80, (1,), generator=g))
     scores = torch.rand(H, n, generator=g) * torch.rand(H, 1, generator=g) * 10    # heads on different scales
     for n_kept in (1, 2, n // 3, n // 2, n - 1):
-        counts = adakv([lambda: (scores, None)], torch.full((1, H), n), n_kept)[0]
+        counts = adakv([lambda: (scores, None)], torch.full((1, H), n), n_kept, None)[0]
         assert counts.tolist() == ref_adakv_counts(scores.tolist(), n_kept)
 
 
@@ -110,7 +110,7 @@ def test_adakv_moves_budget_between_heads(layers):
 def test_pyramid_budgets_equal_the_formula(n_layers):
     for length in (10, 40, 45, 100, 165, 1000):
         for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
-            budgets = pyramid(None, torch.full((n_layers, 1), length), length * (1 - ratio))[:, 0].tolist()
+            budgets = pyramid(None, torch.full((n_layers, 1), length), length * (1 - ratio), ratio)[:, 0].tolist()
             assert budgets == [ref_pyramid_budget(length, ratio, i, n_layers) for i in range(n_layers)]
             mean = sum(budgets) / n_layers
             if n_layers > 1:                                    # one layer gets the pyramid's top, as in kvpress
@@ -119,9 +119,9 @@ def test_pyramid_budgets_equal_the_formula(n_layers):
 
 
 def test_pyramid_is_steep_when_it_fits():
-    budgets = pyramid(None, torch.full((30, 1), 165), 165 * 0.5)[:, 0].tolist()
+    budgets = pyramid(None, torch.full((30, 1), 165), 165 * 0.5, 0.5)[:, 0].tolist()
     assert budgets[0] == 149 and budgets[-1] == 16                             # L - window ... window
-    assert pyramid(None, torch.full((30, 1), 20), 20 * 0.5)[0, 0] == 10        # too short: round(L (1 - r))
+    assert pyramid(None, torch.full((30, 1), 20), 20 * 0.5, 0.5)[0, 0] == 10   # too short: round(L (1 - r))
 
 
 # ----------------------------------------------------------------------------- every policy x allocation

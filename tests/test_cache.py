@@ -12,6 +12,7 @@ import torch
 from cache import HEADROOM
 from model import generate
 from policies import ALLOCATIONS, POLICIES, Compression, compress, prefill
+from reference import REPLAY
 
 L, USER = 40, 7
 PAIRS = [(p, a) for p in POLICIES for a in ALLOCATIONS]
@@ -56,7 +57,7 @@ def tokens_for(model, seed=7):
 def compressed(model, system, spec, real=None):
     """A cache holding the compressed system turn; what compression did rides along as .reports, .kept, .keep_rate."""
     cache = model.new_cache(system.shape[0])
-    result = prefill(model, cache, system, spec, real=real)
+    result = prefill(model, cache, system, spec, real=real, replay=REPLAY)
     cache.reports, cache.kept, cache.keep_rate = result.reports, result.kept, result.keep_rate
     return cache
 

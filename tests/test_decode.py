@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from decoding import DECODE, Cuts, Decoding
 from model import apply_rope, generate, rope_cos_sin
+from reference import forward64
 from policies import ALLOCATIONS, POLICIES, Compression, Context
 
 INF = math.inf
@@ -37,47 +38,6 @@ def generate_logged(model, cache, tokens, max_new_tokens, spec, **kwargs):
 
 
 # ----------------------------------------------------------------------------- the naive reference
-
-def rms(x, weight, eps):
-    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def forward64(model, tokens, seen_until):
-    """Float64 forward of the whole sequence; seen_until[layer][h][k] = the last position whose query sees key k.
-
-    Returns the last position's logits, and per layer the queries (H, n, D) and keys, values (H_kv, n, D).
-    """
-    a = model.args
-    n = len(tokens)
-    positions = torch.arange(n)
-    freqs = positions[:, None].double() * model.inv_freq.double()
-    emb = torch.cat((freqs, freqs), -1)
-    cos, sin = emb.cos(), emb.sin()
-    x = model.embed_tokens.weight.double()[torch.tensor(tokens)]                 # (n, dim)
-    group = a.n_heads // a.n_kv_heads
-    per_layer = []
-    for i, block in enumerate(model.layers):
-        att = block.self_attn
-        h = rms(x, block.input_layernorm.weight.double(), a.norm_eps)
-        q = (h @ att.q_proj.weight.double().T).view(n, a.n_heads, a.head_dim).transpose(0, 1)
-        k = (h @ att.k_proj.weight.double().T).view(n, a.n_kv_heads, a.head_dim).transpose(0, 1)
-        v = (h @ att.v_proj.weight.double().T).view(n, a.n_kv_heads, a.head_dim).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        outputs = []
-        for head in range(a.n_heads):
-            kv = head // group
-            visible = (positions[None, :] <= positions[:, None]) & (positions[:, None] <= seen_until[i][kv][None, :n])
-            logits = (q[head] @ k[kv].T / math.sqrt(a.head_dim)).masked_fill(~visible, -math.inf)
-            outputs.append(logits.softmax(-1) @ v[kv])
-        y = torch.stack(outputs, 1).reshape(n, -1)
-        x = x + y @ att.o_proj.weight.double().T
-        h = rms(x, block.post_attention_layernorm.weight.double(), a.norm_eps)
-        mlp = block.mlp
-        x = x + (F.silu(h @ mlp.gate_proj.weight.double().T) * (h @ mlp.up_proj.weight.double().T)) @ mlp.down_proj.weight.double().T
-        per_layer.append((q, k, v))
-    logits = rms(x[-1], model.norm.weight.double(), a.norm_eps) @ model.lm_head.weight.double().T
-    return logits, per_layer
-
 
 def reference_scores(spec, layer_index, n_layers, q, k, v, held):
     """Each KV head's scores of what it holds (a list per head): heads holding the same tokens in one call."""
@@ -108,7 +68,7 @@ def reference_counts(spec, scores, held):
         plain.append(lambda padded=padded: (padded, None))
     sizes = torch.tensor([[len(p) for p in layer_held] for layer_held in held])
     c = spec.compression
-    return ALLOCATIONS[c.allocation](plain, sizes, spec.target, **c.allocation_options).tolist()
+    return ALLOCATIONS[c.allocation](plain, sizes, spec.target, None, **c.allocation_options).tolist()
 
 
 def reference_cut(scores, counts, held, fast_kept=None):
@@ -159,7 +119,7 @@ def reference_generate(model, prompt, max_new_tokens, spec, stop_ids=(), fast_cu
             now = len(seq) - 1
             held = [[[p for p in range(now + 1) if seen_until[i][h][p] == big] for h in range(a.n_kv_heads)]
                     for i in range(a.n_layers)]
-            scores = [reference_scores(spec, i, a.n_layers, q, k, v, held[i]) for i, (q, k, v) in enumerate(layers)]
+            scores = [reference_scores(spec, i, a.n_layers, q, k, v, held[i]) for i, (q, k, v, _) in enumerate(layers)]
             counts = reference_counts(spec, scores, held)
             for i in range(a.n_layers):
                 kept = reference_cut(scores[i], counts[i], held[i], fast.get((i, step + 1)))
@@ -304,3 +264,28 @@ def test_rerotated_keys_equal_keys_computed_at_the_new_positions(tiny_model, all
             assert torch.allclose(cache.keys[layer][0, h, :n], expected, atol=1e-5, rtol=0)
             assert cache.positions[layer][0, h, :n].tolist() == positions
     assert int(cache.next_rotary[0]) == max(len(p) for c in cuts.log for p in c["kept"][0])
+
+
+def test_explain_reports_what_each_cut_ranked(tiny_model):
+    """Per cut: the positions each head held, the scores ranked, each head's count, and the kept set, which is
+    each head's top count by score; K-norm's scores are minus the norms of the keys the cache keeps."""
+    prompt = prompt_of(20, 8)
+    cuts = Cuts(spec_for("knorm", "adakv"), log=True, explain=True)
+    cache = tiny_model.new_cache()
+    generate(tiny_model, cache, torch.tensor([prompt]), 2 * INTERVAL + 1, stop_ids=(), cuts=cuts)
+    for cut in cuts.log:
+        e = cut["explained"][0]
+        kept = [sorted(e["positions"][h][e["kept"][h]].tolist()) for h in range(len(e["counts"]))]
+        assert kept == cut["kept"][0] and [len(p) for p in kept] == e["counts"].tolist()
+        assert int(e["counts"].sum()) == TARGET * len(e["counts"])          # adakv: the layer's total
+        for h, count in enumerate(e["counts"].tolist()):
+            held = e["positions"][h] >= 0
+            best = e["scores"][h][held].topk(count).values
+            assert torch.equal(e["scores"][h][e["kept"][h]].sort(descending=True).values, best)
+    for layer in range(tiny_model.args.n_layers):                         # the last cut's kept keys are still held
+        e = [c for c in cuts.log if c["layer"] == layer][-1]["explained"][0]
+        for h in range(tiny_model.args.n_kv_heads):
+            positions = e["positions"][h][e["kept"][h]]
+            slots = [cache.positions[layer][0, h].tolist().index(p) for p in positions.tolist()]
+            norms = cache.keys[layer][0, h, slots].norm(dim=-1)
+            assert torch.allclose(e["scores"][h][e["kept"][h]], -norms)

@@ -11,7 +11,7 @@ import torch
 import policies
 from policies import (POLICIES, Compression, Context, covering_spans, h2o, knorm, largest_remainder, snapkv,
                       streaming_llm, tova)
-from reference import kept_masks, ref_attention, ref_h2o, ref_snapkv
+from reference import REPLAY, kept_masks, ref_attention, ref_h2o, ref_snapkv
 
 FIRST = Context(0, 1)   # the layer a direct policy call scores
 
@@ -86,14 +86,17 @@ def test_streaming_llm_keeps_sinks_and_the_most_recent(prefill):
 def compress(model, tokens, spec):
     """The cache and the compression's report; .kept holds the kept masks."""
     cache = model.new_cache()
-    cache.record_queries()                 # queries only: H2O scores by its own pass, as the references do
-    model(tokens, cache)
-    compressed = policies.compress(cache, spec)
+    if spec.policy in policies.REPLAYS:    # KVzip scores a replay of the turn
+        compressed = policies.prefill(model, cache, tokens, spec, replay=REPLAY)
+    else:
+        cache.record_queries()             # queries only: H2O scores by its own pass, as the references do
+        model(tokens, cache)
+        compressed = policies.compress(cache, spec)
     cache.kept = compressed.kept
     return cache, compressed.reports[0]
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full" and p not in policies.REPLAYS])  # test_kvzip
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
 def test_kept_entries_per_layer_and_head(tiny_model, prefill, policy, ratio):
     tokens, layers = prefill
@@ -213,3 +216,17 @@ def test_whitelist_larger_than_budget_keeps_the_best_scored_whitelisted(policy):
             chosen = [p for p in kept[h].tolist() if p not in protected]
             assert set(protected) <= set(kept[h].tolist()) and set(chosen) <= set(listed), (trial, h)
             assert sorted(float(scores[h, p]) for p in chosen) == expected, (trial, h)  # ties may swap positions
+
+
+def test_explain_reports_what_each_layer_ranked(tiny_model, prefill):
+    """Why a token went: per layer the positions, the policy's scores, each KV head's count and the kept set."""
+    tokens, layers = prefill
+    spec = Compression("snapkv", 0.5, allocation="adakv", whitelist=[10, 11])
+    compressed = policies.prefill(tiny_model, tiny_model.new_cache(), tokens, spec, explain=True)
+    explained = compressed.explained[0]
+    assert [e["layer"] for e in explained] == list(range(len(layers)))
+    for e, (q, k, v), kept in zip(explained, layers, compressed.kept):
+        assert torch.equal(e["positions"], torch.arange(L).expand(k.shape[1], L))
+        assert close(e["scores"], snapkv(q, k, v, [(0, L)], FIRST))           # the scores it ranked
+        assert torch.equal(e["kept"], kept[0]) and torch.equal(e["counts"], kept[0].sum(-1))
+        assert (e["tier"][:, [10, 11]] >= 1).all()                          # whitelisted (or protected)

@@ -17,7 +17,7 @@ import evaluate
 import leak
 from experiment import RunFolder
 from conftest import answers, records
-from policies import ALLOCATIONS, POLICIES, Compression, compress
+from policies import ALLOCATIONS, POLICIES, REPLAYS, Compression, compress
 from reference import ref_attention, ref_avg_pool, ref_gqa_mean
 
 SYSTEM, USER = 40, 13                        # the user turn's last token is fed after compression: 12 in the prefill
@@ -110,7 +110,8 @@ def test_the_user_turn_changes_what_survives(tiny_model):
     assert not all(bool(a[0, :, SYSTEM - 16:SYSTEM].all()) for a in aware.kept)
 
 
-@pytest.mark.parametrize("policy,allocation", [(p, a) for p in POLICIES if p != "full" for a in ALLOCATIONS])
+@pytest.mark.parametrize("policy,allocation", [(p, a) for p in POLICIES if p != "full" and p not in REPLAYS
+                                               for a in ALLOCATIONS])
 def test_every_policy_and_allocation_keeps_the_system_budget(tiny_model, policy, allocation):
     system, user = random_rows(tiny_model, [SYSTEM, USER], seed=3)
     cache = prefill(tiny_model, [system], [user[:-1]])
@@ -125,6 +126,13 @@ def test_every_policy_and_allocation_keeps_the_system_budget(tiny_model, policy,
         if allocation == "adakv":
             assert int(kept[0, :, :SYSTEM].sum()) == kept.shape[1] * n_kept
     assert report["n_kept"] == n_kept and report["whitelist_kept"] == 1.0
+
+
+def test_kvzip_is_refused_with_a_user_turn(tiny_model):
+    system, user = random_rows(tiny_model, [SYSTEM, USER], seed=3)
+    cache = prefill(tiny_model, [system], [user[:-1]])
+    with pytest.raises(ValueError, match="kvzip.*user turn"):
+        compress(cache, Compression("kvzip", 0.5), system_len=[SYSTEM])
 
 
 def test_fair_eviction_is_refused_with_a_user_turn(tiny_model):
