@@ -456,8 +456,9 @@ def _check_json(value, indent, separators, made_by: str = "the filter 'tojson'")
     (' ' * indent), then written before each item once per level of nesting, and a separator after each item, so a
     small value with a large indent or separator makes a huge text. Strings count at their length (escaping makes
     them at most a few times longer)."""
-    if isinstance(indent, int):
-        _refuse_size(indent, f"{made_by} was asked for an indent")
+    if isinstance(indent, int) and indent > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{made_by} asks for an indent of {indent} characters (the limit is "
+                                  f"{MAX_TEMPLATE_CHARS})")
     indent_size = len(indent) if isinstance(indent, str) else max(indent, 0) if isinstance(indent, int) else 0
     newline = 0 if indent is None else 1
     try:

@@ -571,7 +571,7 @@ SIZED_CASES = {  # name: (template, what the refusal says after "refused the cha
     "markup-format-width": ("{{ ('{0:{1}}' | e).format('x', 10**9) }}", r"str\.format asks for a width of 10+ "),
     "str-format-precision": ("{{ '{:.999999999f}'.format(1.5) }}", r"str\.format asks for a precision of 999999999"),
     "str-format-repeated-field": (BIG + "{{ ('{0}' * 1000).format(big) }}", r"str\.format would make a text of \d+"),
-    "tojson-indent": ("{{ [[1]] | tojson(indent=10**9) }}", "the filter 'tojson' was asked for an indent of 10+ "),
+    "tojson-indent": ("{{ [[1]] | tojson(indent=10**9) }}", "the filter 'tojson' asks for an indent of 1000000000 characters"),
     "tojson-indent-per-level": ("{{ [[[[[[[[[[1]]]]]]]]]] | tojson(indent=9000000) }}",
                                 r"the filter 'tojson' would make a text of \d+ items"),
     "tojson-separators": (BIG + "{{ ([1] * 1000) | tojson(separators=(big, ':')) }}",
