@@ -28,6 +28,13 @@ langdetect, seeded for determinism, and text it cannot classify counts as passin
 Deliberate differences from upstream:
 - a missing required kwarg raises (TypeError) instead of drawing a random
   default; a relation other than "less than" / "at least" raises ValueError;
+- a kwarg used as a regular expression must be plain text (`PLAIN_TEXT`:
+  letters, digits, spaces, hyphens, apostrophes; a postscript marker may also
+  hold periods, as "P.S." does): a pattern such as "(.*)*QQQ" takes time
+  exponential in the response's length. Every keyword, forbidden word,
+  splitter and marker of Google's 541 prompts is plain text, and plain text
+  means the same as a regex and as a literal, so verdicts on real data are
+  upstream's;
 - keywords:letter_frequency with a `letter` that is not a-z (the data has "#"
   and "!") counts that character, where upstream silently draws a random letter.
 """
@@ -40,6 +47,7 @@ import inspect
 import json
 import re
 import typing
+import unicodedata
 from typing import Callable
 
 import langdetect
@@ -384,6 +392,34 @@ def _checker(instruction_id: str) -> Callable[..., bool]:
 
 # kwargs the checks use as regular expressions (as upstream does)
 REGEX_KWARGS = ("keywords", "keyword", "forbidden_words", "section_spliter", "postscript_marker")
+# What those kwargs may hold: text whose characters are all literal in a regex, so a search takes time linear in
+# the response (a pattern like "(.*)*QQQ" can take longer than the age of the universe). Letters, combining marks
+# and digits of any script, spaces, hyphens and apostrophes; periods in a postscript marker ("P.S.", "P.P.S": a
+# period matches any character there, as upstream, and cannot make a search slow without a quantifier).
+PLAIN_TEXT = "letters, digits, spaces, hyphens and apostrophes"
+PLAIN_PUNCTUATION = {name: " -'\u2019" + ("." if name == "postscript_marker" else "") for name in REGEX_KWARGS}
+
+
+def _check_patterns(instruction_id: str, kwargs: dict) -> None:
+    """Raise ValueError unless every regex kwarg compiles and is plain text."""
+    for name in REGEX_KWARGS:
+        value = kwargs.get(name)
+        for pattern in value if isinstance(value, list) else [value]:
+            if not isinstance(pattern, str):
+                continue  # None (unused) or a wrong type, which validate_kwargs names
+            shown = repr(pattern if len(pattern) <= 80 else pattern[:80] + "...")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{instruction_id}: kwarg {name!r} holds {shown}, which is not a valid "
+                                 f"regular expression ({error})") from None
+            odd = next((char for char in pattern if unicodedata.category(char)[0] not in "LMN"
+                        and char not in PLAIN_PUNCTUATION[name]), None)
+            if odd is not None:
+                periods = " and periods" if "." in PLAIN_PUNCTUATION[name] else ""
+                raise ValueError(f"{instruction_id}: kwarg {name!r} holds {shown}, which is not plain text "
+                                 f"(it has {odd!r}; allowed: {PLAIN_TEXT}{periods}): the checker searches it as a "
+                                 "regular expression, and such a pattern can take unbounded time")
 SAMPLE_RESPONSE = ""  # each check validates its kwargs before it reads the response; "" reads fast
 
 
@@ -396,7 +432,8 @@ def _has_type(value, hint) -> bool:
 def validate_kwargs(instruction_id: str, kwargs: dict) -> None:
     """Raise ValueError (one line) unless `check(instruction_id, response, kwargs)` can run on any response:
     a known id; kwargs named and typed as its check function declares them (None values are ignored, as
-    `check` ignores them), none it requires missing; regex kwargs that compile; and values the check accepts
+    `check` ignores them), none it requires missing; regex kwargs that compile and are plain text (PLAIN_TEXT);
+    and values the check accepts
     (it is run once on an empty response, so e.g. a relation other than "less than" / "at least" fails here,
     when data is loaded, not after a model has answered)."""
     checker = _checker(instruction_id)
@@ -415,13 +452,7 @@ def validate_kwargs(instruction_id: str, kwargs: dict) -> None:
             expected = getattr(hints[name], "__name__", str(hints[name])) if typing.get_origin(hints[name]) is None \
                 else str(hints[name])
             raise ValueError(f"{instruction_id}: kwarg {name!r} is {value!r}, not of type {expected}")
-    for name in REGEX_KWARGS:
-        for pattern in given.get(name) if isinstance(given.get(name), list) else [given.get(name)]:
-            try:
-                re.compile(pattern) if pattern is not None else None
-            except re.error as error:
-                raise ValueError(f"{instruction_id}: kwarg {name!r} holds {pattern!r}, which is not a valid "
-                                 f"regular expression ({error})") from None
+    _check_patterns(instruction_id, given)
     try:
         checker(SAMPLE_RESPONSE, **given)
     except (TypeError, ValueError, LookupError) as error:
@@ -437,9 +468,11 @@ def family(instruction_id: str) -> str:
 def check(instruction_id: str, response: str, kwargs: dict | None = None) -> bool:
     """Strict check: the response as is follows the instruction. An empty or
     whitespace-only response follows nothing; kwargs set to None are ignored
-    (the data files fill unused keys with None)."""
+    (the data files fill unused keys with None); a regex kwarg that is not
+    plain text raises ValueError, as in `validate_kwargs`."""
     checker = _checker(instruction_id)
     kwargs = {key: value for key, value in (kwargs or {}).items() if value is not None}
+    _check_patterns(instruction_id, kwargs)  # data loaders refuse these; a prompt made in code meets them here
     return bool(response.strip()) and checker(response, **kwargs)
 
 

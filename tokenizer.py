@@ -11,14 +11,18 @@ rendered the way `transformers.apply_chat_template` renders it.
 Security: user text never turns into special tokens. `encode` ignores special-token strings, and
 `encode_chat` recognises them only in the text the template itself wrote, never inside message contents.
 A chat template comes with the checkpoint, so it runs in Jinja's sandbox with a bound on its work (loop
-iterations, calls and the size of what it builds; see "chat templates" below); one over the bound is refused.
+iterations, calls, time and the size of what it builds; see "chat templates" below); one over the bound is refused.
+Text holding a lone surrogate (a str UTF-8 cannot encode, e.g. from JSON's "\\ud800") is refused in one line.
 """
 import contextvars
+import ctypes
 import functools
 import itertools
 import json
 import re
+import threading
 import time
+import types
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,13 +34,21 @@ import jinja2.ext
 from jinja2 import nodes
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
 
 # The GPT-2 pre-tokenizer regex, used by ByteLevel(use_regex=true).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CONTENT_MARK = "\ue000{}\ue001"  # private-use characters: stand-ins for message contents while rendering
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, e.g. from JSON's "\ud800": not text, UTF-8 cannot encode it
+
+
+def _refuse_lone_surrogate(text: str, what: str):
+    if found := LONE_SURROGATE.search(text):
+        raise ValueError(f"{what} holds a lone surrogate ({ascii(found.group())} at character {found.start()}), "
+                         "which is not text (UTF-8 cannot encode it)")
 
 
 @dataclass
@@ -208,7 +220,14 @@ def _token_text(value) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+        if re.search(r"\\u[dD][89a-fA-F]", text):  # surrogate escapes: a pair is one character, a lone one no text
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{path} holds a lone surrogate ({ascii(err.object[err.start:err.end])} in "
+                         f"{ascii(err.object[max(err.start - 30, 0):err.end + 30])}), which is not text; "
+                         "re-download it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); regenerate or re-download it") from None
     except OSError as err:
@@ -225,15 +244,20 @@ def _read_json(path: Path) -> dict:
 # it is refused with _TemplateOverBudget:
 # - steps: every loop iteration and every call (macro, function, method) is a step, MAX_TEMPLATE_STEPS in all.
 #   Loops are metered by a rewrite of the parsed template (each loop body starts by taking a step), calls by the
-#   sandbox's `call`, which every call in a sandboxed template goes through. Each step also checks the clock
-#   (MAX_TEMPLATE_SECONDS), a last resort for steps that each do a lot of work.
+#   sandbox's `call`, which every call in a sandboxed template goes through.
+# - time: MAX_TEMPLATE_SECONDS. Each step and each filter checks the clock, and a watchdog (_Watchdog) stops the
+#   rendering at its deadline inside one long call or filter too (wordwrap on megabytes of text, say).
 # - size: no string, list or tuple may hold more than MAX_TEMPLATE_CHARS items, nor the output; no integer more
 #   than MAX_TEMPLATE_INT_BITS bits; and all values built and all text written (to the output, or into a macro's
 #   result or a {% set %} block) together at most MAX_TEMPLATE_BUILT items. Whatever can
 #   blow a value up in one go is checked before it runs: `*` and `**`; a size argument (center, indent, batch,
-#   slice, str.ljust...); a width in a format string; `replace`; `join`; and turning a value into text (output,
-#   `~`, `%`, filters), measured on the value's text form. What remains (`+`, results of calls and filters) is
-#   checked and counted after it is built, which then is at most a few times the size of checked operands.
+#   slice, str.ljust...); every width and precision of a format (`%`, |format, str.format; a '*' width taken from
+#   the values, a '{:{}}' width made by another field) and the text it would make; tojson's indent and
+#   separators, written once per item and level; what indent and wordwrap insert on every line; `replace`; `join`;
+#   strftime_now's format; a string cut into pieces by a filter or method (list, sort, split...: an object per
+#   character or word), at most MAX_TEMPLATE_CUT characters long; and turning a value into text (output, `~`, `%`,
+#   filters), measured on the value's text form. What remains (`+`, results of calls and filters) is checked and
+#   counted after it is built, which then is at most a few times the size of checked operands.
 # A real template takes a few steps per message and builds little more than the chat. These bounds do not cover
 # every path a hostile template could find through Jinja's filters; run checkpoints you do not trust under OS
 # limits too.
@@ -242,11 +266,24 @@ MAX_TEMPLATE_SECONDS = 10.0
 MAX_TEMPLATE_CHARS = 10_000_000
 MAX_TEMPLATE_BUILT = 100_000_000
 MAX_TEMPLATE_INT_BITS = 100_000
+MAX_STRFTIME_FORMAT = 1000
+MAX_TEMPLATE_CUT = MAX_TEMPLATE_CHARS // 4  # the longest string cut into pieces: as long as the longest chat
 _SIZE_ARGUMENTS = ("center", "indent", "batch", "slice", "ljust", "rjust", "zfill")  # an int sets the result's size
+# Filters that cut a string into pieces (characters, words, lines), an object of up to ~100 bytes each
+_CUTTING_FILTERS = ("list", "batch", "slice", "sort", "unique", "map", "select", "reject", "selectattr", "rejectattr",
+                    "groupby", "join", "min", "max", "title", "wordcount", "urlize", "wordwrap", "striptags", "indent",
+                    "pprint")
 
 
 class _TemplateOverBudget(Exception):
     """A rendering went over its budget; the message says which limit."""
+
+
+class _TemplateTimedOut(_TemplateOverBudget):
+    """Raised by the watchdog in the rendering's thread (as a class, so it takes no arguments)."""
+
+    def __init__(self):
+        super().__init__(f"it runs for more than {MAX_TEMPLATE_SECONDS:g} seconds")
 
 
 class _TemplateRaised(jinja2.TemplateError):
@@ -268,9 +305,13 @@ def _take_step(value=None):
     budget.steps_left -= 1
     if budget.steps_left < 0:
         raise _TemplateOverBudget(f"it takes more than {MAX_TEMPLATE_STEPS} loop iterations and calls")
-    if time.monotonic() > budget.deadline:
-        raise _TemplateOverBudget(f"it runs for more than {MAX_TEMPLATE_SECONDS:g} seconds")
+    _check_clock()
     return value
+
+
+def _check_clock():
+    if time.monotonic() > _budget.get().deadline:
+        raise _TemplateTimedOut()
 
 
 def _refuse_size(size: int, what: str):
@@ -319,9 +360,143 @@ def _built(value, made_by: str):
     return value
 
 
-def _check_format_string(text, made_by: str):
-    if isinstance(text, str) and (width := re.search(r"\d{8,}", text)):
-        raise _TemplateOverBudget(f"{made_by} asks for a width of {width.group()} characters in a format string")
+def _check_width(number: int, part: str, made_by: str):
+    """A width or precision of a format: its padding is allocated in one go, so it is checked before it runs."""
+    if number > MAX_TEMPLATE_CHARS:
+        shown = number if number < 10**18 else "more than 10**18"
+        unit = "characters" if part == "width" else "digits"
+        raise _TemplateOverBudget(f"{made_by} asks for a {part} of {shown} {unit} in a format string")
+
+
+def _number_in(digits: str) -> int:
+    return int(digits) if len(digits) <= 18 else 10**18  # a longer run only needs to be known as too large
+
+
+def _formatted_size(value, conversion: str = "s") -> int:
+    """At least the length of `value` formatted with no width or precision, by '%' or str.format: a number in any
+    notation, with separators; anything else its text, ten times over when written as repr ('\\U0001f600' is ten
+    characters for one) or inside a container (whose str shows the reprs of its items)."""
+    if isinstance(value, (int, float)):
+        return value.bit_length() * 5 // 4 + 500 if isinstance(value, int) else 500  # 1e308 in fixed point: 412
+    if conversion in ("r", "a") or not isinstance(value, str):
+        return 10 * _text_size(value) + 10
+    return _text_size(value)
+
+
+def _check_spec(spec: str, made_by: str) -> int:
+    """Check the widths and precisions of a str.format field's spec (every number in it, as a fill character could
+    be a digit too); their sum, at least what they add to the field's text."""
+    numbers = [(_number_in(digits), "precision" if dot else "width") for dot, digits in re.findall(r"(\.?)(\d+)", spec)]
+    for number, part in numbers:
+        _check_width(number, part, made_by)
+    return sum(number for number, _ in numbers)
+
+
+def _printf_key(fmt: str, at: int) -> tuple[str | None, int]:
+    """The mapping key of a '%' conversion whose text starts at `at`, as Python reads it (parentheses nest), and
+    where the rest of the conversion starts."""
+    if not fmt.startswith("(", at):
+        return None, at
+    depth, start = 0, at
+    while at < len(fmt):
+        depth += {"(": 1, ")": -1}.get(fmt[at], 0)
+        at += 1
+        if depth == 0:
+            break
+    return fmt[start + 1:at - 1], at
+
+
+def _printf_size(fmt: str, values, made_by: str) -> int:
+    """Check the widths and precisions of `fmt % values` before it runs, written in the format or taken from the
+    values by '*'; return at least the length of the text it would make. The format is read as Python reads it, up
+    to where Python would raise (a missing value or key, a '*' that is not an int): what comes after is never made."""
+    positional = iter(values if isinstance(values, tuple) else (values,))
+    size, at = len(fmt), 0
+    while (at := fmt.find("%", at) + 1) > 0:  # a conversion: %[(key)][flags][width][.precision][hlL]type
+        key, at = _printf_key(fmt, at)
+        while fmt[at:at + 1] in ("-", "+", " ", "#", "0"):
+            at += 1
+        for part in ("width", "precision"):
+            if part == "precision":
+                if not fmt.startswith(".", at):
+                    break
+                at += 1
+            if fmt.startswith("*", at):
+                number, at = next(positional, None), at + 1
+                if not isinstance(number, int):
+                    return size
+            else:
+                digits = _DIGITS.match(fmt, at).group()
+                number, at = _number_in(digits or "0"), at + len(digits)
+            _check_width(abs(number), part, made_by)
+            size += abs(number)
+        at += 1 if fmt[at:at + 1] in ("h", "l", "L") else 0
+        conversion, at = fmt[at:at + 1], at + 1
+        if conversion == "%":
+            continue
+        if key is None:
+            value = next(positional, _MISSING)
+        else:
+            value = values[key] if isinstance(values, dict) and key in values else _MISSING
+        if value is _MISSING:
+            return size
+        size += _formatted_size(value, conversion)
+    return size
+
+
+def _check_printf(fmt: str, values, made_by: str):
+    _refuse_size(_printf_size(fmt, values, made_by), f"{made_by} would make a text")
+
+
+_DIGITS, _MISSING = re.compile(r"\d*"), object()
+
+
+def _check_json(value, indent, separators, made_by: str = "the filter 'tojson'"):
+    """Check json.dumps(value, indent=indent, separators=separators) before it runs: the indent is made once
+    (' ' * indent), then written before each item once per level of nesting, and a separator after each item, so a
+    small value with a large indent or separator makes a huge text. Strings count at their length (escaping makes
+    them at most a few times longer)."""
+    if isinstance(indent, int) and indent > MAX_TEMPLATE_CHARS:
+        raise _TemplateOverBudget(f"{made_by} asks for an indent of {indent} characters (the limit is "
+                                  f"{MAX_TEMPLATE_CHARS})")
+    indent_size = len(indent) if isinstance(indent, str) else max(indent, 0) if isinstance(indent, int) else 0
+    newline = 0 if indent is None else 1
+    try:
+        item_separator, key_separator = separators or ((", " if indent is None else ","), ": ")
+        item_separator, key_separator = _text_size(item_separator), _text_size(key_separator)
+    except (TypeError, ValueError):
+        return  # json.dumps says what is wrong with them
+
+    def size(item, level: int, limit: int) -> int:  # an upper bound of item's JSON at nesting `level`, until > limit
+        if not isinstance(item, (dict, list, tuple)):
+            return _text_size(item, limit) + 2
+        total = 2 + newline + indent_size * level
+        pairs = item.items() if isinstance(item, dict) else ((None, child) for child in item)
+        for key, child in pairs:
+            total += item_separator + newline + indent_size * (level + 1)
+            total += 0 if key is None else _text_size(key) + 2 + key_separator
+            total += size(child, level + 1, limit - total)
+            if total > limit:
+                break
+        return total
+
+    _refuse_size(size(value, 0, MAX_TEMPLATE_CHARS), f"{made_by} would make a text")
+
+
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines cuts
+
+
+def _check_inserted(text, per_line: int, made_by: str):
+    """Check a filter that writes `per_line` characters on every line (indent) or at every break (wordwrap)."""
+    if isinstance(text, str):
+        lines = sum(map(text.count, _LINE_BREAKS)) + 2
+        _refuse_size(len(text) + lines * per_line, f"{made_by} would make a text")
+
+
+def _check_cut(text, made_by: str):
+    if isinstance(text, str) and len(text) > MAX_TEMPLATE_CUT:
+        raise _TemplateOverBudget(f"{made_by} would cut a text of {len(text)} characters into pieces (the limit is "
+                                  f"{MAX_TEMPLATE_CUT}, one object per piece)")
 
 
 def _check_joined(separator_size: int, items, made_by: str):
@@ -357,13 +532,25 @@ def _bounded_filter(name: str, function):
     @functools.wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
     def bounded(*args, **kwargs):
         value, *rest = [a for a in args if not isinstance(a, (Context, EvalContext, jinja2.Environment))] or [None]
-        _as_text([value, *rest, *kwargs.values()], f"the filter {name!r}")  # all it is handed, measured once
+        made_by = f"the filter {name!r}"
+        _check_clock()
+        _as_text([value, *rest, *kwargs.values()], made_by)  # all it is handed, measured once
         if name in _SIZE_ARGUMENTS:
             for size in [*rest, *kwargs.values()]:
                 if isinstance(size, int):
-                    _refuse_size(size, f"the filter {name!r} was asked for a size")
-        if name == "format":
-            _check_format_string(value, "the filter 'format'")
+                    _refuse_size(size, f"{made_by} was asked for a size")
+        if name in _CUTTING_FILTERS:
+            _check_cut(value, made_by)
+        if name == "format":  # value % (kwargs or args)
+            _check_printf(str(value), kwargs or tuple(rest), made_by)
+        if name == "indent":
+            width = kwargs.get("width", rest[0] if rest else 4)
+            _check_inserted(value, len(width) if isinstance(width, str) else width if isinstance(width, int) else 0,
+                            made_by)
+        if name == "wordwrap":  # a break can come after every character
+            wrapstring = kwargs.get("wrapstring", rest[2] if len(rest) > 2 else None) or "\n"
+            if isinstance(value, str):
+                _refuse_size(len(value) + (len(value) + 1) * _text_size(wrapstring), f"{made_by} would make a text")
         if name == "join":
             _check_joined(_text_size(kwargs.get("d", rest[0] if rest else "")), value, "the filter 'join'")
         if name == "replace" and len(rest) >= 2:
@@ -384,8 +571,10 @@ def _check_str_method(text: str, name: str, args: tuple, kwargs: dict):
         _check_replaced(text, args[0], args[1], made_by)
     if name == "join" and args:
         _check_joined(len(text), args[0], made_by)
-    if name in ("format", "format_map"):
-        _check_format_string(text, made_by)
+        _check_cut(args[0], made_by)
+    if name in ("split", "rsplit", "splitlines"):
+        _check_cut(text, made_by)
+    if name in ("format", "format_map"):  # widths are checked by _BoundedFormatter, field by field
         _as_text([*args, *kwargs.values()], made_by)
 
 
@@ -412,6 +601,33 @@ class _MeterLoopsAndConcatenation(NodeTransformer):
         return nodes.Filter(node, "nanokv_built", [], [], None, None, lineno=node.lineno)
 
 
+class _BoundedFormatting:
+    """Jinja's sandboxed str.format, checked field by field before each is formatted: its spec's widths and
+    precisions (after nested fields made them: '{0:{1}}'), and the text made so far ('{0}{0}{0}...' repeats a
+    value)."""
+    made_by = "str.format"
+
+    def vformat(self, format_string, args, kwargs):
+        self.made = len(format_string)  # the literal text, at most
+        return super().vformat(format_string, args, kwargs)
+
+    def format_field(self, value, format_spec):
+        _check_clock()
+        size = self.made + _formatted_size(value) + _check_spec(str(format_spec), self.made_by)
+        _refuse_size(size, f"{self.made_by} would make a text")
+        text = super().format_field(value, format_spec)
+        self.made += len(text)
+        return text
+
+
+class _BoundedFormatter(_BoundedFormatting, SandboxedFormatter):
+    pass
+
+
+class _BoundedEscapeFormatter(_BoundedFormatting, SandboxedEscapeFormatter):  # for Markup's format (|e, |safe)
+    pass
+
+
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox with the budget above. Filters are bound when a template is compiled, so a
     template cannot swap the metering filters for its own."""
@@ -428,6 +644,26 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         self.globals["range"] = _bounded_range
         del self.globals["lipsum"]  # Lorem ipsum of any length; no chat template has a use for it
 
+    def wrap_str_format(self, value):
+        """A str's format or format_map method, run as Jinja's sandbox runs it (SandboxedEnvironment.wrap_str_format)
+        but through _BoundedFormatting; None for anything else."""
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) \
+                or value.__name__ not in ("format", "format_map") or not isinstance(value.__self__, str):
+            return None
+        text, is_format_map = value.__self__, value.__name__ == "format_map"
+        formatter = _BoundedEscapeFormatter(self, escape=text.escape) if isinstance(text, Markup) \
+            else _BoundedFormatter(self)
+        formatter.made_by = f"str.{value.__name__}"
+
+        def bounded(*args, **kwargs):
+            if is_format_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument, and no keyword arguments")
+                args, kwargs = (), args[0]
+            return type(text)(formatter.vformat(text, args, kwargs))
+
+        return functools.update_wrapper(bounded, value)
+
     def call_binop(self, context, operator, left, right):
         made_by = f"{operator!r}"
         if operator == "*":
@@ -439,8 +675,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if bits > MAX_TEMPLATE_INT_BITS:
                 raise _TemplateOverBudget(f"{made_by} would make an integer of more than {MAX_TEMPLATE_INT_BITS} bits")
         if operator == "%" and isinstance(left, str):
-            _check_format_string(left, made_by)
             _as_text(right, made_by)
+            _check_printf(left, right, made_by)
         return _built(super().call_binop(context, operator, left, right), made_by)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
@@ -460,11 +696,18 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         raise _TemplateRaised(_as_text(message, "raise_exception"))
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # HF's: no HTML escaping
+        _check_json(x, indent, separators)
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):  # Python grows strftime's buffer up to 256 bytes per format character
+        if isinstance(fmt, str) and len(fmt) > MAX_STRFTIME_FORMAT:
+            raise _TemplateOverBudget(f"strftime_now got a format of {len(fmt)} characters (the limit is "
+                                      f"{MAX_STRFTIME_FORMAT})")
+        return datetime.now().strftime(fmt)
 
     env.filters["tojson"] = _bounded_filter("tojson", tojson)
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = strftime_now
     return env.from_string(_MeterLoopsAndConcatenation().visit(env.parse(source)))
 
 
@@ -472,17 +715,42 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+class _Watchdog:
+    """Stops a rendering at its deadline even inside one long filter or call: a timer thread raises
+    _TemplateTimedOut in the rendering's thread (CPython's PyThreadState_SetAsyncExc). The exception arrives between
+    two bytecodes, so it reaches filters written in Python (wordwrap's textwrap, pprint, groupby...); one C call (a
+    sort) runs to its end, which the size bounds keep short."""
+
+    def __init__(self, seconds: float):
+        self.thread_id = threading.get_ident()
+        self.timer = threading.Timer(seconds, self._send, (_TemplateTimedOut,))
+        self.timer.daemon = True
+
+    def _send(self, exception):  # None withdraws an exception sent but not raised yet
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id),
+                                                   None if exception is None else ctypes.py_object(exception))
+
+    def __enter__(self):
+        self.timer.start()
+
+    def __exit__(self, *error):
+        self.timer.cancel()
+        self.timer.join()  # the timer has fired or never will
+        self._send(None)
+
+
 def _render_bounded(template: jinja2.Template, variables: dict) -> str:
     """Render within a fresh budget: the output is checked as it streams out, so it never grows past the limit."""
     token = _budget.set(_Budget())
     try:
-        pieces, length = [], 0
-        for piece in template.generate(**variables):
-            length += len(piece)
-            if length > MAX_TEMPLATE_CHARS:
-                raise _TemplateOverBudget(f"its output passes {MAX_TEMPLATE_CHARS} characters")
-            pieces.append(piece)
-        return "".join(pieces)
+        with _Watchdog(MAX_TEMPLATE_SECONDS):
+            pieces, length = [], 0
+            for piece in template.generate(**variables):
+                length += len(piece)
+                if length > MAX_TEMPLATE_CHARS:
+                    raise _TemplateOverBudget(f"its output passes {MAX_TEMPLATE_CHARS} characters")
+                pieces.append(piece)
+            return "".join(pieces)
     finally:
         _budget.reset(token)
 
@@ -511,6 +779,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of user text: special-token strings stay text, no BOS is added."""
+        _refuse_lone_surrogate(text, "the text to encode")  # tiktoken would silently encode U+FFFD instead
         return self.backend.encode(text)
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
@@ -537,13 +806,17 @@ class Tokenizer:
             raise ValueError(f"{self.where} has no chat template (no 'chat_template' in tokenizer_config.json, or "
                              "none named 'default' in its list, and no chat_template.jinja); add the model's to the folder")
         messages = [{key: value for key, value in m.items() if value is not None} for m in messages]  # as HF does
+        for index, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    _refuse_lone_surrogate(value, f"message {index}: field {key!r}")
         if (size := _text_size(messages)) > MAX_TEMPLATE_CHARS // 4:  # the template's limits would blame it
             raise ValueError(f"the chat is {size} characters long; nanokv renders chats of up to "
                              f"{MAX_TEMPLATE_CHARS // 4} (more than any model's context holds)")
         source = self.template_source
         try:
             template = _compile_chat_template(self.chat_template)
-            return _render_bounded(template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+            text = _render_bounded(template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
                                                   tools=None, documents=None, **self.template_vars))
         except _TemplateOverBudget as err:
             raise ValueError(f"refused the chat template in {source}: {err}; a real chat template stays far below "
@@ -564,6 +837,10 @@ class Tokenizer:
         except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"the chat template in {source} failed while rendering ({type(err).__name__}: "
                              f"{_one_line(str(err))[:500]}); fix or replace it") from None
+        if found := LONE_SURROGATE.search(text):  # the messages hold none: the template's own text does
+            raise ValueError(f"the chat template in {source} writes a lone surrogate ({ascii(found.group())}), which "
+                             "is not text (UTF-8 cannot encode it); fix or replace it")
+        return text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> ChatEncoding:
         """Render and encode a chat; special tokens are recognised only outside the message contents."""
@@ -662,6 +939,9 @@ class Tokenizer:
 def load_tokenizer(folder) -> Tokenizer:
     """The tokenizer of a Hugging Face checkpoint folder (see the module docstring for what is read)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"tokenizer folder {folder} is a file, not a folder; pass the Hugging Face "
+                                 "checkpoint folder that holds tokenizer.json or tokenizer.model")
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist; run `python weights/prepare.py` "
                                 "or pass a Hugging Face checkpoint folder")

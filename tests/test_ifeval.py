@@ -849,5 +849,64 @@ def test_validate_kwargs_matches_google_signatures_and_data(reference):
             ifeval.validate_kwargs(instruction_id, kwargs)
 
 
+# ------------------------------------------------------------------ regex kwargs are plain text
+
+SLOW_PATTERN = "(.*)*QQQ"  # exponential: about 1 s on 22 characters, four times longer for each 2 more
+
+
+@pytest.mark.parametrize("instruction_id, kwargs, name, shown", [
+    ("keywords:existence", {"keywords": ["fine", SLOW_PATTERN]}, "keywords", SLOW_PATTERN),
+    ("keywords:frequency", {"keyword": "(a|aa)*b", "frequency": 2, "relation": "at least"}, "keyword", "(a|aa)*b"),
+    ("keywords:forbidden_words", {"forbidden_words": ["x+y"]}, "forbidden_words", "x+y"),
+    ("keywords:forbidden_words", {"forbidden_words": ["a.b"]}, "forbidden_words", "a.b"),  # periods: markers only
+    ("detectable_format:multiple_sections", {"section_spliter": "S(.*)*", "num_sections": 2}, "section_spliter",
+     "S(.*)*"),
+    ("detectable_content:postscript", {"postscript_marker": "(P.)*S"}, "postscript_marker", "(P.)*S"),
+])
+def test_regex_kwargs_must_be_plain_text(instruction_id, kwargs, name, shown):
+    """Google's checker searches these kwargs as regular expressions, so a pattern like (.*)*QQQ would hang the
+    scoring of a response after all generation: refused when data is loaded, in one line naming the kwarg."""
+    with pytest.raises(ValueError) as error:
+        ifeval.validate_kwargs(instruction_id, kwargs)
+    message = str(error.value)
+    assert message.startswith(f"{instruction_id}: kwarg {name!r} holds {shown!r}, which is not plain text (it has ")
+    assert "\n" not in message
+
+
+def test_check_refuses_a_slow_pattern_instead_of_running_it():
+    """A prompt made in code, past the loaders: check() refuses the pattern before searching the response."""
+    import time
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"kwarg 'keywords' holds '\(\.\*\)\*QQQ', which is not plain text"):
+        ifeval.check("keywords:existence", "x" * 22, {"keywords": [SLOW_PATTERN]})  # unchecked: ~1 s, then False
+    assert time.perf_counter() - started < 0.1
+
+
+def test_plain_text_kwargs_pass():
+    """Letters and marks of any script, digits, spaces, hyphens and apostrophes (straight or curly); periods in a
+    postscript marker. Each searches, as a regex, exactly what it searches as a literal."""
+    words = ["state-of-the-art", "don't", "it\u2019s", "caf\u00e9", "\u092c\u0948\u0920\u0915", "2024", "New York"]
+    ifeval.validate_kwargs("keywords:existence", {"keywords": words})
+    ifeval.validate_kwargs("keywords:forbidden_words", {"forbidden_words": words})
+    for marker in ("P.S.", "P.P.S", "Note", "P.S"):
+        ifeval.validate_kwargs("detectable_content:postscript", {"postscript_marker": marker})
+    text = "A caf\u00e9 in New York, state-of-the-art since 2024; don't \u092c\u0948\u0920\u0915 it\u2019s"
+    for word in words:
+        assert ifeval.check("keywords:existence", text, {"keywords": [word]})
+        assert ifeval.check("keywords:existence", text.replace(word, "?"), {"keywords": [word]}) is False
+
+
+def test_real_data_regex_kwargs_are_plain_text(reference):
+    """What Google's 541 prompts and the paper's 539 hold in the regex kwargs passes the plain-text rule (so the
+    rule changes no verdict on real data; the parity tests above check the verdicts)."""
+    seen = collections.Counter()
+    for record in _records(reference):
+        for instruction_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
+            given = {key: value for key, value in kwargs.items() if value is not None}
+            ifeval.validate_kwargs(instruction_id, given)
+            seen.update(name for name in ifeval.REGEX_KWARGS if name in given)
+    assert set(seen) == set(ifeval.REGEX_KWARGS) and sum(seen.values()) > 150  # 339 with both files
+
+
 if __name__ == "__main__":
     print(parity_report(compare(ifeval_reference.load(), build_parity_set(ifeval_reference.load())[0])))

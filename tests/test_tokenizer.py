@@ -4,11 +4,14 @@ and the security property that user text never becomes special tokens.
 Real checkpoint: `weights/smollm2-135m-instruct` (made by `python weights/prepare.py`), or the folder in
 $NANOKV_TOKENIZER_DIR; tests that need it skip without it. Everything else builds tiny tokenizers here.
 """
+import collections
 import io
 import json
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -395,6 +398,10 @@ def test_token_span_covers_phrase(bpe_folders):
 def test_clear_errors(tmp_path, bpe_folders):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
+    (tmp_path / "a-file").write_text("x")  # exists: not reported as missing
+    with pytest.raises(NotADirectoryError, match=r"^tokenizer folder .*/a-file is a file, not a folder; pass the "):
+        load_tokenizer(tmp_path / "a-file")
+    (tmp_path / "a-file").unlink()
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
@@ -442,7 +449,8 @@ def render_unbounded(template: str, messages: list[dict], **variables) -> str:
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False)
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # HF's tojson
     return env.from_string(template).render(messages=messages, add_generation_prompt=True, tools=None,
                                             documents=None, **variables)
 
@@ -539,6 +547,153 @@ def test_steps_that_each_do_much_work_meet_the_clock(bpe_folders, monkeypatch):
     with pytest.raises(ValueError, match="refused the chat template in .*: it runs for more than 1 seconds"):
         tok.render_chat([{"role": "user", "content": "hi"}], True)
     assert time.perf_counter() - started < 5
+
+
+# Formats and filters whose size is set by an argument, not by the size of what they are handed. Unchecked, each took
+# 1 to 50 s and 1 to 6 GB before it was refused, or all the memory there is (measured in a 6 GB address space).
+# Each runs in a child process whose address space is capped, so that one escaping the bounds fails fast.
+SIZED_CASES = {  # name: (template, what the refusal says after "refused the chat template in FILE: ")
+    "percent-star-width": ("{{ '%*d' % (10**9, 1) }}", "'%' asks for a width of 1000000000 characters"),
+    "percent-star-precision": ("{{ '%.*f' % (10**9, 1.5) }}", "'%' asks for a precision of 1000000000 digits"),
+    "percent-zero-flag": ("{{ '%0999999999d' % 1 }}", "'%' asks for a width of 999999999 characters"),
+    "percent-repeated-key": (BIG + "{{ ('%(a)s' * 1000) % {'a': big} }}", r"'%' would make a text of \d+ items"),
+    "format-filter-star": ("{{ '%*s' | format(10**9, 'x') }}",
+                           "the filter 'format' asks for a width of 1000000000 characters"),
+    "format-filter-widths-add-up": ("{{ ('%9999999s' * 100) | format(*(['x'] * 100)) }}",
+                                    r"the filter 'format' would make a text of \d+ items"),
+    "str-format-nested-width": ("{{ '{0:{1}}'.format('x', 10**9) }}",
+                                r"str\.format asks for a width of 1000000000 characters"),
+    "str-format-width-of-two-fields": ("{{ '{0:{1}{2}}'.format('x', 10**4, 10**5) }}",
+                                       r"str\.format asks for a width of 10000100000 characters"),
+    "str-format-keyword-width": ("{{ '{x:{w}}'.format(x='x', w=10**9) }}", r"str\.format asks for a width of 10+ "),
+    "str-format-map-width": ("{{ '{x:{w}}'.format_map({'x': 'x', 'w': 10**9}) }}",
+                             r"str\.format_map asks for a width of 10+ "),
+    "markup-format-width": ("{{ ('{0:{1}}' | e).format('x', 10**9) }}", r"str\.format asks for a width of 10+ "),
+    "str-format-precision": ("{{ '{:.999999999f}'.format(1.5) }}", r"str\.format asks for a precision of 999999999"),
+    "str-format-repeated-field": (BIG + "{{ ('{0}' * 1000).format(big) }}", r"str\.format would make a text of \d+"),
+    "tojson-indent": ("{{ [[1]] | tojson(indent=10**9) }}", "the filter 'tojson' asks for an indent of 1000000000 characters"),
+    "tojson-indent-per-level": ("{{ [[[[[[[[[[1]]]]]]]]]] | tojson(indent=9000000) }}",
+                                r"the filter 'tojson' would make a text of \d+ items"),
+    "tojson-separators": (BIG + "{{ ([1] * 1000) | tojson(separators=(big, ':')) }}",
+                          r"the filter 'tojson' would make a text of \d+ items"),
+    "indent-every-line": ("{{ ('a\\n' * 100000) | indent(9000000) }}", r"the filter 'indent' would make a text of \d+"),
+    "indent-string-every-line": (BIG + "{{ ('a\\n' * 100000) | indent(big) }}",
+                                 r"the filter 'indent' would make a text of \d+"),
+    "wordwrap-wrapstring": (BIG + "{{ ('a ' * 100000) | wordwrap(1, wrapstring=big) }}",
+                            r"the filter 'wordwrap' would make a text of \d+"),
+    "strftime-format": ("{{ strftime_now('%_999Y' * 1000000) }}", "strftime_now got a format of 6000000 characters"),
+    # a string cut into an object per character or word: ~100 bytes each
+    "list-characters": ("{{ ('\u4e00' * 9000000) | list | length }}",
+                        "the filter 'list' would cut a text of 9000000 characters into pieces"),
+    "sort-characters": ("{{ ('\u4e00\u4e01' * 4500000) | sort | length }}", "the filter 'sort' would cut a text"),
+    "batch-characters": ("{{ ('a' * 9000000) | batch(1) | list | length }}", "the filter 'batch' would cut a text"),
+    "title-words": ("{{ ('a ' * 4900000) | title | length }}", "the filter 'title' would cut a text"),
+    "str-split": ("{{ ('\u4e00 ' * 4500000).split() | length }}", r"str\.split would cut a text of 9000000 characters"),
+}
+
+RENDER_IN_A_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import tokenizer
+tok = tokenizer.load_tokenizer(sys.argv[2])
+tok.chat_template = sys.argv[3]
+with open("/proc/self/status") as status:  # cap the address space 3 GiB above what is mapped now
+    mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+try:
+    outcome = "rendered %d characters" % len(tok.render_chat([{"role": "user", "content": "hi"}], True))
+except ValueError as error:
+    outcome = str(error)
+seconds = time.perf_counter() - started
+grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"seconds": seconds, "grown_mib": grown_kib / 1024, "outcome": outcome}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures memory through Linux's /proc")
+@pytest.mark.parametrize("template, limit", SIZED_CASES.values(), ids=SIZED_CASES.keys())
+def test_sizes_set_by_arguments_are_refused_before_they_are_made(bpe_folders, template, limit):
+    """Refused in well under a second, and the peak memory (RSS, from getrusage) grows by less than 1 GB."""
+    child = subprocess.run([sys.executable, "-c", RENDER_IN_A_CHILD, str(ROOT), str(bpe_folders / "qwen2"), template],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    prefix = rf"refused the chat template in {re.escape(str(bpe_folders / 'qwen2'))}/tokenizer_config\.json: "
+    assert re.match(prefix + limit, result["outcome"]), result
+    assert result["seconds"] < 1 and result["grown_mib"] < 1024, result
+
+
+def test_one_long_filter_meets_the_clock(bpe_folders, monkeypatch):
+    """wordwrap(1) on 300,000 letters is one filter call that takes seconds (textwrap cuts a long word one piece
+    at a time, each cut copying the rest): the clock stops it inside the call, not after it."""
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "MAX_TEMPLATE_SECONDS", 1.0)
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    tok.chat_template = "{{ ('a' * 300000) | wordwrap(1) | length }}"
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="refused the chat template in .*: it runs for more than 1 seconds"):
+        tok.render_chat([{"role": "user", "content": "hi"}], True)
+    assert time.perf_counter() - started < 3
+
+
+def test_the_clock_never_stops_what_comes_after_a_rendering(bpe_folders, monkeypatch):
+    """The watchdog's exception reaches the rendering or nothing: renderings that end just before, at or after a
+    tiny deadline leave no exception pending for the code that runs next."""
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "MAX_TEMPLATE_SECONDS", 0.002)
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    tok.chat_template = "{% for i in range(3000) %}{{ i }}{% endfor %}"
+    outcomes = collections.Counter()
+    for _ in range(200):
+        try:
+            tok.render_chat([{"role": "user", "content": "hi"}], True)
+            outcomes["rendered"] += 1
+        except ValueError as error:
+            assert "it runs for more than 0.002 seconds" in str(error)
+            outcomes["refused"] += 1
+        sum(range(20000))  # bytecodes on which a stray exception would be raised
+    time.sleep(0.05)
+    sum(range(20000))
+    assert sum(outcomes.values()) == 200
+
+
+def test_formats_within_the_bounds_render_as_jinja_renders_them(bpe_folders):
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    tok.chat_template = (
+        "{{ '%02d|%-5s|%.3f|%*d|%%|%r' % (7, 'ab', 3.14159, 4, 9, 'q') }}|{{ '%(a)s-%(a)s' % {'a': 'k'} }}"
+        "|{{ '%s and %s' | format('x', 'y') }}|{{ '%(n)03d' | format(n=5) }}"
+        "|{{ '{:>6}|{:^7.2f}|{!r}'.format('ab', 2.5, 'c') }}|{{ '{x:{w}}'.format(x='ab', w=5) }}"
+        "|{{ '{a}'.format_map({'a': 1}) }}|{{ ('<{0}>' | e).format('&') }}"
+        "|{{ messages | tojson(indent=2) }}|{{ messages | tojson(separators=(',', ':')) }}"
+        "|{{ 'one\\ntwo' | indent(3, true) }}|{{ 'a few words to wrap here' | wordwrap(9) }}"
+        "|{{ messages[0].content | list | join('.') }}|{{ 'b a c'.split() | sort | join }}")
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.render_chat(messages, True) == render_unbounded(tok.chat_template, messages, **tok.template_vars)
+
+
+def test_lone_surrogates_are_refused_in_one_line(bpe_folders, tmp_path):
+    """A lone surrogate (JSON's "\\ud800") is a str UTF-8 cannot encode: tiktoken silently made it U+FFFD, and
+    encode_chat crashed with UnicodeEncodeError. Refused where it enters, saying where."""
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    with pytest.raises(ValueError, match=r"^the text to encode holds a lone surrogate \('\\ud800' at character 1\)"):
+        tok.encode("a\ud800b")
+    with pytest.raises(ValueError, match=r"^message 1: field 'content' holds a lone surrogate \('\\udc80' at "):
+        tok.encode_chat([{"role": "system", "content": "ok"}, {"role": "user", "content": "h\udc80i"}], True)
+    tok.chat_template = "{{ '\\ud800' }}" + CHATML  # Jinja turns the escape into the character
+    with pytest.raises(ValueError, match=r"the chat template in .* writes a lone surrogate \('\\ud800'\)"):
+        tok.render_chat([{"role": "user", "content": "hi"}], True)
+    folder = tmp_path / "surrogate"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text((bpe_folders / "qwen2" / "tokenizer.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>\udc80", "chat_template": CHATML}))
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json holds a lone surrogate \('\\udc80' in "):
+        load_tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": "\U0001f600"
+                                                                                                        + CHATML}))
+    assert "\\ud83d\\ude00" in (folder / "tokenizer_config.json").read_text()  # a pair: one character, text
+    assert load_tokenizer(folder).render_chat([{"role": "user", "content": "hi"}], False).startswith("\U0001f600")
 
 
 def test_deep_nesting_is_refused_in_one_line(bpe_folders):
