@@ -262,7 +262,7 @@ def _read_json(path: Path) -> dict:
 # every path a hostile template could find through Jinja's filters; run checkpoints you do not trust under OS
 # limits too.
 MAX_TEMPLATE_STEPS = 100_000
-MAX_TEMPLATE_SECONDS = 10.0
+MAX_TEMPLATE_SECONDS = 5.0
 MAX_TEMPLATE_CHARS = 10_000_000
 MAX_TEMPLATE_BUILT = 100_000_000
 MAX_TEMPLATE_INT_BITS = 100_000
