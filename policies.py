@@ -584,14 +584,18 @@ class Held:
 
 
 def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
-    """What row `row` holds in `layer`; entries at original positions >= limit (if any) may not go."""
+    """What row `row` holds in `layer`; entries at original positions >= limit (if any) may not go, nor any of
+    an exempt layer (cache.exempt). With a sliding window, what no later query can see is not held: it goes."""
     valid = cache.valid[layer][row, :, :cache.lengths[layer]]                    # (H_kv, S)
+    if cache.windows[layer] is not None:
+        seen = cache.positions[layer][row, :, :valid.shape[1]] > cache.next_position[row] - cache.windows[layer]
+        valid = valid & seen
     count = valid.sum(-1)
     slots = valid.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, :int(count.max())]
     present = torch.arange(slots.shape[1], device=valid.device) < count[:, None]
     positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
     evictable = present if limit is None else present & (positions < limit)
-    return Held(slots, present, positions, evictable)
+    return Held(slots, present, positions, evictable & (not cache.exempt[layer]))
 
 
 def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, spans: list | None,
@@ -654,7 +658,7 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {limit})")
     part = None
     if spec.partitions and (part_starts or [0])[1:]:
-        if any(bool((h.present & ~h.evictable).any()) for h in held):
+        if any(bool((h.present & ~h.evictable).any()) and not exempt for h, exempt in zip(held, cache.exempt)):
             raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
         starts = torch.tensor(part_starts, device=cache.device)
         part = [(torch.searchsorted(starts, h.positions, right=True) - 1).masked_fill(~h.evictable, -1)[:, :w]
@@ -662,6 +666,8 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
 
     def scored(layer: int, spans) -> tuple[torch.Tensor, torch.Tensor | None]:      # scores (H_kv, n) and their tiers
         h, w = held[layer], width[layer]
+        if w == 0:                                                                # nothing may go: nothing to score
+            return torch.zeros(h.positions.shape[0], 0, device=cache.device), None
         scores = policy_scores(spec, cache, layer, row, h, spans, n_queries, observed)[:, :w]
         listed = None if whitelist is None else torch.isin(h.positions[:, :w], whitelist)
         return scores, tiers(scores, listed, h.evictable[:, :w])
@@ -673,7 +679,7 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
     masks = []
     for layer, (h, w) in enumerate(zip(held, width)):
         quotas = counts[layer][:, None]                                           # (H_kv, parts)
-        if part is None or spec.debias == 0:
+        if part is None or spec.debias == 0 or w == 0:
             scores, tier = plain[layer]()
             chosen = keep_best(scores, tier, None, quotas)
         else:
