@@ -173,3 +173,152 @@ def test_what_is_not_supported_is_one_line(checkpoints, edit, message):
     with pytest.raises(ValueError, match=message) as error:
         ModelArgs.from_hf_config(dict(config, **edit))
     assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------- eviction with sliding windows
+
+L, USER = 40, 7
+PAIRS = [(p, a) for p in POLICIES for a in ALLOCATIONS]
+
+
+def forward64(model, tokens, visible):
+    """Float64 forward of tokens (n,) at positions 0 .. n-1; visible(layer, kv_head) -> (n, n): query t sees key s.
+
+    Every family's switches written out plainly: per-head q/k norms before RoPE, Gemma's (1 + w) norms, four
+    norms per block, GeGLU, embeddings x sqrt(dim), query_pre_attn_scalar, the local layers' own RoPE base.
+    Returns the logits (n, V).
+    """
+    a = model.args
+    n, group = len(tokens), a.n_heads // a.n_kv_heads
+
+    def norm(x, module):
+        x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + a.norm_eps)
+        return x * (1 + module.weight.double()) if a.gemma else x * module.weight.double()
+
+    def linear(x, lin):
+        return x @ lin.weight.double().T + (0 if lin.bias is None else lin.bias.double())
+
+    def rope(x, inv_freq):                                                   # (n, heads, D)
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq.double()[None]
+        cos, sin = torch.cat([angle.cos()] * 2, -1)[:, None], torch.cat([angle.sin()] * 2, -1)[:, None]
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    x = model.embed_tokens.weight.double()[tokens]
+    if a.gemma:
+        x = x * math.sqrt(a.dim)
+    scale = a.attention_scale or a.head_dim ** -0.5
+    for i, block in enumerate(model.layers):
+        att, h = block.self_attn, norm(x, block.input_layernorm)
+        q = linear(h, att.q_proj).view(n, a.n_heads, a.head_dim)
+        k = linear(h, att.k_proj).view(n, a.n_kv_heads, a.head_dim)
+        v = linear(h, att.v_proj).view(n, a.n_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = norm(q, att.q_norm), norm(k, att.k_norm)
+        local = a.windows[i] is not None and model.local_inv_freq is not None
+        q, k = rope(q, model.local_inv_freq if local else model.inv_freq), rope(k, model.local_inv_freq if local else model.inv_freq)
+        out = torch.zeros(n, a.n_heads, a.head_dim, dtype=torch.float64)
+        for head in range(a.n_heads):
+            kv = head // group
+            logits = (q[:, head] @ k[:, kv].T * scale).masked_fill(~visible(i, kv), -math.inf)
+            out[:, head] = logits.softmax(-1) @ v[:, kv]
+        y = linear(out.reshape(n, -1), att.o_proj)
+        mlp = block.mlp
+        if a.gemma:
+            x = x + norm(y, block.post_attention_layernorm)
+            h = norm(x, block.pre_feedforward_layernorm)
+            x = x + norm(linear(F.gelu(linear(h, mlp.gate_proj), approximate="tanh") * linear(h, mlp.up_proj),
+                                mlp.down_proj), block.post_feedforward_layernorm)
+        else:
+            x = x + y
+            h = norm(x, block.post_attention_layernorm)
+            x = x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
+    logits = linear(norm(x, model.norm), model.lm_head)
+    return logits if a.final_softcap is None else torch.tanh(logits / a.final_softcap) * a.final_softcap
+
+
+def visibility(model, n, system_len=0, kept=None, windows=True):
+    """visible(layer, kv_head) (n, n): causal, inside the layer's window (t - s < window), and a query after the
+    compressed turn sees that turn's keys only where eviction kept them (kept: per layer (H_kv, system_len))."""
+    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
+
+    def visible(layer, kv):
+        seen = s <= t
+        if windows and model.args.windows[layer] is not None:
+            seen = seen & (t - s < model.args.windows[layer])
+        if kept is not None:
+            held = torch.ones(n, dtype=torch.bool)
+            held[:system_len] = kept[layer][kv, :system_len]
+            seen = seen & ((t < system_len) | held[None, :])
+        return seen
+    return visible
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_float64_reference_is_transformers(checkpoints, family):
+    """The reference below is trusted because it gives transformers' logits, windows and all."""
+    model, theirs = load_model(checkpoints[family]), hf_model(checkpoints[family])
+    tokens = tokens_of(3 * WINDOW, 1)
+    reference = forward64(model, tokens[0], visibility(model, tokens.shape[1]))
+    assert (reference - theirs(tokens).logits[0].double()).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", SLIDING)
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_eviction_and_windows_match_the_float64_reference(checkpoints, family, policy, allocation):
+    """The system turn (longer than the window) compressed, then a user turn as one chunk and one more token:
+    every query sees exactly the kept entries inside its window."""
+    model = load_model(checkpoints[family])
+    tokens = tokens_of(L + USER, 7)
+    cache = model.new_cache()
+    compressed = prefill(model, cache, tokens[:, :L], Compression(policy, 0.8, allocation=allocation))
+    ours = torch.cat([model(tokens[:, L:-1], cache, all_logits=True)[0], model(tokens[:, -1:], cache, all_logits=True)[0]])
+    kept = [k[0] for k in compressed.kept]
+    reference = forward64(model, tokens[0], visibility(model, L + USER, L, kept))[L:]
+    assert (ours.double() - reference).abs().max() < 1e-4
+    for layer, window in enumerate(model.args.windows):
+        if window is not None and policy != "full":              # what no later query can see is gone
+            assert not kept[layer][:, :L - window + 1].any()
+        if window is not None and not model.args.compress_local:  # Gemma 3: a local layer keeps its whole window
+            assert kept[layer][:, L - window + 1:].all()
+    if policy != "full":                                           # and eviction did cut inside a window or a global layer
+        assert any(not k[:, max(0, L - (w or L) + 1):].all() for k, w in zip(kept, model.args.windows))
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_eviction_hides_what_it_should(checkpoints, family):
+    """Not vacuous: the same logits without the window, or with the evicted entries visible, are far off."""
+    model = load_model(checkpoints[family])
+    tokens = tokens_of(L + USER, 7)
+    cache = model.new_cache()
+    kept = [k[0] for k in prefill(model, cache, tokens[:, :L], Compression("knorm", 0.8)).kept]
+    ours = model(tokens[:, L:], cache, all_logits=True)[0].double()
+    right = forward64(model, tokens[0], visibility(model, L + USER, L, kept))[L:]
+    windowless = forward64(model, tokens[0], visibility(model, L + USER, L, kept, windows=False))[L:]
+    everything = forward64(model, tokens[0], visibility(model, L + USER))[L:]
+    assert (ours - right).abs().max() < 1e-4
+    assert (ours - windowless).abs().max() > 1e-3 and (ours - everything).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", SLIDING)
+@pytest.mark.parametrize("policy,allocation", PAIRS)
+def test_batched_rows_compress_and_answer_like_rows_alone(checkpoints, family, policy, allocation):
+    model = load_model(checkpoints[family])
+    gen = torch.Generator().manual_seed(11)
+    lengths, user_lengths = [L, 29, 12], [USER, 4, 6]
+    systems = torch.randint(0, 128, (3, L), generator=gen)
+    users = torch.randint(0, 128, (3, USER), generator=gen)
+    real = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    user_real = torch.arange(USER)[None] < torch.tensor(user_lengths)[:, None]
+    specs = [Compression(policy, r, whitelist=[5], allocation=allocation) for r in (0.8, 0.5, 0.3)]
+    batch = model.new_cache(3)
+    compressed = prefill(model, batch, systems, specs, real=real)
+    answers = generate(model, batch, users, WINDOW + 4, real=user_real, stop_ids=())
+    for row in range(3):
+        alone = model.new_cache()
+        single = prefill(model, alone, systems[row:row + 1, :lengths[row]], specs[row])
+        assert compressed.reports[row] == single.reports[0]
+        for a, b in zip(compressed.kept, single.kept):
+            assert torch.equal(a[row, :, :lengths[row]], b[0])
+        assert answers[row] == generate(model, alone, users[row:row + 1, :user_lengths[row]], WINDOW + 4,
+                                        stop_ids=())[0]
