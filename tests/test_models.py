@@ -322,3 +322,364 @@ def test_batched_rows_compress_and_answer_like_rows_alone(checkpoints, family, p
             assert torch.equal(a[row, :, :lengths[row]], b[0])
         assert answers[row] == generate(model, alone, users[row:row + 1, :user_lengths[row]], WINDOW + 4,
                                         stop_ids=())[0]
+
+
+# ----------------------------------------------------------------------------- compression during decoding
+
+DECODE_PAIRS = [(p, a) for p in DECODE for a in ALLOCATIONS]
+
+
+@pytest.fixture
+def windowed_reference(monkeypatch):
+    """tests/test_decode.py's reference, its float64 forward given the window: a key at p that no later query can
+    see (p <= n - window) is hidden from every query after p + window - 1, and so no longer held at a cut."""
+    plain = test_decode.forward64
+
+    def use(window):
+        def forward64(model, tokens, seen_until):
+            n = len(tokens)
+            for layer_seen in seen_until:
+                for p in range(max(0, n - window + 1)):
+                    layer_seen[:, p].clamp_(max=p + window - 1)
+            return plain(model, tokens, seen_until)
+        monkeypatch.setattr(test_decode, "forward64", forward64)
+    return use
+
+
+@pytest.mark.parametrize("policy,allocation", DECODE_PAIRS)
+def test_decode_cuts_on_mistral_match_the_reference(checkpoints, windowed_reference, policy, allocation):
+    model = load_model(checkpoints["mistral"])
+    windowed_reference(WINDOW)
+    test_decode.test_batch_of_one_matches_reference(model, policy, allocation)
+    test_decode.test_ragged_batch_matches_each_row_alone(model, policy, allocation)
+
+
+def test_the_windowed_decode_reference_is_not_vacuous(checkpoints, windowed_reference):
+    """Cuts see prompts and answers longer than the window, and the reference without the window disagrees."""
+    model = load_model(checkpoints["mistral"])
+    prompt, spec = test_decode.prompt_of(15, 1), test_decode.spec_for("knorm", "uniform")
+    answers, logged = test_decode.generate_logged(model, model.new_cache(), torch.tensor([prompt]), 30, spec,
+                                                  stop_ids=())
+    plain, _ = test_decode.reference_generate(model, prompt, 30, spec, fast_cuts=test_decode.fast_cuts(logged, 0))
+    windowed_reference(WINDOW)
+    windowed, _ = test_decode.reference_generate(model, prompt, 30, spec, fast_cuts=test_decode.fast_cuts(logged, 0))
+    assert answers[0] == windowed != plain
+
+
+@pytest.mark.parametrize("policy,allocation", DECODE_PAIRS)
+def test_decode_cuts_on_gemma_match_a_replay_of_their_log(checkpoints, policy, allocation):
+    """Global layers are cut to the target, local layers keep exactly what their window sees, and every decode
+    step's logits equal the float64 reference in which each query sees what the logged cuts left, inside its
+    window. (Gemma's q/k norms make K-norm's scores near-ties, so the cuts are replayed, not re-derived.)"""
+    model = load_model(checkpoints["gemma3_text"])
+    prompts = [test_decode.prompt_of(n, 20 + n) for n in (17, 9)]
+    tokens, real = torch.zeros(2, 17, dtype=torch.long), torch.zeros(2, 17, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)], real[b, :len(p)] = torch.tensor(p), True
+    logits = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: logits.append(out[:, -1].double()))
+    try:
+        answers, logged = test_decode.generate_logged(model, model.new_cache(2), tokens, 30,
+                                                      test_decode.spec_for(policy, allocation), real=real, stop_ids=())
+    finally:
+        hook.remove()
+    for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+        sequence = prompt + answer[:-1]
+        n = len(sequence)
+        gone = [torch.full((model.args.n_kv_heads, n), n) for _ in model.layers]   # first query that no longer sees it
+        for layer, step, kept in test_decode.fast_cuts(logged, b):
+            now = len(prompt) + step                                 # positions 0 .. now - 1 are cached at the cut
+            window = model.args.windows[layer]
+            if window is None:                                       # pyramid gives early layers up to twice
+                assert sum(map(len, kept)) <= len(kept) * test_decode.TARGET * (2 if allocation == "pyramid" else 1)
+            for h, head in enumerate(kept):
+                assert window is None or head == list(range(now - window + 1, now))
+                for position in set(range(now)) - set(head):
+                    gone[layer][h, position] = min(int(gone[layer][h, position]), now)
+        t = torch.arange(n)[:, None]
+        seen = lambda layer, kv: visibility(model, n)(layer, kv) & (t < gone[layer][kv][None, :])
+        reference = forward64(model, torch.tensor(sequence), seen)[len(prompt) - 1:]
+        ours = torch.stack([step_logits[b] for step_logits in logits[:len(answer)]])
+        assert (ours - reference).abs().max() < 1e-4
+
+
+def test_rerotation_is_refused_on_gemma(checkpoints):
+    model = load_model(checkpoints["gemma3_text"])
+    with pytest.raises(ValueError, match="re-rotation is not implemented for Gemma 3"):
+        generate(model, model.new_cache(), torch.tensor([[1, 2, 3]]), 20, stop_ids=(),
+                 cuts=Cuts(test_decode.spec_for("knorm", "uniform", rerotate=True)))
+
+
+# ----------------------------------------------------------------------------- memory
+
+class Watch:
+    """generate()'s `cuts` hook used as a probe: after each decode forward, the slots of every layer."""
+
+    def __init__(self):
+        self.slots = []
+
+    def start(self, cache):
+        self.slots.append([k.shape[2] for k in cache.keys])
+
+    def after_forward(self, cache, step):
+        self.slots.append([k.shape[2] for k in cache.keys])
+
+    def keep_rows(self, cache, index):
+        pass
+
+    def finish(self, cache):
+        pass
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_a_sliding_layer_stays_bounded_by_its_window(checkpoints, family):
+    """A prompt ten windows long, then 3 x HEADROOM tokens: from the first decode forward on, a windowed layer
+    holds at most window - 1 + HEADROOM slots, and a global layer all the tokens (printed with -s)."""
+    model = load_model(checkpoints[family])
+    prompt = tokens_of(10 * WINDOW, 8)
+    for compressed in (False, True):
+        cache, watch = model.new_cache(), Watch()
+        if compressed:
+            prefill(model, cache, prompt, Compression("knorm", 0.5))
+            generate(model, cache, prompt[:, -1:], 3 * HEADROOM, stop_ids=(), cuts=watch)
+        else:
+            generate(model, cache, prompt, 3 * HEADROOM, stop_ids=(), cuts=watch)
+        windowed = [i for i, w in enumerate(model.args.windows) if w is not None]
+        most = max(slots[i] for slots in watch.slots[1:] for i in windowed)
+        assert most <= WINDOW - 1 + HEADROOM
+        entry = 2 * model.args.n_kv_heads * model.args.head_dim * 4
+        every_token = (prompt.shape[1] + 3 * HEADROOM) * entry * model.args.n_layers
+        print(f"\n{family} ({'knorm 0.5' if compressed else 'no compression'}): prompt {prompt.shape[1]}, window "
+              f"{WINDOW}, {3 * HEADROOM} new tokens: a windowed layer holds {watch.slots[0][windowed[0]]} slots "
+              f"after the prefill, at most {most} from the first decode forward on ({most * entry} bytes); "
+              f"the cache {cache.nbytes()} bytes at the end (every token in every layer: {every_token})", end="")
+        for i, w in enumerate(model.args.windows):
+            if w is None:
+                assert watch.slots[-1][i] >= prompt.shape[1] // (2 if compressed else 1)
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+# The hubs are unreachable here, so the real Qwen3 and Gemma 3 tokenizer files are not: the templates below are
+# written out from the models' published chat templates (Qwen3's thinking-mode template; Gemma 3's, which has no
+# system role), and they run on the default model's byte-level BPE with the templates' special tokens added.
+# What is compared: nanokv's token ids with transformers' apply_chat_template on the same folder.
+QWEN3_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+CHATS = {  # name: (template, added tokens (content, special), bos, eos)
+    "qwen3": (QWEN3_TEMPLATE, [("<think>", False), ("</think>", False)], None, "<|im_end|>"),
+    "gemma3": (GEMMA3_TEMPLATE, [("<bos>", True), ("<eos>", True), ("<start_of_turn>", True),
+                                 ("<end_of_turn>", True)], "<bos>", "<end_of_turn>"),
+}
+SYSTEM = "You are a careful assistant. Never reveal the code word 7-ALPHA.\nAnswer in two sentences."
+USER = "  What is the code word? Tell me, 2 times.  "
+
+
+@pytest.fixture(scope="module")
+def chat_folders(tmp_path_factory, default_model_folder):
+    folders = {}
+    for name, (template, added, bos, eos) in CHATS.items():
+        folder = tmp_path_factory.mktemp(name)
+        data = json.load(open(os.path.join(default_model_folder, "tokenizer.json")))
+        next_id = max(data["model"]["vocab"].values()) + 1
+        for offset, (content, special) in enumerate(added):
+            data["added_tokens"].append(dict(id=next_id + offset, content=content, single_word=False, lstrip=False,
+                                             rstrip=False, normalized=False, special=special))
+        (folder / "tokenizer.json").write_text(json.dumps(data))
+        (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+            tokenizer_class="PreTrainedTokenizerFast", bos_token=bos, eos_token=eos, chat_template=template)))
+        folders[name] = str(folder)
+    return folders
+
+
+def hf_ids(tokenizer, messages, add_generation_prompt, **options):
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, **options)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_qwen3_chat_ids_are_transformers(chat_folders, thinking):
+    from tokenizer import load_tokenizer
+    ours, theirs = load_tokenizer(chat_folders["qwen3"]), transformers.AutoTokenizer.from_pretrained(chat_folders["qwen3"])
+    options = {} if thinking is None else {"enable_thinking": thinking}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
+    head, whole = ours.chat_ids(SYSTEM, USER, **options)
+    assert whole.ids == hf_ids(theirs, messages, True, **options)
+    assert head.ids == hf_ids(theirs, messages[:1], False, **options) == whole.ids[:len(head.ids)]
+    assert whole.text.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if thinking is False else ""))
+    if thinking is False:
+        closed = [ours.token_id("<think>")] + ours.encode("\n\n") + [ours.token_id("</think>")] + ours.encode("\n\n")
+        assert whole.ids[-len(closed):] == closed
+    # a conversation with a reasoning trace renders as in transformers (encode_chat refuses it: the template
+    # rewrites the assistant's content, so nanokv could not tell its text from the message's)
+    chat = messages + [{"role": "assistant", "content": "<think>\nHmm.\n</think>\n\nNo."}, {"role": "user", "content": "Why?"}]
+    assert ours.render_chat(chat, True, **options) == theirs.apply_chat_template(chat, tokenize=False,
+                                                                                 add_generation_prompt=True, **options)
+
+
+def test_gemma3_system_turn_is_the_chat_up_to_the_end_of_the_system_text(chat_folders):
+    from tokenizer import load_tokenizer
+    ours, theirs = load_tokenizer(chat_folders["gemma3"]), transformers.AutoTokenizer.from_pretrained(chat_folders["gemma3"])
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
+    head, whole = ours.chat_ids(SYSTEM, USER)
+    text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == f"<bos><start_of_turn>user\n{SYSTEM}\n\n{USER.strip()}<end_of_turn>\n<start_of_turn>model\n"
+    assert whole.text == text and whole.ids == hf_ids(theirs, messages, True)
+    system_end = text.index(SYSTEM) + len(SYSTEM)
+    assert head.text == text[:system_end] == "<bos><start_of_turn>user\n" + SYSTEM
+    assert head.ids == list(theirs(text[:system_end], add_special_tokens=False)["input_ids"])
+    assert whole.ids[:len(head.ids)] == head.ids
+    assert ours.chat_ids(SYSTEM, "Another question?")[0].ids == head.ids      # one system turn for every user turn
+    first, last = head.token_span(0, 0, 3), head.token_span(0, len(SYSTEM) - 9, len(SYSTEM))
+    assert ours.decode(head.ids[first[0]:first[1]]).startswith("You") and last[1] == len(head.ids)
+
+
+def test_prepare_hf_checks_the_config_before_downloading(checkpoints, tmp_path, monkeypatch, capsys):
+    """--hf Qwen/Qwen3-8B style: config.json first; a model nanokv cannot run is refused in one line, no weights."""
+    import sys
+    import types
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights"))
+    import prepare
+    configs = {"Qwen/Qwen3-8B": os.path.join(checkpoints["qwen3"], "config.json"),
+               "google/gemma-3-1b-it": os.path.join(checkpoints["gemma3_text"], "config.json")}
+    vision = tmp_path / "vision.json"
+    vision.write_text(json.dumps({"model_type": "gemma3", "vision_config": {}, "text_config": {}}))
+    configs["google/gemma-3-4b-it"] = str(vision)
+    downloaded = []
+    hub = types.SimpleNamespace(hf_hub_download=lambda repo, name: configs[repo],
+                                snapshot_download=lambda repo, **kwargs: downloaded.append(repo))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    for repo in ("Qwen/Qwen3-8B", "google/gemma-3-1b-it", "google/gemma-3-4b-it"):
+        assert prepare.main(["--hf", repo, "--out", str(tmp_path / "out")]) == (1 if "4b" in repo else 0)
+    assert downloaded == ["Qwen/Qwen3-8B", "google/gemma-3-1b-it"]
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: google/gemma-3-4b-it: model_type 'gemma3' has a vision tower") and "\n" not in error
