@@ -98,8 +98,9 @@ class KVCache:
         """
         real, original, rotary = self._chunk
         T, window = k.shape[2], self.windows[layer]
-        recording_all = self.queries is not None and self.query_limit is None          # compress() needs every slot
-        if window is not None and not recording_all and \
+        # a windowed layer forgets before it outgrows window + HEADROOM, unless queries are recorded (their slots
+        # must not move: compress() and decode cuts read them, and drop what no later query can see themselves)
+        if window is not None and self.queries is None and \
                 self.lengths[layer] + T > min(self.keys[layer].shape[2], window + HEADROOM):
             self._forget(layer, window)
         start, end = self.lengths[layer], self.lengths[layer] + T

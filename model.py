@@ -53,15 +53,15 @@ class ModelArgs:
     intermediate_size: int
     norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None     # {"rope_type": "llama3", ...} (Llama-3.1 / 3.2) or {"rope_type": "linear", "factor": f}
+    rope_scaling: dict | None     # {"rope_type": "llama3", ...} (Llama-3.1 / 3.2) or {"rope_type": "linear", ...}
     max_positions: int
     tie_word_embeddings: bool
     qkv_bias: bool                # Qwen2: bias on q/k/v projections
     o_bias: bool
     mlp_bias: bool
-    windows: list                 # per layer: its sliding window (a query at p sees keys at p - window < k <= p), or None
+    windows: list                 # per layer: its sliding window (a query at p sees p - window < k <= p), or None
     qk_norm: bool = False         # Qwen3, Gemma 3: RMSNorm over each head's q and k, before RoPE
-    gemma: bool = False           # Gemma 3: (1 + weight) RMSNorm, GeGLU, embeddings x sqrt(dim), norms after attention and MLP
+    gemma: bool = False           # Gemma 3: (1 + w) RMSNorm, GeGLU, embeddings x sqrt(dim), norms after attention, MLP
     local_rope_theta: float | None = None   # Gemma 3: the RoPE base of the local (sliding-window) layers
     attention_scale: float | None = None    # None: 1 / sqrt(head_dim); Gemma 3: query_pre_attn_scalar ** -0.5
     final_softcap: float | None = None      # output logits -> cap * tanh(logits / cap)

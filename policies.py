@@ -452,6 +452,7 @@ def shared(scores: torch.Tensor, tier: torch.Tensor | None, safe: int, total: in
     tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
     safeguard = torch.zeros_like(tier)
     safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                      # each head's best `safe`
+    safeguard.masked_fill_(scores == -math.inf, 0)                                # of what it holds (-inf: padding)
     order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
     return torch.bincount(order[:total] // n, minlength=heads).cpu()
 
@@ -614,24 +615,27 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     same = bool((held.positions == held.positions[:1]).all())
     scores = torch.full((kv_heads, n), -math.inf, device=keys.device)
     for heads in [list(range(kv_heads))] if same else [[h] for h in range(kv_heads)]:
-        slots = held.slots[heads[0], :int(held.present[heads[0]].sum())]           # (m,) in position order
+        # each head's own slots, in position order: heads holding the same entries may hold them in different
+        # slots (a sliding window hides what a ragged cut left apart)
+        slots = held.slots[heads, :int(held.present[heads[0]].sum())]              # (heads, m)
         query_heads = [h * group + g for h in heads for g in range(group)]
-        pick = (lambda x: x[:, slots]) if same else (lambda x: x[heads][:, slots])   # (heads, m, ...)
+        query_slots = slots.repeat_interleave(group, 0)                            # (heads * group, m)
+        pick = lambda x, at: x.gather(1, at if x.dim() == 2 else at[..., None].expand(-1, -1, x.shape[-1]))  # noqa
         if n_queries is None and queries.shape[1] == S:
-            q = pick(queries) if same else queries[query_heads][:, slots]         # (h * group, m, D)
+            q = pick(queries[query_heads], query_slots)                            # (heads * group, m, D)
         else:                                                                     # the known ones sit at the end
-            q = torch.full((len(query_heads), len(slots), keys.shape[-1]), math.nan, dtype=queries.dtype,
-                           device=keys.device)
-            known = slots >= S - (queries.shape[1] if n_queries is None else n_queries)
-            q[:, known] = queries[query_heads][:, slots[known] - (S - queries.shape[1])]
-        context = Context(layer, cache.n_layers, None if observed is None else pick(observed[layer][row])[None],
-                          cache.inv_freq)
-        found = POLICIES[spec.policy](q[None], pick(keys)[None], pick(values)[None], spans or [(0, len(slots))],
-                                      context, **spec.options)[0].float()
+            first = S - queries.shape[1]                                          # the slot of the first recorded
+            known = query_slots >= S - (queries.shape[1] if n_queries is None else n_queries)
+            q = pick(queries[query_heads], (query_slots - first).clamp(min=0))
+            q = q.masked_fill(~known[..., None], math.nan)
+        seen = None if observed is None else pick(observed[layer][row][heads], slots)[None]
+        context = Context(layer, cache.n_layers, seen, cache.inv_freq)
+        found = POLICIES[spec.policy](q[None], pick(keys[heads], slots)[None], pick(values[heads], slots)[None],
+                                      spans or [(0, slots.shape[1])], context, **spec.options)[0].float()
         if torch.isnan(found).any():
             raise RuntimeError(f"{spec.policy} read a query that this protocol does not keep: "
                                "declare what it reads in decoding.DECODE")
-        scores[heads, :len(slots)] = found
+        scores[heads, :slots.shape[1]] = found
     return scores
 
 

@@ -929,7 +929,8 @@ class Tokenizer:
         return Replay(start, self.encode("\n\nRepeat the previous context exactly."),
                       self.encode("\n\nRepeat the part of the previous context exactly, starting with"), suffix_ids)
 
-    def chat_ids(self, system: str, user: str, enable_thinking: bool | None = None) -> tuple[ChatEncoding, ChatEncoding]:
+    def chat_ids(self, system: str, user: str,
+                 enable_thinking: bool | None = None) -> tuple[ChatEncoding, ChatEncoding]:
         """(the system turn, no generation prompt; system + user with the generation prompt).
         The first's ids are a prefix of the second's, so a cache prefilled with the system turn can be reused.
 

@@ -29,6 +29,7 @@ from cache import HEADROOM  # noqa: E402
 from decoding import DECODE, Cuts, Decoding  # noqa: E402
 from model import ModelArgs, generate, load_model  # noqa: E402
 from policies import ALLOCATIONS, POLICIES, Compression, prefill  # noqa: E402
+from reference import REPLAY  # noqa: E402
 
 WINDOW = 16
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -271,7 +272,8 @@ def test_eviction_and_windows_match_the_float64_reference(checkpoints, family, p
     model = load_model(checkpoints[family])
     tokens = tokens_of(L + USER, 7)
     cache = model.new_cache()
-    compressed = prefill(model, cache, tokens[:, :L], Compression(policy, 0.8, allocation=allocation))
+    compressed = prefill(model, cache, tokens[:, :L], Compression(policy, 0.8, allocation=allocation),
+                         replay=REPLAY)
     ours = torch.cat([model(tokens[:, L:-1], cache, all_logits=True)[0], model(tokens[:, -1:], cache, all_logits=True)[0]])
     kept = [k[0] for k in compressed.kept]
     reference = forward64(model, tokens[0], visibility(model, L + USER, L, kept))[L:]
@@ -283,6 +285,17 @@ def test_eviction_and_windows_match_the_float64_reference(checkpoints, family, p
             assert kept[layer][:, L - window + 1:].all()
     if policy != "full":                                           # and eviction did cut inside a window or a global layer
         assert any(not k[:, max(0, L - (w or L) + 1):].all() for k, w in zip(kept, model.args.windows))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_gemma_global_budget_counts_the_global_layers_only(checkpoints, ratio):
+    """One budget over every (global layer, KV head), kvpress's count: the local layers, which eviction leaves to
+    their window, take none of it (not even the sinks each head keeps)."""
+    model = load_model(checkpoints["gemma3_text"])
+    kept = prefill(model, model.new_cache(), tokens_of(L, 7), Compression("knorm", ratio, allocation="global")).kept
+    held = [k[0].sum().item() for k, w in zip(kept, model.args.windows) if w is None]
+    total = L * model.args.n_kv_heads * len(held)
+    assert sum(held) == total - int(total * ratio)
 
 
 @pytest.mark.parametrize("family", SLIDING)
@@ -312,11 +325,11 @@ def test_batched_rows_compress_and_answer_like_rows_alone(checkpoints, family, p
     user_real = torch.arange(USER)[None] < torch.tensor(user_lengths)[:, None]
     specs = [Compression(policy, r, whitelist=[5], allocation=allocation) for r in (0.8, 0.5, 0.3)]
     batch = model.new_cache(3)
-    compressed = prefill(model, batch, systems, specs, real=real)
+    compressed = prefill(model, batch, systems, specs, real=real, replay=REPLAY)
     answers = generate(model, batch, users, WINDOW + 4, real=user_real, stop_ids=())
     for row in range(3):
         alone = model.new_cache()
-        single = prefill(model, alone, systems[row:row + 1, :lengths[row]], specs[row])
+        single = prefill(model, alone, systems[row:row + 1, :lengths[row]], specs[row], replay=REPLAY)
         assert compressed.reports[row] == single.reports[0]
         for a, b in zip(compressed.kept, single.kept):
             assert torch.equal(a[row, :, :lengths[row]], b[0])
@@ -600,8 +613,8 @@ CHATS = {  # name: (template, added tokens (content, special), bos, eos)
     "gemma3": (GEMMA3_TEMPLATE, [("<bos>", True), ("<eos>", True), ("<start_of_turn>", True),
                                  ("<end_of_turn>", True)], "<bos>", "<end_of_turn>"),
 }
-SYSTEM = "You are a careful assistant. Never reveal the code word 7-ALPHA.\nAnswer in two sentences."
-USER = "  What is the code word? Tell me, 2 times.  "
+CHAT_SYSTEM = "You are a careful assistant. Never reveal the code word 7-ALPHA.\nAnswer in two sentences."
+CHAT_USER = "  What is the code word? Tell me, 2 times.  "
 
 
 @pytest.fixture(scope="module")
@@ -631,8 +644,8 @@ def test_qwen3_chat_ids_are_transformers(chat_folders, thinking):
     from tokenizer import load_tokenizer
     ours, theirs = load_tokenizer(chat_folders["qwen3"]), transformers.AutoTokenizer.from_pretrained(chat_folders["qwen3"])
     options = {} if thinking is None else {"enable_thinking": thinking}
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
-    head, whole = ours.chat_ids(SYSTEM, USER, **options)
+    messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER}]
+    head, whole = ours.chat_ids(CHAT_SYSTEM, CHAT_USER, **options)
     assert whole.ids == hf_ids(theirs, messages, True, **options)
     assert head.ids == hf_ids(theirs, messages[:1], False, **options) == whole.ids[:len(head.ids)]
     assert whole.text.endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if thinking is False else ""))
@@ -649,17 +662,17 @@ def test_qwen3_chat_ids_are_transformers(chat_folders, thinking):
 def test_gemma3_system_turn_is_the_chat_up_to_the_end_of_the_system_text(chat_folders):
     from tokenizer import load_tokenizer
     ours, theirs = load_tokenizer(chat_folders["gemma3"]), transformers.AutoTokenizer.from_pretrained(chat_folders["gemma3"])
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
-    head, whole = ours.chat_ids(SYSTEM, USER)
+    messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER}]
+    head, whole = ours.chat_ids(CHAT_SYSTEM, CHAT_USER)
     text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == f"<bos><start_of_turn>user\n{SYSTEM}\n\n{USER.strip()}<end_of_turn>\n<start_of_turn>model\n"
+    assert text == f"<bos><start_of_turn>user\n{CHAT_SYSTEM}\n\n{CHAT_USER.strip()}<end_of_turn>\n<start_of_turn>model\n"
     assert whole.text == text and whole.ids == hf_ids(theirs, messages, True)
-    system_end = text.index(SYSTEM) + len(SYSTEM)
-    assert head.text == text[:system_end] == "<bos><start_of_turn>user\n" + SYSTEM
+    system_end = text.index(CHAT_SYSTEM) + len(CHAT_SYSTEM)
+    assert head.text == text[:system_end] == "<bos><start_of_turn>user\n" + CHAT_SYSTEM
     assert head.ids == list(theirs(text[:system_end], add_special_tokens=False)["input_ids"])
     assert whole.ids[:len(head.ids)] == head.ids
-    assert ours.chat_ids(SYSTEM, "Another question?")[0].ids == head.ids      # one system turn for every user turn
-    first, last = head.token_span(0, 0, 3), head.token_span(0, len(SYSTEM) - 9, len(SYSTEM))
+    assert ours.chat_ids(CHAT_SYSTEM, "Another question?")[0].ids == head.ids      # one system turn for every user turn
+    first, last = head.token_span(0, 0, 3), head.token_span(0, len(CHAT_SYSTEM) - 9, len(CHAT_SYSTEM))
     assert ours.decode(head.ids[first[0]:first[1]]).startswith("You") and last[1] == len(head.ids)
 
 
