@@ -16,7 +16,8 @@ prefill's, or the newest n), the one thing a policy reads that attention does no
 A layer with a sliding window (Mistral's; Gemma 3's local layers) lets a query at original
 position p see only the keys at p - window < k <= p, whatever eviction kept. The cache masks
 the rest, and forgets the entries that no later query can see (k <= next position - window)
-before the layer outgrows window + HEADROOM slots, so such a layer stays bounded by its window.
+before the layer outgrows window + HEADROOM slots, so such a layer stays bounded by its window
+(while queries are recorded, compression and decode cuts drop those entries instead).
 `exempt` marks the layers eviction leaves to their window (Gemma 3's local layers, as kvpress).
 
 The cache knows no policy. The paper's protocol (docs/method.md) in calls:

@@ -90,12 +90,14 @@ class ModelArgs:
         rope = dict(rope.pop("full_attention", None) or rope)
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6 if gemma else 10000.0))
         local_theta = cfg.get("rope_local_base_freq", local.get("rope_theta", 10000.0)) if gemma else None
-        for kind in (rope.get("rope_type", rope.get("type", "default")), local.get("rope_type", "default")):
-            if kind not in ROPE_TYPES:
-                raise ValueError(f"unsupported rope scaling type {kind!r} in config.json (supported: llama3, linear)")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} in config.json (supported: llama3, linear)")
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope scaling type {local['rope_type']!r} for the sliding-window layers in "
+                             "config.json (Gemma 3's local layers use plain RoPE)")
         attention_bias = cfg.get("attention_bias", False)
-        head_dim = cfg.get("head_dim") or (256 if gemma else cfg["hidden_size"] // n_heads)
+        default_head_dim = {"gemma3_text": 256, "qwen3": 128}.get(model_type, cfg["hidden_size"] // n_heads)  # as HF
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -103,7 +105,7 @@ class ModelArgs:
             n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads,
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
+            head_dim=cfg.get("head_dim") or default_head_dim,
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),

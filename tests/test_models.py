@@ -9,10 +9,13 @@ greedy continuation, and the same logits whether a prompt runs as one forward or
 the cache.
 
 Eviction on the sliding-window models is checked against a float64 forward written here with explicit
-masks: a query sees a key when it lies at or before it, inside the layer's window (original positions:
-p - window < k <= p, as transformers' sliding_window_overlay), and, for keys of the compressed turn,
-only if eviction kept it. Decoding with decode-time cuts reuses tests/test_decode.py's reference
-(`reference_generate`), its float64 forward given the window.
+masks (itself checked against transformers): a query sees a key when it lies at or before it, inside the
+layer's window (original positions: p - window < k <= p, as transformers' sliding_window_overlay), and,
+for keys of the compressed turn, only if eviction kept it; every policy x allocation, at batch 1 and in
+ragged batches. Decoding with decode-time cuts reuses tests/test_decode.py's reference
+(`reference_generate`) on Mistral, its float64 forward given the window; on Gemma 3 the logged cuts are
+replayed through the float64 forward. Also here: the memory bound of a windowed layer (printed with -s),
+Qwen3's and Gemma 3's chat templates against transformers' apply_chat_template, and prepare.py --hf.
 """
 import json
 import math
@@ -165,6 +168,9 @@ def test_hub_style_gemma_config_loads_the_same(checkpoints, tmp_path):
     (dict(model_type="gemma3", vision_config={}), "has a vision tower"),
     (dict(model_type="qwen3_moe"), "unsupported model_type 'qwen3_moe'"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "unsupported rope scaling type 'yarn'"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     "'linear' for the sliding-window layers"),
     (dict(hidden_activation="gelu"), "unsupported hidden_activation 'gelu'"),
     (dict(use_bidirectional_attention=True), "causal attention only"),
     (dict(layer_types=["chunked_attention"] * 4), "unsupported layer_types"),
