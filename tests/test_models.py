@@ -406,15 +406,21 @@ def test_decode_cuts_on_gemma_match_a_replay_of_their_log(checkpoints, policy, a
         sequence = prompt + answer[:-1]
         n = len(sequence)
         gone = [torch.full((model.args.n_kv_heads, n), n) for _ in model.layers]   # first query that no longer sees it
+        in_global = {}                                               # per cut: what the global layers kept
         for layer, step, kept in test_decode.fast_cuts(logged, b):
             now = len(prompt) + step                                 # positions 0 .. now - 1 are cached at the cut
             window = model.args.windows[layer]
             if window is None:                                       # pyramid gives early layers up to twice
-                assert sum(map(len, kept)) <= len(kept) * test_decode.TARGET * (2 if allocation == "pyramid" else 1)
+                in_global.setdefault(step, []).append(sum(map(len, kept)))
+                bound = len(kept) * test_decode.TARGET * (2 if allocation == "pyramid" else 1)
+                assert allocation == "global" or in_global[step][-1] <= bound
             for h, head in enumerate(kept):
                 assert window is None or head == list(range(now - window + 1, now))
                 for position in set(range(now)) - set(head):
                     gone[layer][h, position] = min(int(gone[layer][h, position]), now)
+        n_global = sum(w is None for w in model.args.windows)       # global: one budget for all of them
+        assert allocation != "global" or all(sum(kept) <= n_global * model.args.n_kv_heads * test_decode.TARGET
+                                             for kept in in_global.values())
         t = torch.arange(n)[:, None]
         seen = lambda layer, kv: visibility(model, n)(layer, kv) & (t < gone[layer][kv][None, :])
         reference = forward64(model, torch.tensor(sequence), seen)[len(prompt) - 1:]
