@@ -13,6 +13,13 @@ the same positions unless keys were re-rotated (decoding.py), which keeps a seco
 `rotary` record. While recording, the cache also keeps each layer's queries (all of a
 prefill's, or the newest n), the one thing a policy reads that attention does not store.
 
+A layer with a sliding window (Mistral's; Gemma 3's local layers) lets a query at original
+position p see only the keys at p - window < k <= p, whatever eviction kept. The cache masks
+the rest, and forgets the entries that no later query can see (k <= next position - window)
+before the layer outgrows window + HEADROOM slots, so such a layer stays bounded by its window
+(while queries are recorded, compression and decode cuts drop those entries instead).
+`exempt` marks the layers eviction leaves to their window (Gemma 3's local layers, as kvpress).
+
 The cache knows no policy. The paper's protocol (docs/method.md) in calls:
 
     cache = model.new_cache()
@@ -31,10 +38,13 @@ BUFFERS = ("keys", "values", "valid", "positions", "rotary")   # the per-slot bu
 
 class KVCache:
     def __init__(self, n_layers: int, batch_size: int, kv_heads: int, head_dim: int,
-                 capacity: int = 256, dtype=torch.float32, device="cpu", inv_freq: torch.Tensor | None = None):
+                 capacity: int = 256, dtype=torch.float32, device="cpu", inv_freq: torch.Tensor | None = None,
+                 windows: list | None = None, exempt: list | None = None):
         self.n_layers, self.batch_size, self.kv_heads, self.head_dim = n_layers, batch_size, kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.inv_freq = inv_freq         # the RoPE frequencies (D/2,) the keys were rotated with
+        self.windows = list(windows or [None] * n_layers)    # per layer: its sliding window, or None
+        self.exempt = list(exempt or [False] * n_layers)     # per layer: eviction keeps all it holds
         shape = (batch_size, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]    # post-RoPE
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -43,7 +53,7 @@ class KVCache:
         self.rotary: list[torch.Tensor] | None = None    # each slot's rotary position, once it differs (re-rotation)
         self.lengths = [0] * n_layers                    # slots in use, per layer
         # layers with the same layout hold the same valid slots (the kept counts per row and head,
-        # packed at the front), so one attention mask serves them all
+        # packed at the front), so one attention mask serves them all (with a window, the same positions too)
         self.layouts: list[tuple] = [()] * n_layers
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)   # (B,) the next token's
         self.next_rotary = torch.zeros(batch_size, dtype=torch.long, device=device)     # (B,) what RoPE gives it
@@ -88,7 +98,12 @@ class KVCache:
         layer's KV heads hold different entries.
         """
         real, original, rotary = self._chunk
-        T = k.shape[2]
+        T, window = k.shape[2], self.windows[layer]
+        # a windowed layer forgets before it outgrows window + HEADROOM, unless queries are recorded (their slots
+        # must not move: compress() and decode cuts read them, and drop what no later query can see themselves)
+        if window is not None and self.queries is None and \
+                self.lengths[layer] + T > min(self.keys[layer].shape[2], window + HEADROOM):
+            self._forget(layer, window)
         start, end = self.lengths[layer], self.lengths[layer] + T
         if end > self.keys[layer].shape[2]:
             self._resize(layer, max(end, 2 * self.keys[layer].shape[2]))
@@ -100,13 +115,15 @@ class KVCache:
         if self.queries is not None:                                      # (B, H, n, D), the newest last
             recorded = q if self.queries[layer] is None else torch.cat([self.queries[layer], q], 2)
             self.queries[layer] = recorded if self.query_limit is None else recorded[:, :, -self.query_limit:]
-        layout = self.layouts[layer]
-        if layout not in self._masks:
-            self._masks[layout] = self._mask(self.valid[layer][:, :, :end], start)
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self._masks[layout]
+        key = (self.layouts[layer], window)
+        if key not in self._masks:
+            near = None if window is None else self._near(layer, end, window)
+            self._masks[key] = self._mask(self.valid[layer][:, :, :end], start, near)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self._masks[key]
 
-    def _mask(self, valid: torch.Tensor, start: int) -> torch.Tensor | None:
-        """Attention mask for a chunk written at slot `start` of a layer with these valid slots (B, H_kv, S).
+    def _mask(self, valid: torch.Tensor, start: int, near: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Attention mask for a chunk written at slot `start` of a layer with these valid slots (B, H_kv, S),
+        and with a window, `near` (B, 1 or H_kv, T, S): the slots inside each query's window.
 
         A real query sees the valid slots up to its own, a padding query only its own slot
         (never an empty row, and padding pays no attention to real keys). None when there are
@@ -116,18 +133,36 @@ class KVCache:
         """
         real = self._chunk[0]
         T, S = real.shape[1], valid.shape[2]
-        if (T == 1 or start == 0) and bool(valid.all()):
+        if near is not None and bool(near.all()):
+            near = None
+        if (T == 1 or start == 0) and near is None and bool(valid.all()):
             return None
         if bool((valid == valid[:, :1]).all()):
             valid = valid[:, :1]                                          # every head holds the same slots
+        valid = valid[:, :, None, :] if near is None else valid[:, :, None, :] & near   # (B, 1 or H_kv, 1 or T, S)
         if T == 1 and bool(real.all()):                                   # a decoding step sees every valid slot
-            return valid[:, :, None, :]                                   # (B, 1 or H_kv, 1, S)
+            return valid                                                  # (B, 1 or H_kv, 1, S)
         slots = torch.arange(S, device=self.device)
         own = start + torch.arange(T, device=self.device)
         causal = slots[None, :] <= own[:, None]                           # (T, S)
         own_slot = slots[None, :] == own[:, None]                         # (T, S)
-        visible = (valid[:, :, None, :] & real[:, None, :, None]) | own_slot           # (B, 1 or H_kv, T, S)
+        visible = (valid & real[:, None, :, None]) | own_slot             # (B, 1 or H_kv, T, S)
         return causal & visible
+
+    def _near(self, layer: int, end: int, window: int) -> torch.Tensor:
+        """(B, 1 or H_kv, T, S): the slots whose original position lies inside each query's window."""
+        positions = self.positions[layer][:, :, :end]                     # (B, H_kv, S)
+        if bool((positions == positions[:, :1]).all()):
+            positions = positions[:, :1]
+        return positions[:, :, None, :] > self._chunk[1][:, None, :, None] - window
+
+    def _forget(self, layer: int, window: int):
+        """Drop the entries of a windowed layer that no query of this chunk or later can see."""
+        first = self.next_position - self._chunk[0].sum(1)                # (B,) this chunk's first position
+        held = self.valid[layer][:, :, :self.lengths[layer]]
+        live = held & (self.positions[layer][:, :, :held.shape[2]] > (first - window)[:, None, None])
+        if not torch.equal(live, held):
+            self.keep(layer, live)
 
     def _resize(self, layer: int, capacity: int):
         keep = min(self.lengths[layer], capacity)
@@ -157,6 +192,8 @@ class KVCache:
         self.valid[layer] = torch.arange(capacity, device=self.device) < counts[..., None]   # (B, H_kv, capacity)
         self.lengths[layer] = n
         self.layouts[layer] = tuple(counts.flatten().tolist())
+        if self.windows[layer] is not None:                               # its own positions: its own mask
+            self.layouts[layer] += (f"layer {layer}",)
 
     def track_rotary(self):
         """Keep each slot's rotary position apart from its original one, from now on (re-rotation moves it)."""

@@ -100,6 +100,8 @@ class Cuts:
         if any(s.rerotate for s in self.specs):
             if cache.inv_freq is None:
                 raise ValueError("re-rotation needs the model's RoPE frequencies: make the cache with model.new_cache()")
+            if any(cache.exempt):
+                raise ValueError("re-rotation is not implemented for Gemma 3: its local layers have their own RoPE")
             cache.track_rotary()                                 # until now RoPE saw the original positions
 
     def after_forward(self, cache, step: int):

@@ -1,8 +1,15 @@
-"""The model: a Llama / Mistral / Qwen2 forward pass in one file, and greedy generation.
+"""The model: a Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 forward pass in one file, and greedy generation.
 
 Reads a Hugging Face checkpoint folder (config.json + safetensors) and runs it with an
 explicit KV cache (cache.py). The modules come in reading order: config, RMSNorm, RoPE,
 Attention, FeedForward, TransformerBlock, Transformer, then loading and generation.
+
+The families differ by a few switches in ModelArgs, not by subclasses: Qwen3 and Gemma 3
+normalise each head's q and k before RoPE; Gemma 3 also scales RMSNorm by (1 + weight),
+multiplies the embeddings by sqrt(dim), runs GeGLU, puts a norm after attention and after
+the MLP, and alternates local (sliding-window) layers, with their own RoPE base, with
+global ones. A sliding window (Mistral's, Gemma 3's local layers) is the cache's business:
+it masks what lies outside each query's window and forgets what no later query can see.
 
 The attention layer is where the data meets the cache: it writes its RoPE'd keys and
 values into the cache and gets back every entry it may attend to, with the mask of what
@@ -27,7 +34,8 @@ import torch.nn.functional as F
 
 from cache import KVCache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+ROPE_TYPES = ("default", "llama3", "linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,31 +53,51 @@ class ModelArgs:
     intermediate_size: int
     norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None     # only {"rope_type": "llama3", ...} (Llama-3.1 / 3.2)
+    rope_scaling: dict | None     # {"rope_type": "llama3", ...} (Llama-3.1 / 3.2) or {"rope_type": "linear", ...}
     max_positions: int
     tie_word_embeddings: bool
     qkv_bias: bool                # Qwen2: bias on q/k/v projections
     o_bias: bool
     mlp_bias: bool
-    sliding_window: int | None    # Mistral v0.1; prompts longer than it are refused
+    windows: list                 # per layer: its sliding window (a query at p sees p - window < k <= p), or None
+    qk_norm: bool = False         # Qwen3, Gemma 3: RMSNorm over each head's q and k, before RoPE
+    gemma: bool = False           # Gemma 3: (1 + w) RMSNorm, GeGLU, embeddings x sqrt(dim), norms after attention, MLP
+    local_rope_theta: float | None = None   # Gemma 3: the RoPE base of the local (sliding-window) layers
+    attention_scale: float | None = None    # None: 1 / sqrt(head_dim); Gemma 3: query_pre_attn_scalar ** -0.5
+    final_softcap: float | None = None      # output logits -> cap * tanh(logits / cap)
+    compress_local: bool = True   # False: eviction leaves the local layers to their window (Gemma 3, as kvpress)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         model_type = cfg.get("model_type")
+        if model_type == "gemma3" or "vision_config" in cfg:
+            raise ValueError(f"model_type {model_type!r} has a vision tower (Gemma3ForConditionalGeneration); nanokv "
+                             "runs text-only checkpoints (gemma3_text, Gemma3ForCausalLM)")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r} in config.json "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        gemma = model_type == "gemma3_text"
+        if gemma and cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise ValueError(f"unsupported hidden_activation {cfg['hidden_activation']!r} in config.json "
+                             "(Gemma 3 uses gelu_pytorch_tanh)")
+        if cfg.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention is set in config.json: nanokv runs causal attention only")
         n_heads = cfg["num_attention_heads"]
-        # transformers >= 5 writes rope settings as `rope_parameters`; older files as rope_theta/rope_scaling
+        # transformers >= 5 writes rope settings as `rope_parameters` (Gemma 3: one per layer type);
+        # older files as rope_theta / rope_scaling (and Gemma 3's rope_local_base_freq)
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        local = rope.pop("sliding_attention", None) or {}
+        rope = dict(rope.pop("full_attention", None) or rope)
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6 if gemma else 10000.0))
+        local_theta = cfg.get("rope_local_base_freq", local.get("rope_theta", 10000.0)) if gemma else None
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} in config.json (supported: llama3)")
-        sliding_window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding_window = None
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} in config.json (supported: llama3, linear)")
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope scaling type {local['rope_type']!r} for the sliding-window layers in "
+                             "config.json (Gemma 3's local layers use plain RoPE)")
         attention_bias = cfg.get("attention_bias", False)
+        default_head_dim = {"gemma3_text": 256, "qwen3": 128}.get(model_type, cfg["hidden_size"] // n_heads)  # as HF
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -77,41 +105,74 @@ class ModelArgs:
             n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads,
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            head_dim=cfg.get("head_dim") or default_head_dim,
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type != "default" else None,
             max_positions=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
             mlp_bias=cfg.get("mlp_bias", False),
-            sliding_window=sliding_window,
+            windows=layer_windows(cfg, model_type),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            gemma=gemma,
+            local_rope_theta=None if local_theta is None else float(local_theta),
+            attention_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5 if gemma else None,
+            # attn_logit_softcapping is not read: Gemma 3 replaced it by the q/k norms, and transformers ignores it
+            final_softcap=cfg.get("final_logit_softcapping"),
+            compress_local=not gemma,
         )
+
+
+def layer_windows(cfg: dict, model_type: str) -> list:
+    """Each layer's sliding window (None: global attention), as transformers reads config.json."""
+    n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return [None] * n
+    types = cfg.get("layer_types") if model_type != "mistral" else None    # Mistral: every layer slides
+    if types is None and model_type == "gemma3_text":                   # older configs: every n-th layer is global
+        pattern = cfg.get("sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    elif types is None and model_type in ("qwen2", "qwen3"):
+        types = ["sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention" for i in range(n)]
+    types = types or ["sliding_attention"] * n
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"unsupported layer_types in config.json: {sorted(set(types))} for {n} layers "
+                         "(supported: sliding_attention, full_attention)")
+    return [window if kind == "sliding_attention" else None for kind in types]
 
 
 # ----------------------------------------------------------------------------- layers
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.gemma = eps, gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x):
         x_fp32 = x.float()  # normalise in float32, like the reference implementation
         x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:      # Gemma: scale by (1 + weight) in float32, then cast
+            return (x_fp32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x_fp32.to(x.dtype)
 
 
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with Llama-3.1's smooth long-context scaling when configured."""
+def rope_frequencies(args: ModelArgs, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3.1's smooth long-context scaling or linear scaling when
+    configured. local: those of Gemma 3's local layers (their own base, never scaled)."""
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = args.rope_scaling
+    theta = args.local_rope_theta if local else args.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = None if local else args.rope_scaling
     if s is None:
         return inv_freq
+    if s.get("rope_type", s.get("type")) == "linear":
+        return inv_freq / s["factor"]
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -141,16 +202,23 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.attention_scale
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        if args.qk_norm:                                                               # Qwen3, Gemma 3
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.gemma)
 
     def forward(self, x, cos, sin, cache: KVCache, attention=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)                      # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)                   # (B, T, H_kv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)                                      # per head, before RoPE
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                    # (B, H, T, D), (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # the cache stores k, v (and, while it records, q for a policy) and returns every
         # key and value this layer may attend to, with the mask of what each query may see
@@ -158,14 +226,16 @@ class Attention(nn.Module):
         if mask is not None and mask.shape[1] > 1:                                     # per KV head (ragged eviction):
             mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # to its query heads (B, H, T, S)
         # a policy that reads this layer's attention gets it first (policies.Observer): it may compute the
-        # output itself (H2O sums what each key receives as it goes) or only look (None)
-        y = None if attention is None else attention(self.layer_idx, x, q, keys, values, mask)
+        # output itself (H2O sums what each key receives as it goes) or only look (None). It computes at
+        # 1 / sqrt(D), so q carries any other scale (Gemma 3's query_pre_attn_scalar)
+        scaled = q if attention is None or self.scale is None else q * (self.scale * math.sqrt(self.head_dim))
+        y = None if attention is None else attention(self.layer_idx, x, scaled, keys, values, mask)
         if y is None:
             # no mask: a one-token step sees every slot; a longer chunk starts the cache (T == S)
             # and is plainly causal, which lets attention skip the masked half of its work
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                                               scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # y: (B, H, T, D)
 
 
 class FeedForward(nn.Module):
@@ -174,21 +244,31 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.gelu = args.gemma                       # Gemma: GeGLU with tanh-approximated GELU; else SwiGLU
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = F.gelu(self.gate_proj(x), approximate="tanh") if self.gelu else F.silu(self.gate_proj(x))
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma)
         self.self_attn = Attention(args, layer_idx)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma)   # Gemma: on attention's output
         self.mlp = FeedForward(args)
+        self.gemma = args.gemma
+        if args.gemma:                                                                 # and two around the MLP
+            self.pre_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, gemma=True)
+            self.post_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, gemma=True)
 
     def forward(self, x, cos, sin, cache, attention=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attention)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, attention)
+        if self.gemma:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,11 +278,13 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.gemma)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        local = rope_frequencies(args, local=True) if args.local_rope_theta is not None else None
+        self.register_buffer("local_inv_freq", local, persistent=False)    # Gemma 3's local layers
         self.eos_ids: tuple[int, ...] = ()  # end-of-turn ids, set by load_model
 
     @property
@@ -214,9 +296,13 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+        """An empty cache for this model: with each layer's sliding window, and the layers eviction leaves alone.
+
+        Its RoPE frequencies (for policies and re-rotation) are those of the global layers."""
         a = self.args
-        return KVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity=capacity,
-                       dtype=self.dtype, device=self.device, inv_freq=self.inv_freq)
+        exempt = [w is not None and not a.compress_local for w in a.windows]
+        return KVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity=capacity, dtype=self.dtype,
+                       device=self.device, inv_freq=self.inv_freq, windows=a.windows, exempt=exempt)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, real: torch.Tensor | None = None,
                 all_logits: bool = False, attention=None) -> torch.Tensor:
@@ -236,17 +322,20 @@ class Transformer(nn.Module):
         if last >= self.args.max_positions:
             raise ValueError(f"the sequence reaches position {last}, past the model's context of "
                              f"{self.args.max_positions} tokens: shorten the prompt or --max-new-tokens")
-        if self.args.sliding_window is not None and last >= self.args.sliding_window:
-            raise ValueError(f"the sequence reaches position {last}, past the model's sliding window of "
-                             f"{self.args.sliding_window}: sliding-window attention is not implemented")
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
+        rope = rope_cos_sin(self.inv_freq, positions, self.dtype)          # cos, sin (B, 1, T, D)
+        local = rope if self.local_inv_freq is None else rope_cos_sin(self.local_inv_freq, positions, self.dtype)
         x = self.embed_tokens(tokens)                       # (B, T, dim)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, attention)
+        if self.args.gemma:                                 # scaled by sqrt(dim), rounded to the model's dtype
+            x = x * torch.tensor(self.args.dim ** 0.5, device=x.device).to(x.dtype)
+        for layer, window in zip(self.layers, self.args.windows):
+            x = layer(x, *(rope if window is None else local), cache, attention)
         if not all_logits:                                  # only each row's last real token
             last_real = real.cumsum(1).argmax(1)            # index of the last True per row
             x = x[torch.arange(B, device=x.device), last_real][:, None]
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x))
+        if self.args.final_softcap is not None:
+            logits = torch.tanh(logits / self.args.final_softcap) * self.args.final_softcap
+        logits = logits.float()
         return logits if all_logits else logits[:, 0]
 
 
@@ -293,6 +382,8 @@ def load_model(folder: str, device: str = "cpu", dtype: str | torch.dtype = "flo
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(args).to(device)
+    if args.local_rope_theta is not None:
+        model.local_inv_freq = rope_frequencies(args, local=True).to(device)
     model.eos_ids = _eos_ids(folder, config)
     return model.eval().requires_grad_(False)
 

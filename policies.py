@@ -452,6 +452,7 @@ def shared(scores: torch.Tensor, tier: torch.Tensor | None, safe: int, total: in
     tier = torch.zeros_like(scores, dtype=torch.long) if tier is None else tier
     safeguard = torch.zeros_like(tier)
     safeguard.scatter_(1, ranked(scores, tier)[:, :safe], 1)                      # each head's best `safe`
+    safeguard.masked_fill_(scores == -math.inf, 0)                                # of what it holds (-inf: padding)
     order = ranked(scores.reshape(1, -1), tier.reshape(1, -1), safeguard.reshape(1, -1))[0]
     return torch.bincount(order[:total] // n, minlength=heads).cpu()
 
@@ -584,14 +585,18 @@ class Held:
 
 
 def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
-    """What row `row` holds in `layer`; entries at original positions >= limit (if any) may not go."""
+    """What row `row` holds in `layer`; entries at original positions >= limit (if any) may not go, nor any of
+    an exempt layer (cache.exempt). With a sliding window, what no later query can see is not held: it goes."""
     valid = cache.valid[layer][row, :, :cache.lengths[layer]]                    # (H_kv, S)
+    if cache.windows[layer] is not None:
+        seen = cache.positions[layer][row, :, :valid.shape[1]] > cache.next_position[row] - cache.windows[layer]
+        valid = valid & seen
     count = valid.sum(-1)
     slots = valid.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, :int(count.max())]
     present = torch.arange(slots.shape[1], device=valid.device) < count[:, None]
     positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
     evictable = present if limit is None else present & (positions < limit)
-    return Held(slots, present, positions, evictable)
+    return Held(slots, present, positions, evictable & (not cache.exempt[layer]))
 
 
 def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, spans: list | None,
@@ -610,24 +615,27 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     same = bool((held.positions == held.positions[:1]).all())
     scores = torch.full((kv_heads, n), -math.inf, device=keys.device)
     for heads in [list(range(kv_heads))] if same else [[h] for h in range(kv_heads)]:
-        slots = held.slots[heads[0], :int(held.present[heads[0]].sum())]           # (m,) in position order
+        # each head's own slots, in position order: heads holding the same entries may hold them in different
+        # slots (a sliding window hides what a ragged cut left apart)
+        slots = held.slots[heads, :int(held.present[heads[0]].sum())]              # (heads, m)
         query_heads = [h * group + g for h in heads for g in range(group)]
-        pick = (lambda x: x[:, slots]) if same else (lambda x: x[heads][:, slots])   # (heads, m, ...)
+        query_slots = slots.repeat_interleave(group, 0)                            # (heads * group, m)
+        pick = lambda x, at: x.gather(1, at if x.dim() == 2 else at[..., None].expand(-1, -1, x.shape[-1]))  # noqa
         if n_queries is None and queries.shape[1] == S:
-            q = pick(queries) if same else queries[query_heads][:, slots]         # (h * group, m, D)
+            q = pick(queries[query_heads], query_slots)                            # (heads * group, m, D)
         else:                                                                     # the known ones sit at the end
-            q = torch.full((len(query_heads), len(slots), keys.shape[-1]), math.nan, dtype=queries.dtype,
-                           device=keys.device)
-            known = slots >= S - (queries.shape[1] if n_queries is None else n_queries)
-            q[:, known] = queries[query_heads][:, slots[known] - (S - queries.shape[1])]
-        context = Context(layer, cache.n_layers, None if observed is None else pick(observed[layer][row])[None],
-                          cache.inv_freq)
-        found = POLICIES[spec.policy](q[None], pick(keys)[None], pick(values)[None], spans or [(0, len(slots))],
-                                      context, **spec.options)[0].float()
+            first = S - queries.shape[1]                                          # the slot of the first recorded
+            known = query_slots >= S - (queries.shape[1] if n_queries is None else n_queries)
+            q = pick(queries[query_heads], (query_slots - first).clamp(min=0))
+            q = q.masked_fill(~known[..., None], math.nan)
+        seen = None if observed is None else pick(observed[layer][row][heads], slots)[None]
+        context = Context(layer, cache.n_layers, seen, cache.inv_freq)
+        found = POLICIES[spec.policy](q[None], pick(keys[heads], slots)[None], pick(values[heads], slots)[None],
+                                      spans or [(0, slots.shape[1])], context, **spec.options)[0].float()
         if torch.isnan(found).any():
             raise RuntimeError(f"{spec.policy} read a query that this protocol does not keep: "
                                "declare what it reads in decoding.DECODE")
-        scores[heads, :len(slots)] = found
+        scores[heads, :slots.shape[1]] = found
     return scores
 
 
@@ -654,7 +662,7 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {limit})")
     part = None
     if spec.partitions and (part_starts or [0])[1:]:
-        if any(bool((h.present & ~h.evictable).any()) for h in held):
+        if any(bool((h.present & ~h.evictable).any()) and not exempt for h, exempt in zip(held, cache.exempt)):
             raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
         starts = torch.tensor(part_starts, device=cache.device)
         part = [(torch.searchsorted(starts, h.positions, right=True) - 1).masked_fill(~h.evictable, -1)[:, :w]
@@ -662,6 +670,8 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
 
     def scored(layer: int, spans) -> tuple[torch.Tensor, torch.Tensor | None]:      # scores (H_kv, n) and their tiers
         h, w = held[layer], width[layer]
+        if w == 0:                                                                # nothing may go: nothing to score
+            return torch.zeros(h.positions.shape[0], 0, device=cache.device), None
         scores = policy_scores(spec, cache, layer, row, h, spans, n_queries, observed)[:, :w]
         listed = None if whitelist is None else torch.isin(h.positions[:, :w], whitelist)
         return scores, tiers(scores, listed, h.evictable[:, :w])
@@ -673,7 +683,7 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
     masks = []
     for layer, (h, w) in enumerate(zip(held, width)):
         quotas = counts[layer][:, None]                                           # (H_kv, parts)
-        if part is None or spec.debias == 0:
+        if part is None or spec.debias == 0 or w == 0:
             scores, tier = plain[layer]()
             chosen = keep_best(scores, tier, None, quotas)
         else:

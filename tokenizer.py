@@ -800,8 +800,9 @@ class Tokenizer:
                            f"(it has {len(self.special_tokens)}, e.g. {list(self.special_tokens)[:5]})")
         return self.special_tokens[token]
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The chat as text, rendered like transformers' apply_chat_template."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, **options) -> str:
+        """The chat as text, rendered like transformers' apply_chat_template; `options` are the template's own
+        variables (Qwen3's enable_thinking), as apply_chat_template passes its extra keywords."""
         if self.chat_template is None:
             raise ValueError(f"{self.where} has no chat template (no 'chat_template' in tokenizer_config.json, or "
                              "none named 'default' in its list, and no chat_template.jinja); add the model's to the folder")
@@ -817,7 +818,7 @@ class Tokenizer:
         try:
             template = _compile_chat_template(self.chat_template)
             text = _render_bounded(template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                  tools=None, documents=None, **self.template_vars))
+                                                  tools=None, documents=None, **self.template_vars, **options))
         except _TemplateOverBudget as err:
             raise ValueError(f"refused the chat template in {source}: {err}; a real chat template stays far below "
                              "these limits, so replace it with the model's original one") from None
@@ -842,9 +843,14 @@ class Tokenizer:
                              "is not text (UTF-8 cannot encode it); fix or replace it")
         return text
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> ChatEncoding:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, **options) -> ChatEncoding:
         """Render and encode a chat; special tokens are recognised only outside the message contents."""
-        text, content_ranges, spans, leads = self._locate_contents(messages, add_generation_prompt)
+        text, content_ranges, spans, leads = self._locate_contents(messages, add_generation_prompt, **options)
+        ids, offsets = self._encode_rendered(text, content_ranges)
+        return ChatEncoding(ids, text, offsets, spans, leads)
+
+    def _encode_rendered(self, text: str, content_ranges: list[tuple[int, int]]) -> tuple[list, list]:
+        """Ids and char offsets of a rendered chat whose message contents lie at content_ranges."""
         specials, gap_start = [], 0
         for gap_end, next_start in [*content_ranges, (len(text), len(text))]:
             specials += self.special_regex.finditer(text, gap_start, gap_end)
@@ -860,9 +866,9 @@ class Tokenizer:
                 ids.append(self.special_tokens[piece.group()])
                 offsets.append(piece.span())
                 cursor = piece.end()
-        return ChatEncoding(ids, text, offsets, spans, leads)
+        return ids, offsets
 
-    def _locate_contents(self, messages: list[dict], add_generation_prompt: bool):
+    def _locate_contents(self, messages: list[dict], add_generation_prompt: bool, **options):
         """Render the chat, and find where each message content lands in it. The template is rendered a
         second time with a marker for each content, so the text around the markers is the template's own;
         the real rendering must be that text with each content (or content trimmed) in place of its marker."""
@@ -873,9 +879,9 @@ class Tokenizer:
                 suspicious = isinstance(value, str) and (self.special_regex.search(value) or "\ue000" in value)
                 if key != "content" and suspicious:
                     raise ValueError(f"message {index}: field {key!r} holds a special token; only 'content' may")
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, **options)
         skeleton = self.render_chat([{**m, "content": CONTENT_MARK.format(i)} for i, m in enumerate(messages)],
-                                    add_generation_prompt)
+                                    add_generation_prompt, **options)
         pattern, owners, position = [], [], 0
         for mark in re.finditer(CONTENT_MARK.format(r"(\d+)"), skeleton):
             content = messages[int(mark.group(1))]["content"]
@@ -923,17 +929,45 @@ class Tokenizer:
         return Replay(start, self.encode("\n\nRepeat the previous context exactly."),
                       self.encode("\n\nRepeat the part of the previous context exactly, starting with"), suffix_ids)
 
-    def chat_ids(self, system: str, user: str) -> tuple[ChatEncoding, ChatEncoding]:
-        """(the system turn alone, no generation prompt; system + user with the generation prompt).
-        The first's ids are a prefix of the second's, so a cache prefilled with the system turn can be reused."""
+    def chat_ids(self, system: str, user: str,
+                 enable_thinking: bool | None = None) -> tuple[ChatEncoding, ChatEncoding]:
+        """(the system turn, no generation prompt; system + user with the generation prompt).
+        The first's ids are a prefix of the second's, so a cache prefilled with the system turn can be reused.
+
+        The system turn is the system message rendered alone. A template with no system role that writes the
+        system text at the start of the first user turn (Gemma 3's) renders nothing of it alone: there the
+        system turn is the chat rendered up to the end of the system text (Gemma 3: <bos><start_of_turn>user,
+        a newline, the system text), encoded on its own. enable_thinking (Qwen3) is passed to the template
+        when given; None leaves it undefined, the template's default.
+        """
+        options = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         system_turn = [{"role": "system", "content": system}]
-        head = self.encode_chat(system_turn, add_generation_prompt=False)  # its errors say what went wrong
-        whole = self.encode_chat(system_turn + [{"role": "user", "content": user}], add_generation_prompt=True)
+        whole = self.encode_chat(system_turn + [{"role": "user", "content": user}], add_generation_prompt=True,
+                                 **options)
+        if self._folds_system_into_first_user_turn(options):
+            start, end = whole.content_spans[0]
+            ids, offsets = self._encode_rendered(whole.text[:end], [(start, end)])
+            head = ChatEncoding(ids, whole.text[:end], offsets, [(start, end)], whole.content_leads[:1])
+        else:
+            head = self.encode_chat(system_turn, add_generation_prompt=False, **options)  # its errors say what is wrong
         if whole.ids[:len(head.ids)] != head.ids:
             raise ValueError(f"the chat template in {self.template_source} does not render the system turn alone as "
                              "the start of the whole chat, so the system turn cannot be prefilled and compressed on "
                              "its own; use a template that writes the system message first, unchanged by what follows")
         return head, whole
+
+    def _folds_system_into_first_user_turn(self, options: dict) -> bool:
+        """Whether the template writes the system text only inside the first user turn, before its content
+        (Gemma 3), not on its own nor in a later turn (Mistral's: the last user turn)."""
+        marks = [CONTENT_MARK.format(i) for i in range(4)]
+        try:
+            if marks[0] in self.render_chat([{"role": "system", "content": marks[0]}], False, **options):
+                return False
+            roles = ("system", "user", "assistant", "user")
+            chat = self.render_chat([{"role": r, "content": m} for r, m in zip(roles, marks)], True, **options)
+        except ValueError:
+            return False
+        return chat.count(marks[0]) == 1 and chat.find(marks[0]) < chat.find(marks[1])
 
 
 def load_tokenizer(folder) -> Tokenizer:

@@ -20,6 +20,7 @@ write the JSON files, then rename the finished temporary folder into place.
     python weights/prepare.py                       # float32, about 540 MB
     python weights/prepare.py --dtype bfloat16      # about 270 MB
     python weights/prepare.py --hf meta-llama/Llama-3.1-8B-Instruct   # online only
+    python weights/prepare.py --hf Qwen/Qwen3-8B                      # config.json is checked first
 
 Only gguf, numpy and torch are needed; transformers is not.
 """
@@ -364,15 +365,30 @@ def prepare_default(out: Path, dtype: str) -> None:
 HF_FILES = ["*.json", "*.jinja", "model*.safetensors", "tokenizer.model"]
 
 
+def check_config(repo_id: str, config_path: str) -> None:
+    """Refuse, before any weights are downloaded, a checkpoint nanokv cannot run (model.ModelArgs reads it)."""
+    sys.path.insert(0, str(WEIGHTS_DIR.parent))
+    from model import ModelArgs
+
+    try:
+        ModelArgs.from_hf_config(json.loads(Path(config_path).read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as error:
+        detail = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
+        raise PrepareError(f"{repo_id}: {detail}") from None
+
+
 def download_hf(repo_id: str, out: Path | None) -> None:
     out = out or WEIGHTS_DIR / repo_id.split("/")[-1].lower()
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:
         raise PrepareError("--hf needs huggingface_hub: `pip install huggingface_hub` (and a network)") from None
     start = time.perf_counter()
     try:  # gated models (Llama) also need `huggingface-cli login` or HF_TOKEN
+        check_config(repo_id, hf_hub_download(repo_id, "config.json"))
         snapshot_download(repo_id, allow_patterns=HF_FILES, local_dir=out)
+    except PrepareError:
+        raise
     except Exception as error:  # offline, gated, misspelt: one line, no traceback
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise PrepareError(f"could not download {repo_id}: {type(error).__name__}: {first_line}") from None
