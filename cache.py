@@ -1,32 +1,17 @@
 """The KV cache: per-layer key/value buffers that the model writes into, and the operations on them.
 
-Layout (gpt-fast style): for every layer, keys and values of shape (B, H_kv, capacity, D),
-filled up to that layer's `lengths[layer]` slots, and `valid` (B, H_kv, capacity): which
-slots hold an entry. After eviction every layer may hold a different number of entries,
-and every KV head of a layer a different number (AdaKV, PyramidKV): a layer's buffers are
-sized by its largest head, and a head that keeps fewer entries, or a row that has less to
-store (padding, a shorter system turn), has *holes*: invalid slots that no query attends to.
+For every layer (gpt-fast style), keys and values (B, H_kv, capacity, D) filled up to `lengths[layer]`
+slots, and `valid` (B, H_kv, capacity). After eviction every layer and KV head may hold its own count
+(AdaKV, PyramidKV): a layer's buffers are sized by its largest head, and fewer entries, or padding,
+leave *holes*, invalid slots no query attends to. Each slot keeps its token's original position
+(`positions`): decoding continues at L, L+1, ... however much was evicted; RoPE sees the same
+positions unless keys were re-rotated (decoding.py: then `rotary` keeps them). While recording, the
+cache also keeps each layer's queries, the one thing a policy reads that attention does not store.
 
-Every slot also remembers the original position of its token (`positions`): eviction never
-moves a token, and decoding continues at L, L+1, ... although fewer entries remain. RoPE sees
-the same positions unless keys were re-rotated (decoding.py), which keeps a second,
-`rotary` record. While recording, the cache also keeps each layer's queries (all of a
-prefill's, or the newest n), the one thing a policy reads that attention does not store.
-
-A layer with a sliding window (Mistral's; Gemma 3's local layers) lets a query at original
-position p see only the keys at p - window < k <= p, whatever eviction kept. The cache masks
-the rest, and forgets the entries that no later query can see (k <= next position - window)
-before the layer outgrows window + HEADROOM slots, so such a layer stays bounded by its window
-(while queries are recorded, compression and decode cuts drop those entries instead).
-`exempt` marks the layers eviction leaves to their window (Gemma 3's local layers, as kvpress).
-
-The cache knows no policy. The paper's protocol (docs/method.md) in calls:
-
-    cache = model.new_cache()
-    compressed = policies.prefill(model, cache, system_ids, spec)   # record, run the turn, evict
-    saved = cache.checkpoint()
-    ... generate an answer to one user turn ...
-    cache.restore(saved)                 # back to the compressed system turn
+A sliding-window layer (Mistral's; Gemma 3's local ones) lets a query at position p see only keys at
+p - window < k <= p, and forgets what no later query can see, so it stays bounded by its window.
+`exempt` marks the layers eviction leaves alone (Gemma 3's local layers, as kvpress). The cache knows
+no policy: policies.prefill records, runs the system turn and asks it to `keep` what it chose.
 """
 from __future__ import annotations
 
@@ -52,9 +37,7 @@ class KVCache:
         self.positions = [torch.zeros(shape[:3], dtype=torch.long, device=device) for _ in range(n_layers)]
         self.rotary: list[torch.Tensor] | None = None    # each slot's rotary position, once it differs (re-rotation)
         self.lengths = [0] * n_layers                    # slots in use, per layer
-        # layers with the same layout hold the same valid slots (the kept counts per row and head,
-        # packed at the front), so one attention mask serves them all (with a window, the same positions too)
-        self.layouts: list[tuple] = [()] * n_layers
+        self.layouts: list[tuple] = [()] * n_layers      # layers of one layout share their valid slots: one mask
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)   # (B,) the next token's
         self.next_rotary = torch.zeros(batch_size, dtype=torch.long, device=device)     # (B,) what RoPE gives it
         self.queries: list[torch.Tensor | None] | None = None   # while recording: per layer (B, H, n, D), post-RoPE
@@ -91,12 +74,9 @@ class KVCache:
         return rotary
 
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write this chunk's keys/values (B, H_kv, T, D) for `layer` (and its queries q, while recording).
-
-        Returns every key and value of the layer (B, H_kv, S, D) and the attention mask: None
-        when plain causal attention is exact, else (B, 1, T, S), or (B, H_kv, T, S) when the
-        layer's KV heads hold different entries.
-        """
+        """Write this chunk's keys/values (B, H_kv, T, D) for `layer` (and q, while recording). Returns every key
+        and value of the layer (B, H_kv, S, D) and the mask: None when plain causal attention is exact, else
+        (B, 1 or H_kv, T, S)."""
         real, original, rotary = self._chunk
         T, window = k.shape[2], self.windows[layer]
         # a windowed layer forgets before it outgrows window + HEADROOM, unless queries are recorded (their slots
@@ -122,15 +102,10 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], self._masks[key]
 
     def _mask(self, valid: torch.Tensor, start: int, near: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Attention mask for a chunk written at slot `start` of a layer with these valid slots (B, H_kv, S),
-        and with a window, `near` (B, 1 or H_kv, T, S): the slots inside each query's window.
-
-        A real query sees the valid slots up to its own, a padding query only its own slot
-        (never an empty row, and padding pays no attention to real keys). None when there are
-        no holes and plain causal attention is exact: a one-token step sees every slot, and a
-        chunk that starts at slot 0 (T == S) sees the causal triangle, which attention then
-        computes without a mask, skipping the masked half.
-        """
+        """Mask for a chunk written at slot `start` of a layer with these valid slots (B, H_kv, S) and, with a
+        window, `near` (B, 1 or H_kv, T, S). A real query sees the valid slots up to its own, a padding query
+        only its own slot. None when causal attention is exact (no holes: a one-token step, or a chunk that
+        starts the cache, which attention then computes without a mask)."""
         real = self._chunk[0]
         T, S = real.shape[1], valid.shape[2]
         if near is not None and bool(near.all()):
@@ -174,11 +149,8 @@ class KVCache:
     # ------------------------------------------------------------------ eviction
 
     def keep(self, layer: int, kept: torch.Tensor, headroom: int = HEADROOM):
-        """Keep the entries marked in kept (B, H_kv, S), packed in position order at the front of the buffers.
-
-        The buffers are reallocated at n + headroom slots (n: the largest head's count) unless
-        they already have exactly that room, as at every decode cut after the first.
-        """
+        """Keep the entries marked in kept (B, H_kv, S), packed in position order at the front of buffers of
+        n + headroom slots (n: the largest head's count), reallocated unless they have exactly that room."""
         counts = kept.sum(-1)                                             # (B, H_kv)
         n = int(counts.max())
         index = kept.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]   # (B, H_kv, n) kept first
@@ -220,11 +192,7 @@ class KVCache:
                     queries=None if self.queries is None else list(self.queries), query_limit=self.query_limit)
 
     def restore(self, state: dict):
-        """Return to a checkpoint: its rows, entries and positions, bit for bit; later writes are dropped.
-
-        Buffers keep their capacity when the rows and entries fit, so a restore between two answers
-        allocates nothing.
-        """
+        """Return to a checkpoint, bit for bit; buffers keep their capacity when the rows and entries fit."""
         rows = state["next_position"].shape[0]
         self.rotary = None if "rotary" not in state else self.rotary
         for name in BUFFERS:

@@ -1,10 +1,8 @@
-"""Compression during decoding (kvpress 0.5.5's DecodingPress; docs/method.md §9).
+"""Compression during decoding (kvpress 0.5.5's DecodingPress; docs/method.md section 9).
 
 `Decoding` wraps a `Compression` as DecodingPress wraps a press: every `interval` decode forwards,
-each layer's whole cache (system turn, user turn, the answer so far, the current token) is cut to
-`target` entries per KV head by the compression's policy, allocation and remedies, through the
-same pipeline as the prefill (policies.evict_row). `Cuts` runs one generation's cuts; `generate`
-only tells it where the loop is:
+each layer's whole cache is cut to `target` entries per KV head through the prefill's pipeline
+(policies.evict_row). `Cuts` runs one generation's cuts; `generate` only tells it where it is:
 
     cuts = Cuts(Decoding(Compression("knorm"), target=64))
     answer = generate(model, cache, user_ids, 256, cuts=cuts)
@@ -19,10 +17,8 @@ import torch
 from model import apply_rope, rope_cos_sin
 from policies import Compression, covering_spans, evict_row
 
-# What a decode cut needs of a policy, from its options: how many of the newest queries it reads, and
-# how many entries it protects (+inf). A cut sees only the queries of the last decode tokens, so a
-# policy absent here, which reads the query of every token it scores (H2O, Expected Attention), cannot
-# run at decode.
+# What a decode cut needs of a policy, from its options: how many of the newest queries it reads, and how many
+# entries it protects (+inf). A policy absent here (H2O, Expected Attention, KVzip) cannot run at a cut.
 DECODE = {
     "streaming_llm": lambda options: (0, options.get("n_sink", 4)),
     "knorm": lambda options: (0, 0),
@@ -36,13 +32,9 @@ DECODE = {
 @dataclass
 class Decoding:
     """Every `interval` decode forwards, cut each layer to `target` entries per KV head with `compression`
-    (its policy, options, allocation, whitelist, partitions and debias; its ratio is the prefill's).
-
-    buffer     the policy sees the post-RoPE queries of the last min(buffer, interval) decode tokens
-    rerotate   after each cut, re-rotate the kept keys to positions 0 .. n-1 and continue at n
-    The whitelist (original positions of the system turn) survives every cut: the target must leave
-    room for it beside the entries the policy protects. With partitions, the answer is one more
-    partition, so each cut keeps the same fraction of every part.
+    (its ratio is the prefill's). The policy sees the queries of the last min(buffer, interval) tokens;
+    `rerotate` moves the kept keys to positions 0 .. n-1. The target must leave room for the whitelist
+    beside what the policy protects; with partitions, the answer is one more partition.
     """
     compression: Compression
     target: int
@@ -73,14 +65,10 @@ class Decoding:
 
 
 class Cuts:
-    """One generation's decode-time cuts: counts the decode forwards of each row, cuts every layer of the
-    rows whose count reached their interval, and notes what each row's prompt kept to the end.
-
-    log        one dict per (cut, layer): {"layer", "step" (1-based decode forward), "kept": per original
-               row a list per KV head of the sorted original positions kept (None: the row did not cut)}
-    explain    with log: each entry also holds, per original row, what the cut ranked (policies.evict_row)
-    kept_at_end  {original row: (prompt length,)}: per prompt position, the share of KV heads still
-               holding it at the end, averaged over layers (the decode-time counterpart of keep_rate)
+    """One generation's decode-time cuts: counts each row's decode forwards and cuts all layers of a row whose
+    count reached its interval. `log`: one dict per (cut, layer), {"layer", "step", "kept": per original row
+    the sorted positions each KV head kept, or None} (with `explain`, also what was ranked). `kept_at_end`:
+    {original row: per prompt position, the share of KV heads still holding it, averaged over layers}.
     """
 
     def __init__(self, decoding: Decoding | list[Decoding], log: bool = False, explain: bool = False):
@@ -105,13 +93,9 @@ class Cuts:
             cache.track_rotary()                                 # until now RoPE saw the original positions
 
     def after_forward(self, cache, step: int):
-        """After decode forward number `step`: cut every layer of each row whose count reached its interval.
-
-        kvpress cuts inside each attention layer, right after its attention; a layer's cut changes
-        nothing that a later layer reads in the same forward, so cutting every layer after the
-        forward is the same computation. A row's count restarts at every cut, also when it held no
-        more than the target (then nothing is evicted).
-        """
+        """After decode forward number `step`: cut each row whose count reached its interval (kvpress cuts inside
+        each layer, after its attention: the same computation). A count restarts at every cut, even one that
+        evicts nothing."""
         self.steps = [n + 1 for n in self.steps]
         due = [b for b, (n, s) in enumerate(zip(self.steps, self.specs)) if n >= s.interval]
         if not due:
@@ -174,11 +158,8 @@ class Cuts:
 
 
 def rerotate(cache, layer: int, b: int):
-    """Re-rotate row b's kept keys in `layer` to rotary positions 0 .. n_h - 1 (kvpress KeyRerotationPress).
-
-    RoPE rotates each (first half, second half) pair of a key by position x frequency, and
-    rotations add up: rotating by (new - old), in float64, undoes the old angle and applies the new one.
-    """
+    """Re-rotate row b's kept keys in `layer` to positions 0 .. n_h - 1 (kvpress KeyRerotationPress): rotations
+    add up, so rotating by (new - old), in float64, undoes the old angle and applies the new one."""
     held = cache.valid[layer][b].sum(-1)                                 # (H_kv,)
     n = int(held.max())
     old = cache.rotary[layer][b, :, :n]                                  # (H_kv, n)

@@ -1,25 +1,13 @@
 """The model: a Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 forward pass in one file, and greedy generation.
 
-Reads a Hugging Face checkpoint folder (config.json + safetensors) and runs it with an
-explicit KV cache (cache.py). The modules come in reading order: config, RMSNorm, RoPE,
-Attention, FeedForward, TransformerBlock, Transformer, then loading and generation.
-
-The families differ by a few switches in ModelArgs, not by subclasses: Qwen3 and Gemma 3
-normalise each head's q and k before RoPE; Gemma 3 also scales RMSNorm by (1 + weight),
-multiplies the embeddings by sqrt(dim), runs GeGLU, puts a norm after attention and after
-the MLP, and alternates local (sliding-window) layers, with their own RoPE base, with
-global ones. A sliding window (Mistral's, Gemma 3's local layers) is the cache's business:
-it masks what lies outside each query's window and forgets what no later query can see.
-
-The attention layer is where the data meets the cache: it writes its RoPE'd keys and
-values into the cache and gets back every entry it may attend to, with the mask of what
-each query may see. The model knows no policy: policies.py records what it needs through
-the cache (the queries) or through `attention=`, a function every attention layer calls
-(H2O sums what each key receives in the prefill; KVzip scores a replay of the turn), then
-asks the cache to keep what it chose.
-
-Names of parameters follow Hugging Face (`q_proj`, `input_layernorm`, ...), so a
-checkpoint loads with no renaming beyond the leading "model.".
+Reads a Hugging Face checkpoint folder (config.json + safetensors; parameter names as HF's) and runs it
+with an explicit KV cache (cache.py). In reading order: config, RMSNorm, RoPE, Attention, FeedForward,
+TransformerBlock, Transformer, loading, generation. The families differ by switches in ModelArgs:
+Qwen3 and Gemma 3 normalise q and k per head; Gemma 3 also uses (1 + weight) RMSNorm, scaled
+embeddings, GeGLU, norms after attention and the MLP, and local (sliding-window) layers with their
+own RoPE base. The attention layer writes its keys and values into the cache and gets back what it may
+attend to, with the mask; the model knows no policy (policies.py reads through the cache, or through
+`attention=`, a function every attention layer calls).
 """
 from __future__ import annotations
 
@@ -225,9 +213,8 @@ class Attention(nn.Module):
         keys, values, mask = cache.update(self.layer_idx, q, k, v)                     # (B, H_kv, S, D)
         if mask is not None and mask.shape[1] > 1:                                     # per KV head (ragged eviction):
             mask = mask.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)      # to its query heads (B, H, T, S)
-        # a policy that reads this layer's attention gets it first (policies.Observer): it may compute the
-        # output itself (H2O sums what each key receives as it goes) or only look (None). It computes at
-        # 1 / sqrt(D), so q carries any other scale (Gemma 3's query_pre_attn_scalar)
+        # a policy that reads this layer's attention gets it first (policies.Observer): it computes the output
+        # itself (H2O), or only looks (None; KVzip's replay). At 1 / sqrt(D): q carries any other scale (Gemma 3)
         scaled = q if attention is None or self.scale is None else q * (self.scale * math.sqrt(self.head_dim))
         y = None if attention is None else attention(self.layer_idx, x, scaled, keys, values, mask)
         if y is None:
@@ -296,9 +283,7 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
-        """An empty cache for this model: with each layer's sliding window, and the layers eviction leaves alone.
-
-        Its RoPE frequencies (for policies and re-rotation) are those of the global layers."""
+        """An empty cache: each layer's sliding window, the layers eviction leaves alone, the RoPE frequencies."""
         a = self.args
         exempt = [w is not None and not a.compress_local for w in a.windows]
         return KVCache(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity=capacity, dtype=self.dtype,
@@ -306,14 +291,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, real: torch.Tensor | None = None,
                 all_logits: bool = False, attention=None) -> torch.Tensor:
-        """Run `tokens` (B, T) after what `cache` holds; return logits.
-
-        `real` (B, T) marks real tokens (False = padding that nothing will attend to).
-        Returns the logits of every position (B, T, V) when `all_logits`, else those of
-        each row's last real token (B, V). Every attention layer calls `attention(layer, x, q, keys,
-        values, mask)` (a policy's observer, policies.Observer) with its input x (B, T, dim) and uses
-        what it returns as its output, or runs flash attention when it returns None.
-        """
+        """Run `tokens` (B, T) after what `cache` holds (`real`: False for padding); logits of every position
+        (B, T, V) with `all_logits`, else of each row's last real token (B, V). Every attention layer calls
+        `attention(layer, x, q, keys, values, mask)` and uses what it returns, or flash attention for None."""
         B, T = tokens.shape
         if real is None:
             real = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
@@ -436,18 +416,10 @@ def pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def generate(model: Transformer, cache: KVCache, tokens: torch.Tensor, max_new_tokens: int,
              real: torch.Tensor | None = None, stop_ids=None, cuts=None) -> list[list[int]]:
-    """Greedy decoding: prefill `tokens` (B, T) after what the cache holds, then one token at a time.
-
-    Each row stops at its first stop id (kept out of the output) or after `max_new_tokens`;
-    stop_ids=() never stops. Positions continue from the cache's, so a compressed cache keeps
-    its original positions. A finished row leaves the batch (cache.select_rows), so it stops
-    costing work; a caller that needs the rows again takes cache.checkpoint() before and
-    restore()s after.
-
-    `cuts` (decoding.Cuts) compresses while the answer grows; the loop only tells it where it
-    is: after the prefill (start), after each decode forward (after_forward), and which rows
-    remain (keep_rows) until the end (finish).
-    """
+    """Greedy decoding: prefill `tokens` (B, T) after what the cache holds, then one token at a time, each row
+    until its first stop id (left out) or `max_new_tokens`. Positions continue from the cache's. A finished
+    row leaves the batch (cache.select_rows: checkpoint before, restore after, to keep the rows). `cuts`
+    (decoding.Cuts) compresses while the answer grows: the loop only tells it where it is."""
     stop = torch.tensor(list(model.eos_ids if stop_ids is None else stop_ids), device=tokens.device, dtype=torch.long)
     answers = [[] for _ in range(tokens.shape[0])]
     rows = list(range(tokens.shape[0]))                             # the original row of each live batch entry

@@ -1,62 +1,36 @@
-"""Eviction policies and budget allocations, and the one pipeline that turns their scores into kept
-entries: budgets, protected tokens, whitelists and fair eviction, written once for every protocol
-(docs/method.md). A policy is a score function, higher = keep; an allocation turns the scores of
-every layer into how many entries each (layer, KV head) keeps.
+"""Eviction policies, budget allocations, and the one pipeline that turns their scores into kept entries
+(docs/method.md sections 3-5).
 
-A policy scores the entries one row holds in one layer:
+A policy is a score function, higher = keep, called on what one row holds in one layer:
 
     scores = policy(queries, keys, values, spans, context, **options)   # -> (1, H_kv, n)
 
-    queries (1, H, n, D)     post-RoPE, as the attention layer computed them (NaN where the
-                             protocol has none: a decode cut keeps only the newest queries)
-    keys    (1, H_kv, n, D)  post-RoPE, as cached, in original-position order
-    values  (1, H_kv, n, D)
-    spans   [(start, end), ...] contiguous spans covering [0, n): one span for the plain
-            policy, one per partition for fair eviction. A policy scores every span on its
-            own terms (its own window, its own anchor, its own recency), and the selection
-            gives each span its share of the budget.
-    context Context: which layer, what the prefill observed for it (H2O's attention sums), and
-            the model's RoPE frequencies (Expected Attention undoes and predicts RoPE with them).
+with queries (1, H, n, D) post-RoPE (NaN where the protocol has none: a decode cut keeps only the
+newest), keys and values (1, H_kv, n, D) as cached, in original-position order, spans [(start,
+end), ...] covering [0, n) (one per partition under fair eviction: each span is scored on its own
+terms), and a Context (layer, what the prefill observed, RoPE frequencies). Entries a policy must
+never drop (sinks, SnapKV's window, TOVA's anchor) get +inf; attention is computed in float32.
 
-An allocation is called once per row with every layer's scores:
+An allocation turns every layer's scores into how many entries each (layer, KV head) keeps:
 
-    counts = allocation(plain, held, budget, **options)   # -> (n_layers, H_kv)
+    counts = allocation(plain, held, budget, ratio, **options)   # -> (n_layers, H_kv)
 
-    plain   one function per layer returning that layer's whole-turn scores (H_kv, n) and
-            their tiers (see `tiers`), computed on first use: only allocations that rank
-            scores call it
-    held    (n_layers, H_kv) how many evictable entries each head holds
-    budget  how many entries a head keeps on average: L (1 - r) at the prefill, the target at
-            a decode cut (a float: PyramidKV's formula reads it unrounded)
+with plain[layer]() the layer's whole-turn (scores, tiers), computed on first use; held (n_layers,
+H_kv) the entries each head may lose; budget the mean a head keeps (L (1 - r) at the prefill, the
+target at a decode cut); ratio the prefill's r (None at a cut). The allocation decides how many,
+the remedies which: entries are ranked tier by tier (protected, whitelisted, the rest), then by
+score, and fair eviction gives each partition its share of every head's count.
 
-How the remedies combine with an allocation: the allocation decides HOW MANY entries each
-(layer, KV head) keeps; the whitelist and fair eviction decide WHICH. Entries are chosen tier
-by tier, protected (+inf) then whitelisted then the rest, and by score inside a tier, in the
-allocation (AdaKV's ranking across heads) and in each head's selection. Fair eviction splits
-each head's count over the partitions in proportion to what the head holds of each (largest
-remainder), so every partition keeps the same fraction; debias blends that split with where
-the plain policy put the head's count.
-
-The protocols (the system turn compressed once after its prefill, here; compression during
-decoding, decoding.py) differ only in what they hand to `evict_row`: the budget, which entries
-may go, the partitions, and whether each partition can be scored with its own queries.
-
-H2O's scores are the attention each key receives in the prefill. A policy may name an
-*observer* (OBSERVERS): an attention function run in the system prefill instead of flash
-attention, which returns the output and what the policy reads. H2O's is
-`attention_with_received`, far cheaper than a second pass over every q . k.
-
-Tokens a policy must never drop (sinks, SnapKV's window, TOVA's anchor) get +inf.
-Attention probabilities are computed in float32. Adding a policy = one function and one
-line in POLICIES; adding an allocation = one function and one line in ALLOCATIONS.
+`evict_row` is that pipeline for one row and every layer; the protocols (the prefill, here; decode
+cuts, decoding.py) differ only in what they hand it. Adding a policy = one function and one line in
+POLICIES; adding an allocation = one function and one line in ALLOCATIONS.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
-
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +43,8 @@ INF = float("inf")
 # ----------------------------------------------------------------------------- helpers
 
 def attention_probs(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention (float32) of some queries over all keys.
-
-    queries (H, n, D) sitting at `query_positions` (n,); keys (1, H_kv, S, D). Returns (H, n, S).
-    Under GQA, query head h reads KV head h // (H / H_kv), as in Hugging Face's repeat_kv: the
-    queries of the heads that share a KV head are stacked, so one matmul per KV head serves
-    them all and the keys are never copied.
-    """
+    """Causal softmax attention (float32) of queries (H, n, D) at `query_positions` (n,) over keys (1, H_kv, S, D):
+    (H, n, S). Query head h reads KV head h // (H / H_kv); a KV head's query heads share one matmul."""
     H, n, D = queries.shape
     kv_heads, S = keys.shape[1], keys.shape[2]
     scaled = queries.float() / math.sqrt(D)                 # scale the few queries, not the many logits
@@ -117,16 +86,12 @@ def streaming_llm(queries, keys, values, spans, context, n_sink: int = 4):
 
 
 def h2o(queries, keys, values, spans, context, block: int = 32):
-    """H2O as kvpress's ObservedAttention: mean attention a key receives from the queries that see it.
+    """H2O as kvpress's ObservedAttention: the mean attention a key receives from the queries that see it.
 
-    score[k] = sum_q A[q, k] / (number of queries that see k), GQA mean. The plain policy takes
-    the sums from the prefill when its observer recorded them (`context.observed`, from
-    attention_with_received). With partitions, the attention that a later span's queries pay
-    to an earlier span's keys is removed, so a key counts only its own span's queries
-    (softmax rows are not renormalised); without the prefill's sums, they are
-    accumulated over blocks of `block` queries, each reading only the keys it can see: memory
-    O(block * L) per head, never L x L. A block never straddles two spans, so the keys of the
-    block's own span are one slice.
+    score[k] = sum_q A[q, k] / (queries that see k), GQA mean; with partitions a key counts only its
+    own span's queries (rows not renormalised). The plain policy reads the sums its observer took in
+    the prefill (`context.observed`); otherwise they are summed over blocks of `block` queries, memory
+    O(block * L) per head, never L x L.
     """
     H, L = queries.shape[1], keys.shape[2]
     if context.observed is not None and len(spans) == 1:
@@ -146,22 +111,14 @@ def h2o(queries, keys, values, spans, context, block: int = 32):
 
 
 def attention_with_received(q, k, v, mask, block: int | None = None, scratch: dict | None = None):
-    """Attention over a chunk that starts the cache, which also sums what each key receives.
+    """H2O's observer: attention over a chunk that starts the cache, which also sums what each key receives.
 
-    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T) as cache.update
-    makes it. Returns the output (B, H, T, D) in q's dtype and received (B, H_kv, T), float32:
-    sum over query heads sharing the KV head and over queries q of softmax(q . k) -- exactly
-    what H2O ranks keys by (h2o). Summing it here costs a fraction of a second
-    attention pass, which would recompute every q . k (kvpress reads the same sums from eager
-    attention weights).
-
-    Blocks of `block` queries see only the keys up to their last one, so memory is
-    O(block * T) per head, never T x T. The query heads sharing a KV head are stacked into
-    one matmul per block, cut in two halves so that the batch of matmuls is even and splits
-    evenly over CPU threads. Probabilities are float32: y = softmax(s) @ v, and received adds
-    up the rows of softmax(s). `scratch` (a dict the caller keeps, e.g. the cache's) lends the
-    large work buffers from one layer to the next: on CPU, fresh memory for every layer costs
-    a third of this function's extra time over flash attention in page faults.
+    q (B, H, T, D); k, v (B, H_kv, T, D); mask None (causal) or (B, 1, T, T). Returns the output
+    (B, H, T, D) and received (B, H_kv, T), float32: the sum over a KV head's query heads and over
+    the queries of softmax(q . k), a fraction of the cost of a second pass. Blocks of `block` queries
+    bound memory to O(block * T) per head; the stacked query heads run as two even matmuls (CPU
+    threads split them evenly); `scratch` lends the work buffers from layer to layer (fresh memory
+    per layer costs a third of the extra time in page faults on CPU).
     """
     B, H, T, D = q.shape
     kv, group = k.shape[1], H // k.shape[1]
@@ -211,12 +168,9 @@ def knorm(queries, keys, values, spans, context):
 def snapkv(queries, keys, values, spans, context, window: int = 16, kernel: int = 5):
     """SnapKV: attention from the last `window` queries, averaged, smoothed by average pooling.
 
-    Each span gets its own observation window at its end (the window is split evenly across
-    spans: 8 + 8 of 16 for two). A window's queries attend causally to all keys; we keep
-    the columns of their own span, drop the window's own columns, mean over the window's
-    queries, then average-pool (kernel 5, zero padding counted, stride 1) and GQA-average.
-    The windows are always kept. A span no longer than its window shrinks the window to
-    leave at least one token to score.
+    Each span gets its share of the window at its end (8 + 8 of 16 for two); its queries' attention
+    to the span's other keys is averaged over the queries, average-pooled (zero padding counted)
+    and GQA-averaged. The windows get +inf; a span no longer than its window shrinks the window.
     """
     H, L = queries.shape[1], keys.shape[2]
     n = len(spans)
@@ -238,11 +192,8 @@ def snapkv(queries, keys, values, spans, context, window: int = 16, kernel: int 
 
 
 def tova(queries, keys, values, spans, context):
-    """TOVA: the last token's attention, averaged over ALL query heads: one selection per layer.
-
-    With partitions, each span's last token is its anchor and scores the span's keys.
-    The anchors are always kept.
-    """
+    """TOVA: the last token's attention averaged over ALL query heads, one selection per layer; with
+    partitions each span's last token scores the span. The anchors get +inf."""
     L = keys.shape[2]
     scores = torch.zeros(L, device=keys.device)
     for start, end in spans:
@@ -261,7 +212,7 @@ def random(queries, keys, values, spans, context, seed: int = 0):
 
 
 def full(queries, keys, values, spans, context):
-    """Baseline: no eviction (Compression.budget keeps everything)."""
+    """Baseline: no eviction (Compression.n_kept keeps everything)."""
     return torch.zeros(1, keys.shape[1], keys.shape[2], device=keys.device)
 
 
@@ -269,14 +220,10 @@ def expected_attention(queries, keys, values, spans, context, n_future: int = 51
                        covariance: bool = True, value_norm: bool = True, epsilon: float = 0.0):
     """Expected Attention (kvpress ExpectedAttentionPress): the attention a key can expect from future queries.
 
-    The queries at the next `n_future` positions, L .. L + n_future - 1, are modelled as a
-    Gaussian: the mean mu and covariance S of this turn's pre-RoPE queries (the first `n_sink`
-    left out), rotated by the RoPE matrix averaged over those positions, R. For q ~ N(R mu,
-    R S R^T), E[exp(q . k / sqrt(D))] = exp(k . R mu / sqrt(D) + k^T R S R^T k / 2D): each key's
-    expected logit. Softmax over the keys (sinks left out), GQA mean, then (score + epsilon)
-    times the value's norm. The sinks get +inf. The cache holds post-RoPE queries at positions
-    0 .. L - 1: rotating query i by -i gives it back before RoPE. Future queries belong to no
-    span, so partitions change only the budgets.
+    The queries at positions L .. L + n_future - 1 are a Gaussian: the mean mu and covariance S of
+    the turn's pre-RoPE queries (RoPE undone; sinks left out) moved by the average future rotation
+    R. E[exp(q . k / sqrt(D))] = exp(k . R mu / sqrt(D) + k^T R S R^T k / 2D) gives each key's
+    expected logit: softmax over the keys, GQA mean, then (score + epsilon) x ||value||. Sinks +inf.
     """
     if n_future < 1 or n_sink < 0:
         raise ValueError(f"expected_attention needs n_future >= 1 and n_sink >= 0, not {n_future} and {n_sink}")
@@ -314,11 +261,8 @@ def expected_attention(queries, keys, values, spans, context, n_future: int = 51
 
 
 def keydiff(queries, keys, values, spans, context):
-    """KeyDiff (kvpress KeyDiffPress): keep the keys least like the others.
-
-    A key's score is minus its cosine similarity to the anchor, the mean of the span's
-    normalised keys, per KV head. With partitions each span has its own anchor.
-    """
+    """KeyDiff (kvpress KeyDiffPress): minus each key's cosine similarity to the mean of its span's normalised
+    keys, per KV head: keep the keys least like the others."""
     keys = keys.float()
     scores = torch.empty(keys.shape[:3], device=keys.device)                      # (1, H_kv, L)
     for start, end in spans:
@@ -331,13 +275,9 @@ def keydiff(queries, keys, values, spans, context):
 def kvzip(queries, keys, values, spans, context, n_sink: int = 4, plus: bool = False, chunk_size: int = 2048):
     """KVzip (Kim et al., arXiv 2505.23416; kvpress 0.5.5's KVzipPress): keep what the model reads to repeat the turn.
 
-    After the prefill the model is asked to repeat the system turn (`replay_turns`: "Repeat the
-    previous context exactly.", then the turn's text again, in chunks of `chunk_size` tokens). A
-    key's score is the most attention it receives from any replay query of any query head of its
-    group (`ReplayAttention`, read here as context.observed); KVzip+ (`plus`) first divides each
-    query's attention by the norm of its hidden state and multiplies each key's by the norm of what
-    its value writes back, ||W_O v||. The first `n_sink` tokens get +inf; tokens of the template's
-    header, which the replay does not repeat, score 0. The scores do not depend on the spans.
+    The most attention a key receives from a replay of the turn (`replay_turns`, in chunks of
+    `chunk_size`; with `plus`, KVzip+'s normalisation), recorded as context.observed. The first
+    `n_sink` tokens get +inf; the template's header, which is not replayed, scores 0.
     """
     if context.observed is None:
         raise ValueError("kvzip scores what a replay of the turn attends to: run it with policies.prefill(..., "
@@ -360,17 +300,15 @@ POLICIES = {
     "full": full,
 }
 
-# policies that read what the system prefill's attention computes: the attention function the
-# cache runs instead of flash attention in that prefill (it returns the output and the record)
-OBSERVERS = {"h2o": attention_with_received}
-# policies that score a replay of the turn after its prefill (prefill's replay=): the model repeats the turn
-REPLAYS = {"kvzip"}
+OBSERVERS = {"h2o": attention_with_received}   # policies that read the prefill's attention: its function
+REPLAYS = {"kvzip"}                               # policies that score a replay of the turn (prefill's replay=)
 
 
 def option_defaults(policy: str) -> dict:
     """A policy's keyword settings and their defaults: the parameters of its score function after `context`."""
     parameters = list(inspect.signature(POLICIES[policy]).parameters.values())[5:]
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
 
 # ----------------------------------------------------------------------------- allocations
 
@@ -380,14 +318,9 @@ def uniform(plain, held: torch.Tensor, budget: float, ratio) -> torch.Tensor:
 
 
 def pyramid(plain, held: torch.Tensor, budget: float, ratio, window: int = 16, beta: int = 20) -> torch.Tensor:
-    """PyramidKV (Cai et al., arXiv 2406.02069), as kvpress 0.5.5's PyramidKVPress.get_layer_budget.
-
-    Budgets fall linearly from the first layer to the last, the same for every KV head of a
-    layer, with a mean of about `budget` over the layers. `window` is the part of every budget
-    the pyramid sets aside (kvpress ties it to SnapKV's window; here any policy may use it);
-    `beta` sets the steepness. When the pyramid does not fit a layer of L entries (a short turn
-    or a low ratio), the layer keeps round(budget).
-    """
+    """PyramidKV (arXiv 2406.02069; kvpress 0.5.5's get_layer_budget): budgets fall linearly from the first
+    layer to the last with a mean of about `budget`; `window` is set aside from each, `beta` sets the slope.
+    A layer of L entries the pyramid does not fit keeps round(budget)."""
     n_layers = held.shape[0]
     counts = torch.empty_like(held)
     for layer in range(n_layers):
@@ -406,13 +339,8 @@ def pyramid(plain, held: torch.Tensor, budget: float, ratio, window: int = 16, b
 
 
 def adakv(plain, held: torch.Tensor, budget: float, ratio, alpha: float = 0.2) -> torch.Tensor:
-    """AdaKV (Feng et al., arXiv 2407.11550), as kvpress 0.5.5's AdaKVPress: budgets adapt per KV head.
-
-    Each layer keeps H_kv * n_kept entries in all (n_kept = max(1, int(budget))). Each head
-    first keeps its best max(1, int(n_kept * alpha)) (the safeguard); the rest of the layer's
-    budget goes to the best remaining scores over all heads together, so heads whose scores
-    stand out keep more. Ranking is by tier (protected, whitelisted, rest), then score.
-    """
+    """AdaKV (arXiv 2407.11550; kvpress 0.5.5's AdaKVPress): a layer keeps H_kv n_kept entries; each head its
+    best max(1, int(n_kept alpha)) first, then the heads share the rest by tier and score."""
     n_kept = max(1, int(budget))
     safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
     return torch.stack([shared(*scored(), safe, held.shape[1] * n_kept) for scored in plain])
@@ -420,14 +348,10 @@ def adakv(plain, held: torch.Tensor, budget: float, ratio, alpha: float = 0.2) -
 
 def global_budget(plain, held: torch.Tensor, budget: float, ratio, n_sink: int = 4,
                   layerwise: bool = False) -> torch.Tensor:
-    """One budget over every layer and KV head (kvpress 0.5.5's KVzipPress), or one per layer shared by its
-    heads (`layerwise`, KVzipPress(layerwise=True)).
+    """One budget over every layer and KV head (kvpress 0.5.5's KVzipPress), or per layer (`layerwise`).
 
-    N entries in all keep N - int(N r), kvpress's count (uniform keeps n_layers H_kv max(1, int(L (1 - r))),
-    which rounds per head); at a decode cut, where there is no ratio, int(N budget / L). Each head first
-    keeps its n_sink best (KVzip's sinks, which it scores +inf: a head is never emptied), then the best
-    remaining entries over the whole group, by tier and score: a head may keep little more than its sinks
-    while another keeps almost everything.
+    Of N entries, N - int(N r) stay (kvpress's count; at a decode cut int(N budget / L)). Each head keeps
+    its n_sink best first (KVzip's +inf sinks: no head is emptied), then the best over the whole group.
     """
     n_layers, kv_heads = held.shape
     width = max(scored()[0].shape[1] for scored in plain)
@@ -467,21 +391,12 @@ RANKING_ALLOCATIONS = {"adakv", "global"}      # allocations that read the polic
 class Compression:
     """What to evict from a system turn of L tokens, and how (validated once, here).
 
-    ratio      fraction evicted, 0 <= r < 1; the budget n_kept = max(1, int(L * (1 - r)))
-    allocation how the budget becomes counts per layer and KV head (ALLOCATIONS): "uniform"
-               (n_kept everywhere: the paper's), "pyramid" (PyramidKV: more in early layers),
-               "adakv" (AdaKV: per KV head, from the scores); settings in allocation_options,
-               e.g. {"alpha": 0.1} or {"window": 32, "beta": 10}
-    partitions token spans (start, end) of the instructions for fair eviction; tokens outside
-               them go to a neighbour (the first partition owns the head, the last the tail,
-               a gap goes to the partition before it)
-    whitelist  token positions never evicted, within the same budget. If the budget is smaller
-               than the whitelist, the budget wins: the best-scored whitelisted tokens stay
-               and compress() reports the fraction of the whitelist kept.
-    debias     with partitions: 1 = fair eviction; 0 = the plain policy; in between, each span's
-               budget is (1 - debias) * what the plain policy keeps there + debias * its fair
-               share (per KV head, rounded by largest remainder), filled by span-local scores.
-    options    keyword settings for the score function, e.g. {"window": 32}
+    ratio       fraction evicted, 0 <= r < 1: n_kept = max(1, int(L (1 - r)))
+    allocation  counts per layer and KV head (ALLOCATIONS), with allocation_options
+    partitions  token spans for fair eviction (stretched to cover the turn: covering_spans)
+    whitelist   positions ranked above the rest, within the budget (the budget wins when it is smaller)
+    debias      with partitions: 1 = fair, 0 = the plain policy, between: the two splits blended
+    options     keyword settings of the score function, e.g. {"window": 32}
     """
     policy: str = "full"
     ratio: float = 0.0
@@ -537,11 +452,8 @@ def largest_remainder(weights: torch.Tensor, total) -> torch.Tensor:
 
 def tiers(scores: torch.Tensor, whitelisted: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor | None:
     """Selection tier of each entry (H, n): 2 = protected (+inf), 1 = whitelisted, 0 = the rest, -1 = absent;
-    None without a whitelist (then the tiers are the scores' own order).
-
-    Entries are chosen tier by tier and by score inside a tier. Lifting whitelisted scores by a
-    constant instead would round attention-sized scores (1e-6 .. 1e-3) into ties in float32.
-    """
+    None without a whitelist. (Lifting whitelisted scores by a constant would round attention-sized
+    scores into float32 ties.)"""
     if whitelisted is None:
         return None
     tier = whitelisted.long().masked_fill_(scores == math.inf, 2)
@@ -603,11 +515,9 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
                   n_queries: int | None, observed) -> torch.Tensor:
     """The policy's scores (H_kv, n) of what the row holds in `layer`: the one place a policy is called.
 
-    Heads holding the same entries are scored in one call, with every query head; a head holding
-    its own (after a ragged decode cut) alone, with its own query heads (then TOVA's mean runs over
-    those). spans None is one span over each call's entries. The queries of the newest n_queries
-    slots are recorded (all: None); any other is NaN, so a policy that reads one it was not given
-    fails loudly.
+    Heads holding the same entries are scored in one call; a head holding its own (after a ragged cut)
+    alone, with its own query heads. Only the newest n_queries slots (None: all) have a recorded query;
+    any other is NaN, so a policy that reads one fails loudly. spans None: one span per call.
     """
     keys, values, queries = cache.keys[layer][row], cache.values[layer][row], cache.queries[layer][row]
     kv_heads, n = held.positions.shape
@@ -642,18 +552,14 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
 def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | None = None, limit: int | None = None,
               part_starts: list[int] | None = None, n_queries: int | None = None, observed=None,
               span_local: bool = True, explain: list | None = None) -> list[torch.Tensor]:
-    """One row's kept slots (H_kv, S) in every layer: scores -> counts per (layer, KV head) -> the best of
-    each part by tier and score. The one eviction pipeline, for the prefill and for decode cuts.
+    """One row's kept slots (H_kv, S) in every layer: the one eviction pipeline, for the prefill and decode cuts.
 
-    budget       entries a head keeps on average: L (1 - r) at the prefill, the target at a decode cut
-    ratio        the prefill's r (None at a decode cut), for allocations that count as kvpress does (global)
-    limit        only entries at original positions below it may go (the system turn); None: any
-    part_starts  the first original position of each partition (fair eviction); None: one part
-    n_queries    how many of the newest slots have a recorded query (None: every slot)
-    observed     per layer, what the prefill's observer recorded (H2O's sums), or None
-    span_local   whether each partition can be scored with its own queries (the prefill: every
-                 query is there); otherwise partitions only split the counts of the whole-cache scores
-    explain      a list to append, per layer, what was ranked: positions, scores, tiers, counts, quotas
+    scores -> counts per (layer, KV head) (the allocation, from `budget` and `ratio`) -> each head's best
+    of each part by tier and score. Only entries at positions below `limit` may go (None: any);
+    `part_starts` are the partitions' first positions; `n_queries` the newest slots with a recorded
+    query (None: all); `observed` per layer what the prefill's observer (or a replay) recorded;
+    `span_local`: score each partition with its own queries (the prefill has them). `explain` gets,
+    per layer, the positions, scores, tiers, counts and quotas that were ranked.
     """
     held = [held_entries(cache, layer, row, limit) for layer in range(cache.n_layers)]
     width = [int(h.evictable.sum(-1).max()) for h in held]                       # evictable entries come first
@@ -682,22 +588,10 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
     counts = torch.minimum(allocated.cpu(), counts)
     masks = []
     for layer, (h, w) in enumerate(zip(held, width)):
-        quotas = counts[layer][:, None]                                           # (H_kv, parts)
-        if part is None or spec.debias == 0 or w == 0:
-            scores, tier = plain[layer]()
-            chosen = keep_best(scores, tier, None, quotas)
-        else:
-            sizes = torch.stack([(part[layer] == j).sum(-1) for j in range(len(part_starts))], -1).cpu().float()
-            quotas = largest_remainder(sizes, counts[layer][:, None])
-            if spec.debias < 1:
-                plain_kept = keep_best(*plain[layer](), None, counts[layer][:, None]).cpu()
-                plain_counts = torch.stack([(plain_kept & (part[layer].cpu() == j)).sum(-1)
-                                            for j in range(len(part_starts))], -1)
-                blend = (1 - spec.debias) * plain_counts + spec.debias * quotas
-                quotas = largest_remainder(blend.float(), counts[layer][:, None])
-            spans = list(zip(part_starts, part_starts[1:] + [w]))
-            scores, tier = scored(layer, spans) if span_local else plain[layer]()
-            chosen = keep_best(scores, tier, part[layer], quotas)
+        spans = None if part is None else list(zip(part_starts, part_starts[1:] + [w]))
+        local = functools.partial(scored, layer, spans) if span_local else plain[layer]
+        chosen, scores, tier, quotas = choose(spec, counts[layer], plain[layer], local,
+                                              None if part is None or w == 0 else part[layer])
         kept = h.present & ~h.evictable                                           # (H_kv, n) kept whatever they score
         kept[:, :w] |= chosen
         mask = torch.zeros_like(cache.valid[layer][row, :, :cache.lengths[layer]])
@@ -708,11 +602,30 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
     return masks
 
 
+def choose(spec: Compression, count: torch.Tensor, plain, local, part: torch.Tensor | None):
+    """One layer's kept mask (H_kv, w) over its evictable entries, given each head's count: the plain
+    scores' best, or with partitions each part's share (largest remainder of what the head holds of
+    it; debias blends that with the plain split) filled by `local` scores. Also returns what it ranked:
+    scores, tiers and the quotas per (head, part)."""
+    quotas = count[:, None]                                                       # (H_kv, parts)
+    if part is None or spec.debias == 0:
+        scores, tier = plain()
+        return keep_best(scores, tier, None, quotas), scores, tier, quotas
+    n_parts = int(part.max()) + 1
+    in_part = lambda kept: torch.stack([(kept & (part.cpu() == j)).sum(-1) for j in range(n_parts)], -1)  # noqa
+    quotas = largest_remainder(in_part(part.cpu() >= 0).float(), quotas)
+    if spec.debias < 1:
+        plain_counts = in_part(keep_best(*plain(), None, count[:, None]).cpu())
+        quotas = largest_remainder(((1 - spec.debias) * plain_counts + spec.debias * quotas).float(), count[:, None])
+    scores, tier = local()
+    return keep_best(scores, tier, part, quotas), scores, tier, quotas
+
+
 # ----------------------------------------------------------------------------- the paper's protocol
 
 class Observer:
-    """A policy's attention for the system prefill (OBSERVERS): runs instead of flash attention in every
-    layer and keeps what it records, per layer (H2O: what each key receives)."""
+    """A policy's attention for the system prefill (OBSERVERS), in place of flash attention; keeps its record
+    per layer (H2O: what each key receives)."""
 
     def __init__(self, attend):
         self.attend, self.records, self.scratch = attend, {}, {}
@@ -736,11 +649,9 @@ def observer_for(specs: list[Compression]) -> Observer | None:
 def prefill(model, cache, tokens: torch.Tensor, spec: Compression | list[Compression],
             real: torch.Tensor | None = None, replay: "Replay | list[Replay] | None" = None,
             explain: bool = False) -> "Compressed":
-    """The paper's protocol: run the system turn (B, T) into an empty cache, recording what the policies
-    read (every query, the observer's record, or a replay's), then compress it once, in every layer.
-
-    A policy in REPLAYS (KVzip) scores a replay of each row's turn: `replay` says how (one per row, or one
-    for all; tokenizer.Tokenizer.replay makes it from the chat template)."""
+    """The paper's protocol: run the system turn (B, T) into an empty cache, recording what the policies read
+    (the queries; H2O's observer; KVzip's replay, which `replay` describes: tokenizer.replay makes one),
+    then compress it once, in every layer."""
     specs = spec if isinstance(spec, list) else [spec] * tokens.shape[0]
     real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
     cache.record_queries()
@@ -757,10 +668,9 @@ def prefill(model, cache, tokens: torch.Tensor, spec: Compression | list[Compres
 
 @dataclass
 class Replay:
-    """How a replaying policy (KVzip) has the model repeat one row's system turn, as kvpress 0.5.5's KVzipPress:
-    the turn's tokens from `start` (after the template's header) are repeated in chunks, each after a prompt
-    (`prompt` for the first, `later_prompt` + the previous chunk's last 8 tokens for the others) and the
-    template's `suffix` (the end of a user turn and the assistant's header)."""
+    """How KVzip has the model repeat one row's turn (kvpress 0.5.5's prompts): its tokens from `start` (after
+    the header), in chunks, each after `prompt` (later ones: `later_prompt` + the previous chunk's last 8
+    tokens) and the template's `suffix` (end of a user turn, the assistant's header)."""
     start: int
     prompt: list[int]             # "\n\nRepeat the previous context exactly."
     later_prompt: list[int]       # "\n\nRepeat the part of the previous context exactly, starting with"
@@ -777,8 +687,8 @@ class Replay:
 
 @torch.no_grad()
 def replay_turns(model, cache, turns: list[list[int]], specs: list[Compression], replays: list[Replay]) -> list:
-    """Each row's turn repeated through the model after it (batched, right-padded, one chunk at a time); the
-    cache returns to its state after every pass, bit for bit. Returns per layer the policy's record (B, H_kv, S)."""
+    """Each row's turn replayed after it, one chunk per pass (batched, right-padded); the cache returns to its
+    state after every pass, bit for bit. Returns per layer what ReplayAttention recorded (B, H_kv, S)."""
     settings = [{**option_defaults(s.policy), **s.options} for s in specs]
     chunks = [r.chunks(turn, o["chunk_size"]) if s.policy in REPLAYS else []
               for r, turn, s, o in zip(replays, turns, specs, settings)]
@@ -794,12 +704,9 @@ def replay_turns(model, cache, turns: list[list[int]], specs: list[Compression],
 
 
 class ReplayAttention:
-    """The attention hook of KVzip's replay passes: per layer, the most attention each replayed key receives.
-
-    For one row, the replay's queries (at their positions after the turn) attend to the sinks, the chunk
-    being replayed and the replay itself (causally); the softmax covers those keys only, as kvpress's.
-    Query blocks of 256 bound the memory. The layer's own attention then runs as usual (returns None).
-    """
+    """The attention hook of KVzip's replay: per layer, the most attention each replayed key receives from the
+    replay's queries over the sinks, the chunk and the replay (causal; the softmax over those keys only, as
+    kvpress's), in query blocks of 256. KVzip+: / ||x|| per query, x ||W_O v|| per key. Only looks (None)."""
 
     def __init__(self, model, cache, settings: list[dict]):
         self.settings, self.rows = settings, []
@@ -839,13 +746,10 @@ class ReplayAttention:
 @torch.no_grad()
 def compress(cache, spec: Compression | list[Compression], system_len: list[int] | None = None,
              observed: dict | None = None, explain: bool = False) -> "Compressed":
-    """Evict entries of the system turn, once, right after its prefill (docs/method.md).
+    """Evict entries of the system turn, once, right after its recorded prefill (one spec, or one per row).
 
-    The cache holds each row's system prefill, right-padded, with every query recorded since
-    cache.record_queries(). `spec` is one Compression for every row or a list with one per row.
-    Query-aware compression passes `system_len` (one per row): the cache then holds the system
-    turn's prefill followed by a user turn's; the policy scores both with the queries of both,
-    only the first system_len[b] entries may go, with the system turn's budget.
+    Query-aware compression passes `system_len`: the cache holds each row's system turn, then a user
+    turn; the policy scores both with all their queries, and only the system turn's entries may go.
     """
     specs = spec if isinstance(spec, list) else [spec] * cache.batch_size
     if len(specs) != cache.batch_size:
@@ -884,8 +788,8 @@ def compress(cache, spec: Compression | list[Compression], system_len: list[int]
 
 
 def report(kept: list[torch.Tensor], row: int, spec: Compression, L: int, cache) -> dict:
-    """L, the budget n_kept, what was kept per (layer, KV head) of the system turn (mean, min, max), the bytes
-    its entries take, and, with a whitelist, how much of it stayed."""
+    """L, n_kept, what each (layer, KV head) kept of the system turn (mean, min, max), the bytes its entries
+    take, and with a whitelist the share of it kept."""
     counts = torch.stack([k[row, :, :L].sum(-1) for k in kept]).float()          # (layers, H_kv)
     entry_bytes = 2 * cache.kv_heads * cache.head_dim * cache.keys[0].element_size()
     out = {"system_len": L, "n_kept": spec.n_kept(L), "kept_mean": float(counts.mean()),
@@ -902,8 +806,8 @@ def report(kept: list[torch.Tensor], row: int, spec: Compression, L: int, cache)
 
 @dataclass
 class Compressed:
-    """What compress() did: per layer the kept mask (B, H_kv, S) over the slots of the prefill, each row's
-    system turn length and report, and on request what each (row, layer) ranked (`explain`)."""
+    """What compress() did: per layer the kept mask (B, H_kv, S) over the prefill's slots, each row's system
+    turn length and report, and on request what each (row, layer) ranked."""
     kept: list[torch.Tensor]
     system_len: list[int]
     reports: list[dict]
