@@ -10,9 +10,9 @@ loop both scripts use:
     -> summary.json -> table -> figures
 
 A run is a list of *jobs*: one system prompt under one *setting* (setting.py: policy and
-allocation with their options, compression mode, remedy) and one ratio. A job's system turn is prefilled and compressed once;
-then each of its user turns (the task, or the attacks) is answered from that compressed
-cache, returning to it in between.
+allocation with their options, compression mode, remedy) and one ratio. A job's system
+turn is prefilled and compressed once; then each of its user turns (the task, or the
+attacks) is answered from that compressed cache, returning to it in between.
 
 Batches never mix settings or ratios: the jobs of one (setting, ratio) are cut into
 batches of --batch-size in prompt order, so a job's batch, and with it its answer, never

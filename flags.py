@@ -109,8 +109,9 @@ def compression_arguments(parser: argparse.ArgumentParser, defaults: dict):
       help="how the budget is spread over layers and KV heads, or a comma list to compare several: uniform = "
            "max(1, int(L(1-r))) in every layer and KV head (the paper's); pyramid = more in early layers, fewer "
            "in late ones (PyramidKV, Cai et al. 2024, arXiv 2406.02069; kvpress 0.5.5's budgets); adakv = per "
-           "layer, KV heads share the budget by score, each keeping at least 20%% of its share (AdaKV, Feng et "
-           "al. 2024, arXiv 2407.11550; kvpress 0.5.5's AdaKVPress). Default %(default)s")
+           "layer, KV heads share the budget by score, each keeping at least 20%% of its share (alpha; AdaKV, Feng "
+           "et al. 2024, arXiv 2407.11550; kvpress 0.5.5's AdaKVPress). Settings: --allocation-option. Default "
+           "%(default)s")
     a("--policy-option", action="append", default=[], metavar="NAME=VALUE",
       help="a keyword setting of the chosen policies' score functions, e.g. window=32 (SnapKV) or seed=1 "
            "(random); repeatable; applies to every chosen policy that takes it")
