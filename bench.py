@@ -397,7 +397,8 @@ def bench_batch(args) -> dict:
     and the answer, all layers).
     """
     import evaluate
-    from experiment import build_jobs, load_model_and_tokenizer, make_batches, parse_args, plan_run, run_batch
+    from experiment import build_jobs, load_model_and_tokenizer, make_batches, run_batch
+    from flags import parse_args, plan_run
 
     rows, out = [], {}
     for dtype in args.batch_dtypes.split(","):
@@ -405,8 +406,8 @@ def bench_batch(args) -> dict:
                                                str(args.batch_prompts), "--max-new-tokens", "96", "--dtype", dtype,
                                                "--model", args.folder])
         plan = plan_run(evaluate.EVALUATE, flags)
-        model, tok = load_model_and_tokenizer(flags)
-        jobs = build_jobs(plan, tok, model.args.max_positions, flags.max_new_tokens)
+        model, tok = load_model_and_tokenizer(plan)
+        jobs = build_jobs(plan, tok, model.args.max_positions)
         base = None
         for batch_size in args.batch_sizes:
             tokens, start = 0, time.perf_counter()

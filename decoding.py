@@ -51,8 +51,8 @@ class Decoding:
         if policy == "full":
             raise ValueError("decoding with policy 'full' evicts nothing: choose an evicting policy or leave decoding off")
         if policy not in DECODE:
-            raise ValueError(f"{policy} reads the query of every cached token, and decoding keeps only the "
-                             f"last --decode-buffer queries: choose one of {', '.join(DECODE)} for decoding")
+            raise ValueError(f"{policy} reads the query of every cached token (or a replay of the turn), and a decode "
+                             f"cut keeps only the newest queries: choose one of {', '.join(DECODE)} for decoding")
         (needed, protected), seen = DECODE[policy](self.compression.options), min(self.buffer, self.interval)
         if needed > seen:
             raise ValueError(f"{policy} reads the last {needed} queries, but a decode cut sees {seen} "

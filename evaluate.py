@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import ifeval
 import prompts as P
-from experiment import Design, Experiment, Remedy, UsageError, main_guard, run
+from experiment import Experiment, main_guard, run
+from flags import Design, UsageError
 from report import evaluate_figures, evaluate_summary, print_evaluate
+from setting import Remedy
 
 DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.5,0.75", defense="defense-first", limit=12,
                 max_new_tokens=64, dtype="float32", batch_size=8, out="runs/evaluate")
@@ -40,7 +42,7 @@ def add_arguments(parser):
                         help="instruction order inside the directive (built-in prompts; Pitfall 4)")
 
 
-def remedy_label(args) -> str:
+def remedy_name(args) -> str:
     parts = []
     if args.whitelist:
         parts.append("whitelist")
@@ -57,11 +59,11 @@ def design(args, prompts: list[P.Prompt]) -> Design:
         if not all(i.text for p in prompts for i in p.instructions):
             raise UsageError("--order reversed needs each instruction's text, which only the built-in prompts have")
         prompts = [P.reorder(p) for p in prompts]
-    remedy = Remedy(remedy_label(args), args.whitelist or [], args.fair, args.debias, args.protect or 0)
-    return Design(prompts, [remedy], [("task", None)])
+    remedy = Remedy(remedy_name(args), args.whitelist or [], args.fair, args.debias, args.protect or 0)
+    return Design(prompts, [remedy], [("task", None)], score)
 
 
-def score(args, job, turn: str, response: str) -> dict:
+def score(job, turn: str, response: str) -> dict:
     """The IFEval checks of the prompt's instructions, strict and loose."""
     verdict = ifeval.evaluate(response, job.prompt.instruction_ids, job.prompt.kwargs)
     return dict(instruction_ids=job.prompt.instruction_ids, kwargs=job.prompt.kwargs, directive=job.prompt.directive,
@@ -74,8 +76,8 @@ def score(args, job, turn: str, response: str) -> dict:
 EVALUATE = Experiment(
     name="evaluate", description=__doc__, records_name="responses.jsonl",
     paper_data="sys_ifeval.jsonl", defaults=DEFAULTS, presets=PRESETS,
-    add_arguments=add_arguments, design=design, score=score,
-    summarize=evaluate_summary,
+    add_arguments=add_arguments, design=design,
+    summarize=lambda records, settings: evaluate_summary(records),
     print_summary=print_evaluate,
     figures=evaluate_figures)
 

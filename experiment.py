@@ -1,16 +1,18 @@
 """The loop shared by evaluate.py and leak.py: build prompts -> compress -> generate -> score -> write.
 
-An `Experiment` says what a script measures: its own flags, the user turns answered
-from each compressed system turn, how an answer is scored, and how the records are
-summarised, printed and plotted. `run(experiment, argv)` is the one loop both scripts use:
+An `Experiment` says what a script measures: its own flags and the `Design` they make
+(the user turns answered from each compressed system turn, how an answer is scored), and
+how the records are summarised, printed and plotted. `run(experiment, argv)` is the one
+loop both scripts use:
 
-    parse the flags -> validate them (nothing heavy) -> check --out -> load the model
-    -> build the jobs -> run them in batches, resuming -> summary.json -> table -> figures
+    flags.py: parse the flags -> a checked Plan (nothing heavy) | then, from the plan only:
+    check --out -> load the model -> build the jobs -> run them in batches, resuming
+    -> summary.json -> table -> figures
 
-A run is a list of *jobs*: one system prompt under one *setting* (policy with its
-options, remedy) and one ratio. A job's system turn is prefilled and compressed once;
-then each of its user turns (the task, or the attacks) is answered from that compressed
-cache, returning to it in between.
+A run is a list of *jobs*: one system prompt under one *setting* (setting.py: policy and
+allocation with their options, compression mode, remedy) and one ratio. A job's system
+turn is prefilled and compressed once; then each of its user turns (the task, or the
+attacks) is answered from that compressed cache, returning to it in between.
 
 Batches never mix settings or ratios: the jobs of one (setting, ratio) are cut into
 batches of --batch-size in prompt order, so a job's batch, and with it its answer, never
@@ -23,12 +25,8 @@ Settings live in run.json; a folder holding a run with other settings is refused
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import hashlib
-import inspect
 import json
-import math
 import os
 import sys
 import tempfile
@@ -37,15 +35,13 @@ from typing import Callable
 
 import torch
 
-import paperdata
 import prompts as P
-from model import DTYPES, generate, load_model, pad
 from decoding import Cuts, Decoding
-from policies import ALLOCATIONS, POLICIES, Compression, Context, compress, covering_spans, prefill
-from report import QUERY_AWARE
+from flags import DEFAULT_MODEL, Plan, UsageError, fingerprint, parse_args, plan_run
+from model import generate, load_model, pad
+from policies import REPLAYS, Compression, Replay, compress, covering_spans, prefill
+from setting import Setting
 from tokenizer import load_tokenizer
-
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "smollm2-135m-instruct")
 
 # Seconds per answer token and row for the bundled model on the project's 2-core CPU at --batch-size 8:
 # float32 measured with the demo preset (144 answers of 64 tokens in 195 s, an idle machine),
@@ -55,36 +51,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weight
 SECONDS_PER_ANSWER_TOKEN = {"float32": 0.021, "bfloat16": 0.021 * 59.1 / 101, "float16": 0.021}
 
 
-# --protect's default N in leak.py's 'protect' remedy: StreamingLLM's (and kvpress's) 4 sinks, which also
-# covers the role header (3 tokens) and the end of turn (2) of the default model's template whole.
-# A choice, not a value taken from the protected-boundaries paper (arXiv 2605.18053).
-DEFAULT_PROTECT = 4
-
-
-class UsageError(ValueError):
-    """Bad input: printed as one line, exit code 2. Raised where the input is checked, never for bugs."""
-
-
 # ----------------------------------------------------------------------------- what a script describes
-
-@dataclass
-class Remedy:
-    """What a setting does against eviction bias, on top of its policy."""
-    label: str                                   # the setting label's second half: "none", "whitelist", "fair", ...
-    whitelist: list[str] = field(default_factory=list)   # phrases never evicted; "defense" = the defense's own
-    fair: str = "none"                           # fair eviction: "none", "defense" or "instructions"
-    debias: float = 1.0
-    protect: int = 0                             # keep the first and last N tokens of every part (system_parts)
-
-
-@dataclass
-class Design:
-    """What an experiment runs, from its flags: prompts, remedies and the user turns of each job."""
-    prompts: list[P.Prompt]
-    remedies: list[Remedy]
-    turns: list[tuple[str, str | None]]          # (name, user text); None = the prompt's own task
-    fingerprint: dict = field(default_factory=dict)   # extra entries for run.json (e.g. the attacks' texts)
-
 
 @dataclass
 class Experiment:
@@ -96,371 +63,16 @@ class Experiment:
     defaults: dict                               # flag defaults (the "demo" preset)
     presets: dict[str, dict]                     # --preset NAME -> the defaults it changes
     add_arguments: Callable                      # (parser) -> None: the script's own flags
-    design: Callable                             # (args, prompts) -> Design; validates its flags, raises UsageError
-    score: Callable                              # (args, job, turn, response) -> the fields the script measures
-    summarize: Callable                          # (records) -> dict, merged into summary.json
+    design: Callable                             # (args, prompts) -> flags.Design; validates its flags, raises UsageError
+    summarize: Callable                          # (records, {label: setting fields}) -> dict, merged into summary.json
     print_summary: Callable                      # (summary, file) -> None
     figures: Callable                            # (summary, records, out, example) -> [paths written]
 
 
-# ----------------------------------------------------------------------------- command line
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UsageErrors: one line, like every other bad input."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
-
-def common_arguments(parser: argparse.ArgumentParser, defaults: dict, presets: dict):
-    a = parser.add_argument
-    a("--preset", choices=list(presets), default="demo",
-      help="flag defaults: demo = a few minutes on a 2-core CPU, full = the bigger sweep; flags given "
-           "explicitly win (default %(default)s)")
-    a("--policy", default=defaults["policy"],
-      help=f"eviction policy, or a comma list to run several (choices: {', '.join(POLICIES)}; default %(default)s)")
-    a("--allocation", default="uniform",
-      help="how the budget is spread over layers and KV heads, or a comma list to compare several: uniform = "
-           "max(1, int(L(1-r))) in every layer and KV head (the paper's); pyramid = more in early layers, fewer "
-           "in late ones (PyramidKV, Cai et al. 2024, arXiv 2406.02069; kvpress 0.5.5's budgets); adakv = per "
-           "layer, KV heads share the budget by score, each keeping at least 20%% of its share (AdaKV, Feng et "
-           "al. 2024, arXiv 2407.11550; kvpress 0.5.5's AdaKVPress). Default %(default)s")
-    a("--policy-option", action="append", default=[], metavar="NAME=VALUE",
-      help="a keyword setting of the chosen policies' score functions, e.g. window=32 (SnapKV) or seed=1 "
-           "(random); repeatable; applies to every chosen policy that takes it")
-    a("--ratios", default=defaults["ratios"],
-      help="fractions of the system turn to evict, 0 <= r < 1: a comma list (0,0.5) or start:stop:step "
-           "(0:0.9:0.1, stop included); default %(default)s")
-    a("--defense", default=defaults["defense"],
-      help=f"defense around the directive: {', '.join(P.DEFENSE_CHOICES)}, or paper:NAME for one of the paper's "
-           "(e.g. paper:standard_defense, read from --defense-file or downloaded; default %(default)s)")
-    a("--defense-file", help="the paper's defense_template.json, for --defense paper:NAME (default: the paper's own, "
-                             "downloaded once and checksum-verified)")
-    a("--whitelist", action="append", default=None, metavar="PHRASE",
-      help="a phrase of the system message whose tokens are never evicted (repeatable); 'defense' = the "
-           "defense's own must-keep phrase")
-    a("--fair", choices=["none", "defense", "instructions"], default="none",
-      help="fair eviction: equal keep rate for defense and directive ('defense'), or for every instruction "
-           "and the defense ('instructions', built-in prompts only); default %(default)s")
-    a("--debias", type=float, default=1.0,
-      help="with --fair: 0 = the plain policy, 1 = fully fair, in between = budgets interpolated (default 1)")
-    a("--protect", type=int, metavar="N",
-      help="protected boundaries: never evict the first and last N tokens of every part of the system turn (the "
-           "template's role header and end, each defense side, the preamble, each instruction), within the same "
-           "budget, like a whitelist built from spans. evaluate.py: applies to every policy (default off); "
-           "leak.py: N of the 'protect' remedy (default %d)" % DEFAULT_PROTECT)
-    a("--query-aware", nargs="?", const="on", default="off", choices=["off", "on", "both"],
-      help="compress the system turn together with the user turn that follows it (the question in context, as "
-           "kvpress's benchmarks do) instead of the system turn alone before the question is known: the policy "
-           "scores the system turn with the queries of both, the budget is the system turn's, and the user turn "
-           "is kept whole. One compression per user turn (leak.py: per attack). 'both' runs every setting in "
-           "both modes, to compare them; no fair eviction. Default %(default)s; the bare flag means on")
-    a("--data", help="a sys_ifeval-style JSONL file, or 'paper' for the paper's own file (downloaded once from its "
-                     "repository and checksum-verified; see paperdata.py); default: the built-in prompt set")
-    a("--limit", type=int, default=defaults["limit"], help="use the first N prompts (default %(default)s; 0 = all)")
-    a("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="answer length cap (default %(default)s)")
-    decode_arguments(parser)
-    a("--model", default=DEFAULT_MODEL, help="a Hugging Face checkpoint folder (default: the bundled SmolLM2-135M)")
-    a("--device", default="cpu", help="cpu or cuda (default %(default)s)")
-    a("--dtype", default=defaults["dtype"], choices=list(DTYPES),
-      help="weights and cache dtype (default %(default)s). float32 answers do not depend on --batch-size; "
-           "bfloat16 kernels round differently for different batch shapes, so its answers can")
-    a("--batch-size", type=int, default=defaults["batch_size"],
-      help="prompts per forward; a batch holds one setting and ratio (default %(default)s)")
-    a("--seed", type=int, default=0, help="seed of the built-in prompt set (default 0)")
-    a("--out", default=defaults["out"], help="output folder (default %(default)s)")
-
-
-def decode_arguments(parser: argparse.ArgumentParser):
-    """Compression during decoding (decoding.Decoding): off unless --decode-target is given."""
-    a = parser.add_argument
-    a("--decode-target", metavar="N[,N...]",
-      help="also compress while the answer grows: every --decode-interval decode steps, cut each layer's whole "
-           "cache (system turn, user turn, answer so far) to N entries per KV head with the same policy, "
-           "allocation and remedies; a comma list runs each target as its own setting. --max-new-tokens must "
-           "exceed the interval for any cut to happen. Off by default")
-    a("--decode-interval", type=int, default=None, metavar="K",
-      help="decode steps between two cuts (with --decode-target; default 16)")
-    a("--decode-buffer", type=int, default=None, metavar="B",
-      help="queries of the last B decode tokens that the policy reads at a cut (with --decode-target; default 16)")
-    a("--rerotate", action="store_true",
-      help="with --decode-target: after each cut, re-rotate the kept keys to positions 0..n-1 and continue at n "
-           "(default: original positions)")
-
-
-def parse_decode(args, policies: list[str], allocations: list[str]) -> list[int | None]:
-    """The decode targets (or [None]: decoding off); fills the interval and buffer defaults. Raises UsageError."""
-    if args.decode_target is None:
-        for flag, value in (("--decode-interval", args.decode_interval), ("--decode-buffer", args.decode_buffer),
-                            ("--rerotate", args.rerotate or None)):
-            if value is not None:
-                raise UsageError(f"{flag} needs --decode-target N: decoding compression is off without it")
-        return [None]
-    targets = []
-    for text in args.decode_target.split(","):
-        try:
-            targets.append(int(text))
-        except ValueError:
-            raise UsageError(f"--decode-target {args.decode_target!r}: give whole numbers of entries per KV head, "
-                             f"e.g. 64 or 64,128") from None
-    args.decode_interval = 16 if args.decode_interval is None else args.decode_interval
-    args.decode_buffer = 16 if args.decode_buffer is None else args.decode_buffer
-    for policy in policies:
-        for allocation in allocations:
-            for target in targets:
-                try:
-                    Decoding(Compression(policy, allocation=allocation), target, args.decode_interval,
-                             args.decode_buffer)
-                except ValueError as e:
-                    raise UsageError(f"--decode-target with --policy {policy}: {e}") from None
-    if args.max_new_tokens <= args.decode_interval:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} does not exceed --decode-interval "
-                         f"{args.decode_interval}: no decode cut would happen; raise --max-new-tokens")
-    return list(dict.fromkeys(targets))
-
-
-def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
-    """The flags, with the defaults of the chosen --preset (flags given explicitly win)."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", default="demo")
-    preset = first.parse_known_args(argv)[0].preset
-    if preset not in experiment.presets:
-        raise UsageError(f"unknown --preset {preset!r}: choose from {', '.join(experiment.presets)}")
-    defaults = {**experiment.defaults, **experiment.presets[preset]}
-    parser = ArgumentParser(description=experiment.description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, defaults, experiment.presets)
-    experiment.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def parse_ratios(text: str) -> list[float]:
-    try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0:
-                raise UsageError(f"--ratios {text!r}: the step must be positive")
-            values = [round(start + i * step, 6) for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
-        else:
-            values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"--ratios {text!r} is not a comma list of numbers or start:stop:step") from None
-    bad = [r for r in values if not 0 <= r < 1]
-    if bad or not values:
-        raise UsageError(f"--ratios: {bad[0] if bad else 'nothing'} is outside [0, 1); a ratio is the fraction evicted")
-    return sorted(set(values))
-
-
-def parse_choices(text: str, choices, what: str) -> list[str]:
-    """A comma list of names, each one of `choices`; an unknown name is a UsageError listing them."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    for name in names:
-        if name not in choices:
-            raise UsageError(f"unknown {what} {name!r}: choose from {', '.join(choices)}")
-    if not names:
-        raise UsageError(f"no {what} given: choose from {', '.join(choices)}")
-    return list(dict.fromkeys(names))
-
-
-def parse_policies(text: str) -> list[str]:
-    return parse_choices(text, POLICIES, "policy")
-
-
-def policy_settings(policy: str) -> dict:
-    """A policy's keyword settings and their defaults: the parameters of its score function after `context`."""
-    parameters = list(inspect.signature(POLICIES[policy]).parameters.values())
-    after_context = parameters[[p.name for p in parameters].index("context") + 1:]
-    return {p.name: p.default for p in after_context if p.default is not inspect.Parameter.empty}
-
-
-def parse_option_value(text: str, default):
-    """A --policy-option value, read as the type of the setting's default (bool, int, float or str)."""
-    kind = type(default)
-    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    try:
-        value = words[text.lower()] if kind is bool else kind(text) if kind in (int, float) else text
-    except (KeyError, ValueError):
-        raise ValueError(f"expected {'true or false' if kind is bool else 'an ' + kind.__name__}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def parse_policy_options(items: list[str], policies: list[str]) -> dict[str, dict]:
-    """--policy-option NAME=VALUE (repeatable) -> {policy: {name: value}} for each chosen policy taking NAME.
-
-    Each policy's options are tried once on a small random input, so a value the policy cannot
-    work with (an even SnapKV kernel, a zero H2O block) is refused before anything runs.
-    """
-    options = {policy: {} for policy in policies}
-    for item in items:
-        name, equals, text = item.partition("=")
-        name = name.strip()
-        if not equals or not name:
-            raise UsageError(f"--policy-option {item!r}: write NAME=VALUE, e.g. --policy-option window=32")
-        takers = [p for p in policies if name in policy_settings(p)]
-        if not takers:
-            offered = "; ".join(f"{p}: {', '.join(policy_settings(p)) or 'none'}" for p in policies)
-            raise UsageError(f"--policy-option {name!r}: no chosen policy takes it (they take {offered})")
-        for policy in takers:
-            default = policy_settings(policy)[name]
-            try:
-                options[policy][name] = parse_option_value(text.strip(), default)
-            except ValueError as e:
-                raise UsageError(f"--policy-option {item!r}: {policy}'s {name}: {e}") from None
-    for policy, chosen in options.items():
-        if chosen:
-            try_policy_options(policy, chosen)
-    return options
-
-
-def try_policy_options(policy: str, options: dict):
-    """Score a small random system turn with these options; an error or a wrong shape is a UsageError."""
-    L, heads, kv_heads, dim = 48, 4, 2, 8
-    generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(1, heads, L, dim, generator=generator)          # (1, H, L, D)
-    keys = torch.randn(1, kv_heads, L, dim, generator=generator)          # (1, H_kv, L, D)
-    label = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-    try:
-        rope = 1.0 / 10000 ** (torch.arange(0, dim, 2) / dim)                   # (D/2,) RoPE frequencies
-        scores = POLICIES[policy](queries, keys, keys, [(0, L)], Context(0, 1, inv_freq=rope), **options)
-        ok = tuple(scores.shape) == (1, kv_heads, L) and not bool(scores.isnan().any())
-    except (ValueError, RuntimeError, TypeError, IndexError, ZeroDivisionError) as e:
-        raise UsageError(f"--policy-option {label}: {policy} fails with it ({type(e).__name__}: {e})") from None
-    if not ok:
-        raise UsageError(f"--policy-option {label}: {policy} gives no valid scores with it")
-
-
-def setting_label(policy: str, options: dict, remedy: str, allocation: str = "uniform", query_aware: bool = False,
-                  decode_target: int | None = None) -> str:
-    """"snapkv|none"; with options "snapkv[window=32]|none"; with an allocation "snapkv@adakv|none";
-    compressed with the user turn (--query-aware) "snapkv+query-aware|none"; with compression during
-    decoding "snapkv~decode64|none".
-
-    A setting without its ratio: one curve of the figures, one line per ratio of the table.
-    """
-    shown = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-    name = f"{policy}[{shown}]" if shown else policy
-    name = f"{name}@{allocation}" if allocation != "uniform" else name
-    name = f"{name}~decode{decode_target}" if decode_target is not None else name
-    return f"{name}{QUERY_AWARE if query_aware else ''}|{remedy}"
-
-
-def load_prompts(args, paper_data: str) -> list[P.Prompt]:
-    if args.limit < 0:
-        raise UsageError(f"--limit {args.limit}: must be >= 0 (0 = all prompts)")
-    if args.data:
-        path = paper_file(paper_data, "--data paper") if args.data == "paper" else args.data
-        if not os.path.isfile(path):
-            raise UsageError(f"--data {args.data!r} does not exist")
-        try:
-            prompts = P.load_sys_ifeval(path)
-        except (ValueError, OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--data {args.data!r}: {e}") from None
-    else:
-        prompts = P.builtin_prompts(seed=args.seed)
-    return prompts[:args.limit] if args.limit else prompts
-
-
-def paper_file(name: str, flag: str) -> str:
-    """A file of the paper's data (paperdata.py: cached, downloaded once, checksum-verified)."""
-    try:
-        return paperdata.paper_file(name)
-    except paperdata.PaperDataError as e:
-        raise UsageError(f"{flag}: {e}") from None
-
-
-def load_defense(args) -> P.Defense | None:
-    defense_file = args.defense_file
-    if defense_file is None and args.defense.startswith("paper:"):
-        defense_file = paper_file("defense_template.json", f"--defense {args.defense}")
-    try:
-        return P.resolve_defense(args.defense, defense_file)
-    except (ValueError, OSError, KeyError, UnicodeDecodeError) as e:
-        raise UsageError(f"--defense {args.defense!r}: {e}") from None
-
-
-# ----------------------------------------------------------------------------- the plan, before anything heavy
-
-@dataclass
-class Setting:
-    """A policy with its options, an allocation and a remedy: one line of the summary, one curve over the ratios."""
-    policy: str
-    options: dict
-    remedy: Remedy
-    allocation: str = "uniform"
-    query_aware: bool = False                    # compressed with the user turn that follows (--query-aware)
-    decode_target: int | None = None             # compression during decoding: entries per KV head, or None
-
-    @property
-    def label(self) -> str:
-        return setting_label(self.policy, self.options, self.remedy.label, self.allocation, self.query_aware,
-                             self.decode_target)
-
-
-@dataclass
-class Plan:
-    settings: list[Setting]
-    ratios: list[float]
-    defense: P.Defense | None
-    design: Design
-    run_settings: dict                           # what run.json records
-
-
-def plan_run(experiment: Experiment, args) -> Plan:
-    """Validate every flag and load the prompts; reads files, loads no model, writes nothing."""
-    policies = parse_policies(args.policy)
-    options = parse_policy_options(args.policy_option, policies)
-    allocations = parse_choices(args.allocation, ALLOCATIONS, "allocation")
-    ratios = parse_ratios(args.ratios)
-    if not 0 <= args.debias <= 1:
-        raise UsageError(f"--debias {args.debias} is outside [0, 1]")
-    if args.protect is not None and args.protect < 0:
-        raise UsageError(f"--protect {args.protect}: must be >= 0 (tokens kept at each end of every part; 0 = off)")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        raise UsageError(f"--device {args.device!r}: choose cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    defense = load_defense(args)
-    prompts = load_prompts(args, experiment.paper_data)
-    if not prompts:
-        raise UsageError("no prompts to run")
-    if args.fair == "instructions" and not all(i.text for p in prompts for i in p.instructions):
-        raise UsageError("--fair instructions needs each instruction's text, which only the built-in prompts have "
-                         "(the paper's data gives one directive text): use --fair defense")
-    decode_targets = parse_decode(args, policies, allocations)
-    design = experiment.design(args, prompts)
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.query_aware]
-    if True in modes and any(remedy.fair != "none" for remedy in design.remedies):
-        raise UsageError("--query-aware cannot take fair eviction, which scores each partition on its own, without "
-                         "the user turn: drop --fair (evaluate.py) or 'fair' and 'both' from --remedy (leak.py)")
-    if True in modes and args.decode_target is not None:
-        raise UsageError("--query-aware and --decode-target cannot be combined yet: run them separately")
-    settings = [Setting(policy, options[policy], remedy, allocation, query_aware=query_aware, decode_target=target)
-                for query_aware in modes for policy in policies for allocation in allocations
-                for target in decode_targets for remedy in design.remedies]
-    # the flags' effective values: how they were given (--preset, option spelling) does not matter; the
-    # flags added later are left out at their defaults (the decode flags whenever decoding is off), so a
-    # folder written before them still resumes
-    decode_flags = ("decode_target", "decode_interval", "decode_buffer", "rerotate")
-    run_settings = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option")
-                    and (k, v) not in (("protect", None), ("query_aware", "off"))
-                    and (args.decode_target is not None or k not in decode_flags)}
-    run_settings.update(policy_options={p: o for p, o in options.items() if o},
-                        prompts=P.prompts_fingerprint(design.prompts), model_files=model_fingerprint(args.model),
-                        **design.fingerprint)
-    return Plan(settings, ratios, defense, design, run_settings)
-
-
-def expected_minutes(plan: Plan, args) -> float:
+def expected_minutes(plan: Plan) -> float:
     """answers x --max-new-tokens x SECONDS_PER_ANSWER_TOKEN, for the bundled model on a 2-core CPU."""
     answers = len(plan.settings) * len(plan.ratios) * len(plan.design.prompts) * len(plan.design.turns)
-    return answers * args.max_new_tokens * SECONDS_PER_ANSWER_TOKEN[args.dtype] / 60
+    return answers * plan.max_new_tokens * SECONDS_PER_ANSWER_TOKEN[plan.dtype] / 60
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -478,6 +90,7 @@ class Job:
     spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # token spans: "directive", "defense"
     spec: Compression | None = None
     decoding: Decoding | None = None     # compression during decoding, with the job's remedies
+    replay: Replay | None = None         # how a replaying policy (KVzip) has the model repeat the system turn
 
     @property
     def key(self) -> str:
@@ -528,10 +141,10 @@ def boundaries(parts: list[tuple[int, int]], n: int) -> list[int]:
     return sorted(positions)
 
 
-def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, decode: dict | None = None):
+def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, replay=None):
     """Tokenise the job's turns, find its spans and whitelist, and build its Compression. Raises UsageError.
 
-    `encode(system, user)` is the tokenizer's chat_ids.
+    `encode(system, user)` is the tokenizer's chat_ids, `replay(system encoding)` its replay (KVzip).
     """
     system, full = None, []
     for _, user in job.users:
@@ -541,6 +154,7 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, decod
             raise UsageError(f"prompt {job.prompt.key}: {e}") from None
         full.append(enc.ids[len(system.ids):])
     job.system_ids, job.user_ids = system.ids, full
+    job.replay = replay(system) if replay is not None and job.setting.policy in REPLAYS else None
     longest = len(system.ids) + max(map(len, full)) + max_new_tokens
     if longest > max_positions:
         raise UsageError(f"prompt {job.prompt.key} needs {longest} positions with --max-new-tokens, more than the "
@@ -571,19 +185,18 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, decod
     job.spec = Compression(job.setting.policy, job.ratio, partitions=partitions,
                            whitelist=sorted(set(positions)) or None,
                            debias=remedy.debias if partitions else 1.0, options=job.setting.options,
-                           allocation=job.setting.allocation)
-    if job.setting.decode_target is not None:
+                           allocation=job.setting.allocation, allocation_options=job.setting.allocation_options)
+    setting = job.setting
+    if setting.decode_target is not None:
         try:
-            job.decoding = Decoding(job.spec, job.setting.decode_target, **(decode or {}))
+            job.decoding = Decoding(job.spec, setting.decode_target, setting.decode_interval, setting.decode_buffer,
+                                    setting.rerotate)
         except ValueError as e:
             raise UsageError(f"prompt {job.prompt.key}: --decode-target: {e}") from None
 
 
-def build_jobs(plan: Plan, tok, max_positions: int, max_new_tokens: int) -> list[Job]:
+def build_jobs(plan: Plan, tok, max_positions: int) -> list[Job]:
     """Every (setting, ratio, prompt), in that order, prepared."""
-    settings = plan.run_settings
-    decode = None if settings.get("decode_target") is None else dict(
-        interval=settings["decode_interval"], buffer=settings["decode_buffer"], rerotate=settings["rerotate"])
     encode = functools.lru_cache(maxsize=None)(tok.chat_ids)        # jobs share prompts
     jobs = []
     for setting in plan.settings:
@@ -591,7 +204,7 @@ def build_jobs(plan: Plan, tok, max_positions: int, max_new_tokens: int) -> list
             for prompt in plan.design.prompts:
                 users = [(name, prompt.task if text is None else text) for name, text in plan.design.turns]
                 job = Job(setting, ratio, prompt, P.build_system_message(prompt, plan.defense), users)
-                prepare_job(job, encode, max_positions, max_new_tokens, decode)
+                prepare_job(job, encode, max_positions, plan.max_new_tokens, tok.replay)
                 jobs.append(job)
     return jobs
 
@@ -619,7 +232,8 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     device = model.device
     tokens, real = pad([j.system_ids for j in jobs], device)
     cache = model.new_cache(len(jobs), capacity=tokens.shape[1] + 16)
-    compressed = prefill(model, cache, tokens, [j.spec for j in jobs], real=real)   # once, in every layer
+    replays = [j.replay for j in jobs] if jobs[0].replay is not None else None        # KVzip repeats the turn
+    compressed = prefill(model, cache, tokens, [j.spec for j in jobs], real=real, replay=replays)   # once, every layer
     kept = [what_was_kept(compressed, row, job) for row, job in enumerate(jobs)]
     saved = cache.checkpoint()
     results = [{"turns": [], "answers": []} for _ in jobs]
@@ -694,8 +308,9 @@ def span_keep_rates(rate: torch.Tensor, job: Job) -> dict:
     return out
 
 
-def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> list[dict]:
-    """One record per user turn: what every record holds, plus what the experiment scores."""
+def to_records(job: Job, result: dict, tok, score: Callable) -> list[dict]:
+    """One record per user turn: what every record holds, plus what the script scores (`score(job, turn, response)`,
+    the Design's)."""
     records = []
     decode = None if job.decoding is None else dict(target=job.decoding.target, interval=job.decoding.interval,
                                                     buffer=job.decoding.buffer, rerotate=job.decoding.rerotate)
@@ -705,12 +320,12 @@ def to_records(experiment: Experiment, args, job: Job, result: dict, tok) -> lis
         response = tok.decode(answer, skip_special=True)
         record = dict(job=job.key, records_in_job=len(job.users), setting=job.setting.label,
                       policy=job.setting.policy, options=job.setting.options, ratio=job.ratio,
-                      remedy=job.setting.remedy.label, query_aware=job.setting.query_aware, key=job.prompt.key,
+                      remedy=job.setting.remedy.name, query_aware=job.setting.query_aware, key=job.prompt.key,
                       turn=turn, user=user, response=response, new_tokens=len(answer),
                       system_tokens=report["system_len"], n_kept=report["n_kept"], keep=compressed["keep"],
                       token_keep=compressed["token_keep"], whitelist_kept=report.get("whitelist_kept"),
                       decode=decode, keep_end=result["keep_end"][number] if "keep_end" in result else None)
-        record.update(experiment.score(args, job, turn, response))
+        record.update(score(job, turn, response))
         records.append(record)
     return records
 
@@ -939,21 +554,6 @@ def write_json(path: str, obj):
     os.replace(tmp, path)
 
 
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(folder: str) -> str:
-    """Identify the checkpoint by its config and file sizes (cheap; weights are not hashed)."""
-    if not os.path.isdir(folder):
-        raise UsageError(f"--model {folder!r} does not exist: run `make weights` (python weights/prepare.py) "
-                         "or pass a Hugging Face checkpoint folder")
-    files = sorted((n, os.path.getsize(os.path.join(folder, n))) for n in os.listdir(folder)
-                   if n.endswith((".json", ".safetensors", ".model")))
-    config = os.path.join(folder, "config.json")
-    return fingerprint(files + [open(config, errors="replace").read() if os.path.isfile(config) else None])
-
-
 def run_jobs(jobs: list[Job], model, folder: RunFolder, batch_size: int, max_new_tokens: int, to_records, label: str,
              shard: Shard = Shard()):
     """Run every job of this shard not yet recorded, in setting-pure batches, appending records as batches finish.
@@ -1018,58 +618,62 @@ def figure_example(job: Job, tok) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def load_model_and_tokenizer(args, device: str | None = None):
-    """Load the checkpoint; a folder that is missing, incomplete or malformed is a UsageError."""
+def load_model_and_tokenizer(plan: Plan, device: str | None = None):
+    """Load the plan's checkpoint (on `device`, default the plan's); a folder that is missing, incomplete or
+    malformed is a UsageError."""
     try:
-        model = load_model(args.model, device=device or args.device, dtype=args.dtype)
-        tok = load_tokenizer(args.model)
+        model = load_model(plan.model, device=device or plan.device, dtype=plan.dtype)
+        tok = load_tokenizer(plan.model)
     except (ValueError, OSError) as e:
-        raise UsageError(f"--model {args.model!r}: {e}") from None
+        raise UsageError(f"--model {plan.model!r}: {e}") from None
     except KeyError as e:
-        raise UsageError(f"--model {args.model!r}: config.json lacks the field {e}") from None
+        raise UsageError(f"--model {plan.model!r}: config.json lacks the field {e}") from None
     return model, tok
 
 
 def run(experiment: Experiment, argv=None):
-    """Parse -> validate -> check --out -> load the model -> jobs -> batches (resumable) -> summary -> table -> figures.
+    """Parse -> plan (every flag checked) -> check --out -> load the model -> jobs -> batches (resumable) -> summary
+    -> table -> figures.
 
     Under torchrun (or srun) each rank runs its share of the batches; a refusal on any rank
     stops every rank, and rank 0 merges the records once all are done.
     """
     args = parse_args(experiment, argv)
     shard = Shard.from_env()
-    shard.start(args.device)
+    shard.start(args.device)                                        # the flags' one use before the plan: the backend
     try:
-        run_shard(experiment, args, shard)
+        plan = shard.agree(lambda: plan_run(experiment, args))     # every flag checked, nothing heavy loaded
+        run_plan(experiment, plan, shard)
     finally:
         shard.stop()
 
 
-def run_shard(experiment: Experiment, args, shard: Shard):
-    plan = shard.agree(lambda: plan_run(experiment, args))         # every flag checked, nothing heavy loaded
-    folder = RunFolder(args.out, plan.run_settings, experiment.records_name, shard)
+def run_plan(experiment: Experiment, plan: Plan, shard: Shard):
+    folder = RunFolder(plan.out, plan.run_settings, experiment.records_name, shard)
     shard.agree(folder.check)                                       # before any work, on every rank
-    model, tok = shard.agree(lambda: load_model_and_tokenizer(args, shard.device(args.device)))
-    jobs = shard.agree(lambda: build_jobs(plan, tok, model.args.max_positions, args.max_new_tokens))
-    estimate = (f", about {expected_minutes(plan, args) / shard.world_size:.1f} min on a 2-core CPU"
-                if args.device == "cpu" and os.path.abspath(args.model) == DEFAULT_MODEL else "")
+    model, tok = shard.agree(lambda: load_model_and_tokenizer(plan, shard.device(plan.device)))
+    jobs = shard.agree(lambda: build_jobs(plan, tok, model.args.max_positions))
+    estimate = (f", about {expected_minutes(plan) / shard.world_size:.1f} min on a 2-core CPU"
+                if plan.device == "cpu" and os.path.abspath(plan.model) == DEFAULT_MODEL else "")
     if shard.rank == 0:
         ranks = f", {shard.world_size} ranks" if shard.world_size > 1 else ""
         print(f"{experiment.name}: {len(jobs)} jobs ({len(plan.settings)} settings x {len(plan.ratios)} ratios x "
               f"{len(plan.design.prompts)} prompts, {len(plan.design.turns)} answer(s) each{ranks}){estimate}",
               file=sys.stderr)
-    run_jobs(jobs, model, folder, args.batch_size, args.max_new_tokens,
-             lambda job, result: to_records(experiment, args, job, result, tok), experiment.name, shard)
+    run_jobs(jobs, model, folder, plan.batch_size, plan.max_new_tokens,
+             lambda job, result: to_records(job, result, tok, plan.design.score), experiment.name, shard)
     shard.barrier()                                                 # every rank's records are in
     if shard.rank != 0:
         return
     files = folder.record_files()
     records = records_of(jobs, files)
-    summary = {"settings": plan.run_settings, "run": fingerprint(plan.run_settings), **experiment.summarize(records)}
-    write_json(os.path.join(args.out, "summary.json"), summary)
+    settings = {setting.label: setting.fields() for setting in plan.settings}
+    summary = {"settings": settings, "run_settings": plan.run_settings, "run": fingerprint(plan.run_settings),
+               **experiment.summarize(records, settings)}
+    write_json(os.path.join(plan.out, "summary.json"), summary)
     experiment.print_summary(summary, sys.stdout)
-    figures = experiment.figures(summary, records, args.out, figure_example(jobs[0], tok))
-    print(f"\nwrote {', '.join(files)}, {os.path.join(args.out, 'summary.json')}, "
+    figures = experiment.figures(summary, records, plan.out, figure_example(jobs[0], tok))
+    print(f"\nwrote {', '.join(files)}, {os.path.join(plan.out, 'summary.json')}, "
           f"{', '.join(os.path.basename(f) for f in figures)}")
 
 

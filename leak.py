@@ -31,9 +31,10 @@ import functools
 import ifeval
 import paperdata
 import prompts as P
-from experiment import (DEFAULT_PROTECT, Design, Experiment, Remedy, UsageError, fingerprint, main_guard, parse_choices,
-                        run)
+from experiment import Experiment, main_guard, run
+from flags import DEFAULT_PROTECT, Design, UsageError, fingerprint, parse_choices
 from report import leak_figures, leak_summary, print_leak
+from setting import Remedy
 
 DEFAULTS = dict(policy="streaming_llm,snapkv", ratios="0,0.5,0.7", defense="defense-first", limit=8,
                 max_new_tokens=48, dtype="float32", batch_size=8, out="runs/leak")
@@ -106,7 +107,8 @@ def design(args, prompts: list[P.Prompt]) -> Design:
     remedies = [remedy(name, args) for name in names]
     attacks = load_attacks(args.attack)
     turns = [("task", None)] + [(a.name, a.text) for a in attacks]
-    return Design(prompts, remedies, turns, {"attacks": fingerprint([(a.name, a.text) for a in attacks])})
+    score = functools.partial(score_answer, args.leak_threshold)          # the threshold, bound here
+    return Design(prompts, remedies, turns, score, {"attacks": fingerprint([(a.name, a.text) for a in attacks])})
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,8 +122,9 @@ def rouge_recall(reference: str, response: str) -> float:
     return round(rouge().score(reference, response)["rougeL"].recall, 6) if reference.strip() else 0.0
 
 
-def score(args, job, turn: str, response: str) -> dict:
-    """The task turn: the IFEval checks of the directive. An attack: how much of the system message leaked."""
+def score_answer(leak_threshold: float, job, turn: str, response: str) -> dict:
+    """The task turn: the IFEval checks of the directive. An attack: how much of the system message leaked
+    (`leaked`: the directive's recall exceeds `leak_threshold`)."""
     if turn == "task":
         verdict = ifeval.evaluate(response, job.prompt.instruction_ids, job.prompt.kwargs)
         return dict(instruction_ids=job.prompt.instruction_ids, kwargs=job.prompt.kwargs, **verdict)
@@ -130,13 +133,13 @@ def score(args, job, turn: str, response: str) -> dict:
                   "defense": job.system.defense_text}
     recall = {name: rouge_recall(text, response) for name, text in references.items()}
     return dict(directive=references["directive"], rouge_recall=recall,
-                leaked=recall["directive"] > args.leak_threshold, threshold=args.leak_threshold)
+                leaked=recall["directive"] > leak_threshold, threshold=leak_threshold)
 
 
 LEAK = Experiment(
     name="leak", description=__doc__, records_name="records.jsonl",
     paper_data="sys_ifeval_shuffled.jsonl", defaults=DEFAULTS, presets=PRESETS,
-    add_arguments=add_arguments, design=design, score=score, summarize=leak_summary, print_summary=print_leak,
+    add_arguments=add_arguments, design=design, summarize=leak_summary, print_summary=print_leak,
     figures=leak_figures)
 
 

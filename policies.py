@@ -304,9 +304,9 @@ OBSERVERS = {"h2o": attention_with_received}   # policies that read the prefill'
 REPLAYS = {"kvzip"}                               # policies that score a replay of the turn (prefill's replay=)
 
 
-def option_defaults(policy: str) -> dict:
-    """A policy's keyword settings and their defaults: the parameters of its score function after `context`."""
-    parameters = list(inspect.signature(POLICIES[policy]).parameters.values())[5:]
+def option_defaults(function) -> dict:
+    """The settings of a policy or an allocation and their defaults: its parameters that have one."""
+    parameters = inspect.signature(function).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
@@ -689,7 +689,7 @@ class Replay:
 def replay_turns(model, cache, turns: list[list[int]], specs: list[Compression], replays: list[Replay]) -> list:
     """Each row's turn replayed after it, one chunk per pass (batched, right-padded); the cache returns to its
     state after every pass, bit for bit. Returns per layer what ReplayAttention recorded (B, H_kv, S)."""
-    settings = [{**option_defaults(s.policy), **s.options} for s in specs]
+    settings = [{**option_defaults(POLICIES[s.policy]), **s.options} for s in specs]
     chunks = [r.chunks(turn, o["chunk_size"]) if s.policy in REPLAYS else []
               for r, turn, s, o in zip(replays, turns, specs, settings)]
     attention = ReplayAttention(model, cache, settings)

@@ -10,6 +10,9 @@ legend, so that a difference smaller than the bars reads as what it is: noise.
   token_keep_figure                                    Fig. 1: one system message, each token
                                                        shaded by how often it was kept
   query_aware_figure                                   both --query-aware modes overlaid
+
+A setting is read from its fields (summary.json's "settings": {label: fields}, setting.py), never
+from its label: labels are keys and legends, for people.
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 import ifeval
+from setting import Setting
 
 GAIN_RATIOS = (0.4, 0.5, 0.6, 0.7)      # the paper's composite gain averages over these ratios
 SPANS = ("directive", "defense")
-QUERY_AWARE = "+query-aware"            # ends the policy half of a query-aware setting: "snapkv+query-aware|none"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -62,6 +66,20 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 
 def setting_of(record: dict) -> str:
     return record.get("setting", f"{record['policy']}|{record['remedy']}")
+
+
+def read_settings(settings: dict) -> dict[str, Setting]:
+    """{label: Setting} from summary.json's {label: fields}."""
+    return {label: Setting.from_fields(fields) for label, fields in settings.items()}
+
+
+def find_setting(settings: dict[str, Setting], wanted) -> str | None:
+    """The label of the first setting for which `wanted(setting)` holds, or None."""
+    return next((label for label, setting in settings.items() if wanted(setting)), None)
+
+
+def without_decoding(setting: Setting) -> Setting:
+    return replace(setting, decode_target=None, decode_interval=None, decode_buffer=None, rerotate=False)
 
 
 def group_by_setting(records: list[dict]) -> dict:
@@ -140,8 +158,9 @@ def evaluate_summary(records: list[dict]) -> dict:
     return {"results": results}
 
 
-def leak_summary(records: list[dict]) -> dict:
-    """Per setting and ratio: leakage of the attack answers, directive following of the task answers, keep rates."""
+def leak_summary(records: list[dict], settings: dict) -> dict:
+    """Per setting and ratio: leakage of the attack answers, directive following of the task answers, keep rates;
+    the remedies' composite gains (`settings` = {label: fields} of the records' settings)."""
     results = {}
     for setting, by_ratio in group_by_setting(records).items():
         rows = {}
@@ -166,20 +185,23 @@ def leak_summary(records: list[dict]) -> dict:
                 "whitelist_kept": mean([r["whitelist_kept"] for r in tasks]),
             }
         results[setting] = rows
-    return {"results": results, "composite_gain": composite_gains(results)}
+    return {"results": results, "composite_gain": composite_gains(results, settings)}
 
 
-def composite_gains(results: dict) -> dict:
-    """Per policy and remedy: (accuracy gain + directive-recall drop) over plain, averaged over GAIN_RATIOS.
+def composite_gains(results: dict, settings: dict) -> dict:
+    """Per compression (policy, options, allocation, mode) and remedy: (accuracy gain + directive-recall drop)
+    over the same compression with the remedy "none", averaged over GAIN_RATIOS.
 
     Accuracy = instruction-level strict directive following; leakage = mean ROUGE-L recall of the
     directive. Falls back to every r > 0 when none of GAIN_RATIOS was run (the ratios used are listed).
+    `settings` = {label: fields}; gains are keyed by the compression's label and the remedy's name.
     """
-    gains = {}
-    for setting, rows in results.items():
-        policy, _, remedy = setting.partition("|")
-        plain = results.get(f"{policy}|none")
-        if remedy == "none" or plain is None:
+    gains, known = {}, read_settings(settings)
+    for label, rows in results.items():
+        setting = known[label]
+        plain = results.get(find_setting(known, lambda s: s.remedy.name == "none" and
+                                         replace(s, remedy=setting.remedy) == setting))
+        if setting.remedy.name == "none" or plain is None:
             continue
         shared = [r for r in rows if r in plain]
         chosen = [r for r in shared if float(r) in GAIN_RATIOS] or [r for r in shared if float(r) > 0]
@@ -189,7 +211,8 @@ def composite_gains(results: dict) -> dict:
             leak = rows[r]["rouge_recall"]["directive"], plain[r]["rouge_recall"]["directive"]
             if None not in acc + leak:
                 terms.append((acc[0] - acc[1]) + (leak[1] - leak[0]))
-        gains.setdefault(policy, {})[remedy] = {"gain": mean(terms), "ratios": [float(r) for r in chosen]}
+        gains.setdefault(setting.compression_label, {})[setting.remedy.name] = {
+            "gain": mean(terms), "ratios": [float(r) for r in chosen]}
     return gains
 
 
@@ -312,12 +335,12 @@ MARKERS = "osD^vPX*hp<>"
 # ----------------------------------------------------------------------------- figures: instruction following
 
 def evaluate_figures(summary: dict, records: list[dict], out: str, example: dict | None = None) -> list[str]:
-    results = summary["results"]
+    results, settings = summary["results"], read_settings(summary["settings"])
     written = []
     if results:
         written += [family_figure(results, out), rank_figure(results, out), accuracy_figure(results, out),
-                    keep_figure(results, out), query_aware_figure(results, out, EVALUATE_MODE_PANELS),
-                    decode_figure(results, out, leak=False)]
+                    keep_figure(results, out), query_aware_figure(results, settings, out, EVALUATE_MODE_PANELS),
+                    decode_figure(results, settings, out, leak=False)]
     if example:
         written.append(token_keep_figure(example, records, out))
     return [w for w in written if w]
@@ -417,23 +440,23 @@ def keep_figure(results: dict, out: str) -> str:
 
 # ----------------------------------------------------------------------------- figures: compression during decoding
 
-def decode_curves(results: dict) -> dict:
-    """{(setting without its decode target, ratio): {target: summary row}} from labels like "knorm~decode64|none"."""
+def decode_curves(results: dict, settings: dict[str, Setting]) -> dict:
+    """{(label of the setting without decoding, ratio): {decode target: summary row}} of the settings that
+    compress during decoding."""
     curves = {}
-    for setting, rows in results.items():
-        name, _, remedy = setting.partition("|")
-        base, found, target = name.rpartition("~decode")
-        if not found:
+    for label, rows in results.items():
+        setting = settings[label]
+        if setting.decode_target is None:
             continue
         for ratio, row in rows.items():
-            curves.setdefault((f"{base}|{remedy}", float(ratio)), {})[int(target)] = row
+            curves.setdefault((without_decoding(setting).label, float(ratio)), {})[setting.decode_target] = row
     return {key: dict(sorted(by_target.items())) for key, by_target in sorted(curves.items())}
 
 
-def decode_figure(results: dict, out: str, leak: bool) -> str | None:
+def decode_figure(results: dict, settings: dict[str, Setting], out: str, leak: bool) -> str | None:
     """Compression during decoding: what the answer keeps vs the decode target, and the directive and
     defense keep rates at the end of generation. One curve per setting and system-turn ratio r."""
-    curves = decode_curves(results)
+    curves = decode_curves(results, settings)
     if not curves:
         return None
     plt = pyplot()
@@ -477,28 +500,34 @@ def decode_figure(results: dict, out: str, leak: bool) -> str | None:
 
 # ----------------------------------------------------------------------------- figures: leakage
 
-def leak_style(results: dict, setting: str) -> dict:
-    """Colour = policy, line and marker = remedy."""
-    policies = sorted({s.partition("|")[0] for s in results})
-    policy, _, remedy = setting.partition("|")
+def compressions(results: dict, settings: dict[str, Setting]) -> list[str]:
+    """The labels of the results' compressions (a setting without its remedy), sorted."""
+    return sorted({settings[label].compression_label for label in results})
+
+
+def leak_style(results: dict, settings: dict[str, Setting], label: str) -> dict:
+    """Colour = compression (policy, options, allocation, mode), line and marker = remedy."""
+    setting = settings[label]
     styles = {"none": ("-", "o"), "whitelist": ("--", "s"), "fair": (":", "^"), "both": ("-.", "D"),
               "protect": ((0, (6, 2, 1, 2, 1, 2)), "v")}
-    line, marker = styles.get(remedy, ("-", "o"))
-    return dict(color=f"C{policies.index(policy)}", linestyle=line, marker=marker)
+    line, marker = styles.get(setting.remedy.name, ("-", "o"))
+    return dict(color=f"C{compressions(results, settings).index(setting.compression_label)}", linestyle=line,
+                marker=marker)
 
 
 def leak_figures(summary: dict, records: list[dict], out: str, example: dict | None = None) -> list[str]:
-    results = summary["results"]
+    results, settings = summary["results"], read_settings(summary["settings"])
     written = []
     if results:
-        written += [leakage_figure(results, out), keep_figure(results, out), tradeoff_figure(results, out),
-                    query_aware_figure(results, out, LEAK_MODE_PANELS), decode_figure(results, out, leak=True)]
+        written += [leakage_figure(results, settings, out), keep_figure(results, out),
+                    tradeoff_figure(results, settings, out), query_aware_figure(results, settings, out, LEAK_MODE_PANELS),
+                    decode_figure(results, settings, out, leak=True)]
     if example:
         written.append(token_keep_figure(example, records, out))
     return [w for w in written if w]
 
 
-def leakage_figure(results: dict, out: str) -> str:
+def leakage_figure(results: dict, settings: dict[str, Setting], out: str) -> str:
     """Fig. 5: ROUGE-L recall of the directive and leak rate vs r, per policy and remedy."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -507,7 +536,7 @@ def leakage_figure(results: dict, out: str) -> str:
     for i, (s, rows) in enumerate(results.items()):
         rs = [float(r) for r in rows]
         label = f"{s} ({n_text(rows[r]['n_answers'] for r in rows)} answers)"
-        style = dict(label=label, **leak_style(results, s))
+        style = dict(label=label, **leak_style(results, settings, s))
         curve(ax1, rs, [rows[r]["rouge_recall"]["directive"] for r in rows],
               [rows[r]["rouge_recall_sem"]["directive"] for r in rows], shifts[i], **style)
         curve(ax2, rs, [rows[r]["leak_rate"] for r in rows], [rows[r]["leak_rate_sem"] for r in rows], shifts[i], **style)
@@ -535,11 +564,12 @@ def ratio_labels(points: list[tuple[float, float, float]], near: tuple[float, fl
     return [(x, y, "r=" + ",".join(f"{r:g}" for r in sorted(ratios))) for x, y, ratios in clusters]
 
 
-def tradeoff_figure(results: dict, out: str) -> str:
-    """Directive following vs leakage, one panel per policy, one point per ratio (nearby points share a label)."""
+def tradeoff_figure(results: dict, settings: dict[str, Setting], out: str) -> str:
+    """Directive following vs leakage, one panel per compression (policy, options, allocation, mode), one point
+    per ratio (nearby points share a label)."""
     plt = pyplot()
-    policies = sorted({s.partition("|")[0] for s in results})
-    remedies = sorted({s.partition("|")[2] for s in results}, key=lambda m: (m != "none", m))
+    policies = compressions(results, settings)
+    remedies = sorted({settings[s].remedy.name for s in results}, key=lambda m: (m != "none", m))
     columns = min(3, len(policies))
     n_rows = math.ceil(len(policies) / columns)
     fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 4.2 * n_rows), squeeze=False)
@@ -556,10 +586,10 @@ def tradeoff_figure(results: dict, out: str) -> str:
     for ax, policy in zip(axes.flat, policies):
         points = []                              # (x, y, ratio) of every point, for the labels
         for s, (xs, ys, xerr, yerr, ratios) in curves.items():
-            if s.partition("|")[0] != policy:
+            if settings[s].compression_label != policy:
                 continue
-            remedy = s.partition("|")[2]
-            style = leak_style(results, s)
+            remedy = settings[s].remedy.name
+            style = leak_style(results, settings, s)
             style["color"] = f"C{remedies.index(remedy)}"                  # colour = remedy inside a policy's panel
             rows = results[s]
             n = (f"{n_text(rows[r]['directive_following']['n_prompts'] for r in rows)} tasks, "
@@ -601,11 +631,14 @@ LEAK_MODE_PANELS = [
 ]
 
 
-def query_aware_figure(results: dict, out: str, panels: list) -> str | None:
+def query_aware_figure(results: dict, settings: dict[str, Setting], out: str, panels: list) -> str | None:
     """Each setting run in both modes, one colour: the system turn compressed alone (solid) and together with
     the user turn (--query-aware, dashed), vs r. None when no setting ran in both modes."""
-    pairs = {s.replace(QUERY_AWARE + "|", "|"): s for s in results if QUERY_AWARE + "|" in s}
-    pairs = {alone: aware for alone, aware in pairs.items() if alone in results}
+    pairs = {}                                   # {label alone: label with the user turn}
+    for aware in (label for label in results if settings[label].query_aware):
+        alone = find_setting(settings, lambda s: s == replace(settings[aware], query_aware=False))
+        if alone in results:
+            pairs[alone] = aware
     if not pairs:
         return None
     plt = pyplot()
@@ -613,14 +646,14 @@ def query_aware_figure(results: dict, out: str, panels: list) -> str | None:
     all_ratios = sorted({float(r) for s in results for r in results[s]})
     shifts = offsets(2 * len(pairs), all_ratios)
     for ax, (title, ylabel, value) in zip(axes[0], panels):
-        for i, settings in enumerate(pairs.items()):
-            for j, s in enumerate(settings):
+        for i, pair in enumerate(pairs.items()):
+            for j, s in enumerate(pair):
                 rows = results[s]
                 ys, errors, ns = zip(*(value(rows[r]) for r in rows))
                 mode = "with the user turn" if j else "system turn alone"
                 curve(ax, [float(r) for r in rows], ys, errors, shifts[2 * i + j], color=f"C{i}",
                       linestyle="--" if j else "-", marker="s" if j else "o",
-                      label=f"{settings[0]} {mode} ({n_text(ns)})")
+                      label=f"{pair[0]} {mode} ({n_text(ns)})")
         ax.set_title(title, fontsize=10)
         ratio_axis(ax, all_ratios, ylabel)
     axes[0][0].legend(fontsize=7)

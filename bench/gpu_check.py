@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402  (its prompt, so the numbers compare with the README's CPU table)
 import evaluate  # noqa: E402
-from experiment import build_jobs, load_model_and_tokenizer, make_batches, parse_args, plan_run, run_batch  # noqa: E402
+from experiment import build_jobs, load_model_and_tokenizer, make_batches, run_batch  # noqa: E402
+from flags import parse_args, plan_run  # noqa: E402
 from model import generate, load_model, prefill  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -86,8 +87,8 @@ def check_batch(folder: str, device: str, batches: list[int], prompts: int, answ
                                            "--max-new-tokens", str(answer_tokens), "--dtype", "bfloat16", "--device", device,
                                            "--model", folder])
     plan = plan_run(evaluate.EVALUATE, flags)
-    model, tok = load_model_and_tokenizer(flags)
-    jobs = build_jobs(plan, tok, model.args.max_positions, flags.max_new_tokens)
+    model, tok = load_model_and_tokenizer(plan)
+    jobs = build_jobs(plan, tok, model.args.max_positions)
     run_batch(model, jobs[:2], 4)                                                           # warm up
     out = {}
     for batch in batches:

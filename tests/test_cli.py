@@ -16,6 +16,7 @@ import torch
 
 import evaluate
 import experiment
+import flags
 import leak
 import prompts as P
 from conftest import answers, records, write_tiny_checkpoint
@@ -174,6 +175,46 @@ def test_allocations_are_settings_of_their_own(tmp_path, tiny_chat, monkeypatch)
     assert all(sum(r["token_keep"]) == pytest.approx(r["n_kept"], abs=0.01) for r in adakv)  # same total budget
 
 
+def test_allocation_options_reach_the_allocation_and_are_recorded(tmp_path, tiny_chat, monkeypatch):
+    """--allocation-option alpha=1: each KV head's safeguard is its whole share, so AdaKV keeps what uniform keeps."""
+    specs = []
+    real_compression = experiment.Compression
+    monkeypatch.setattr(experiment, "Compression", lambda *a, **k: specs.append(k) or real_compression(*a, **k))
+    common = ["--model", tiny_chat, "--policy", "snapkv", "--ratios", "0.5", "--limit", "2", "--max-new-tokens", "2"]
+    out = run_evaluate(tmp_path, "out", *common, "--allocation", "uniform,adakv", "--allocation-option", "alpha=1")
+    assert [s["allocation_options"] for s in specs] == [{}, {}, {"alpha": 1.0}, {"alpha": 1.0}]
+    labels = {"snapkv|none", "snapkv@adakv[alpha=1.0]|none"}
+    assert {r["setting"] for r in records(out)} == labels
+    keep = lambda rs, label: [r["token_keep"] for r in rs if r["setting"] == label]
+    assert keep(records(out), "snapkv@adakv[alpha=1.0]|none") == keep(records(out), "snapkv|none")
+    assert json.load(open(os.path.join(out, "run.json")))["allocation_options"] == {"adakv": {"alpha": 1.0}}
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["results"]) == labels
+    fields = summary["settings"]["snapkv@adakv[alpha=1.0]|none"]
+    assert (fields["allocation"], fields["allocation_options"]) == ("adakv", {"alpha": 1.0})
+    default = run_evaluate(tmp_path, "default", *common, "--allocation", "uniform,adakv")
+    assert "allocation_options" not in json.load(open(os.path.join(default, "run.json")))   # earlier folders resume
+    assert keep(records(default), "snapkv@adakv|none") != keep(records(out), "snapkv|none")   # alpha 0.2 differs
+
+
+def test_summary_holds_each_setting_as_fields(tmp_path, tiny_chat):
+    out = str(tmp_path / "out")
+    leak.main(["--model", tiny_chat, "--policy", "snapkv", "--policy-option", "window=8", "--remedy",
+               "none,whitelist,fair,protect", "--protect", "2", "--debias", "0.5", "--ratios", "0.5", "--limit", "1",
+               "--max-new-tokens", "2", "--attack", "repeat-previous", "--out", out])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    plain = dict(policy="snapkv", options={"window": 8}, allocation="uniform", allocation_options={},
+                 query_aware=False, decode_target=None, decode_interval=None, decode_buffer=None, rerotate=False)
+    remedy = dict(whitelist=[], fair="none", debias=0.5, protect=0)
+    assert summary["settings"] == {
+        "snapkv[window=8]|none": {**plain, "remedy": {**remedy, "name": "none"}},
+        "snapkv[window=8]|whitelist": {**plain, "remedy": {**remedy, "name": "whitelist", "whitelist": ["defense"]}},
+        "snapkv[window=8]|fair": {**plain, "remedy": {**remedy, "name": "fair", "fair": "defense"}},
+        "snapkv[window=8]|protect": {**plain, "remedy": {**remedy, "name": "protect", "protect": 2}}}
+    assert summary["run_settings"] == json.load(open(os.path.join(out, "run.json")))
+    assert set(summary["results"]) == set(summary["settings"])
+
+
 def test_records_carry_token_keep_and_setting(tmp_path, tiny_chat, monkeypatch):
     seen = {}
     monkeypatch.setattr(evaluate.EVALUATE, "figures",
@@ -193,7 +234,8 @@ def test_records_carry_token_keep_and_setting(tmp_path, tiny_chat, monkeypatch):
 def test_decode_targets_are_settings_recorded_with_their_keep_at_the_end(tmp_path, tiny_chat, monkeypatch):
     seen = []
     real_generate = experiment.generate
-    monkeypatch.setattr(experiment, "generate", lambda *a, **k: seen.append(k.get("decoding")) or real_generate(*a, **k))
+    monkeypatch.setattr(experiment, "generate",
+                        lambda *a, **k: seen.append(k.get("cuts") and k["cuts"].decoding) or real_generate(*a, **k))
     out = run_evaluate(tmp_path, "out", "--model", tiny_chat, "--policy", "knorm", "--ratios", "0",
                        "--limit", "2", "--max-new-tokens", "6", "--decode-target", "4,8", "--decode-interval", "4",
                        "--decode-buffer", "2", "--rerotate")
@@ -208,11 +250,18 @@ def test_decode_targets_are_settings_recorded_with_their_keep_at_the_end(tmp_pat
     assert (run["decode_target"], run["decode_interval"], run["decode_buffer"], run["rerotate"]) == ("4,8", 4, 2, True)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["results"]["knorm~decode4|none"]["0.0"]["keep_end"]["directive"] is not None
+    fields = summary["settings"]["knorm~decode8|none"]                    # the setting as data
+    assert (fields["decode_target"], fields["decode_interval"], fields["decode_buffer"], fields["rerotate"]) == \
+        (8, 4, 2, True)
+    assert summary["run_settings"] == run
     assert os.path.isfile(os.path.join(out, "fig_decode.png"))
     plain = run_evaluate(tmp_path, "plain", "--model", tiny_chat, "--policy", "knorm", "--ratios", "0", "--limit", "1",
                          "--max-new-tokens", "2")
     assert "decode_target" not in json.load(open(os.path.join(plain, "run.json")))   # off: earlier folders resume
     assert records(plain)[0]["decode"] is None
+    fields = json.load(open(os.path.join(plain, "summary.json")))["settings"]["knorm|none"]
+    assert (fields["decode_target"], fields["decode_interval"], fields["decode_buffer"], fields["rerotate"]) == \
+        (None, None, None, False)
 
 
 # ----------------------------------------------------------------------------- bad input: one line, nothing written
@@ -267,6 +316,12 @@ BAD_INPUTS = [
     ("evaluate", ["--policy", "snapkv", "--policy-option", "kernel=4"], "snapkv fails with it"),
     ("evaluate", ["--policy", "random", "--policy-option", "seed=1.5"], "random's seed: expected an int, got '1.5'"),
     ("evaluate", ["--policy", "tova", "--policy-option", "window=32"], "no chosen policy takes it (they take tova: none)"),
+    ("evaluate", ["--allocation", "adakv,pyramid", "--allocation-option", "alpah=0.1"],
+     "--allocation-option 'alpah': no chosen allocation takes it (they take adakv: alpha; pyramid: window, beta)"),
+    ("evaluate", ["--allocation-option", "alpha=0.1"], "no chosen allocation takes it (they take uniform: none)"),
+    ("evaluate", ["--allocation", "adakv", "--allocation-option", "alpha"], "write NAME=VALUE, e.g. --allocation-option"),
+    ("evaluate", ["--allocation", "adakv", "--allocation-option", "alpha=x"], "adakv's alpha: expected a float, got 'x'"),
+    ("evaluate", ["--allocation", "pyramid", "--allocation-option", "beta=0"], "pyramid fails with it (ZeroDivisionError"),
     ("evaluate", ["--data", "/nonexistent.jsonl"], "does not exist"),
     ("evaluate", ["--data", "CORRUPT_DATA"], "data.jsonl:2: not valid JSON"),
     ("evaluate", ["--data", "MISSING_FIELD"], "field 'messages'"),
@@ -367,11 +422,11 @@ def test_an_internal_bug_shows_its_traceback(tmp_path, tiny_chat, monkeypatch):
 
 
 def test_presets(tmp_path):
-    args = experiment.parse_args(evaluate.EVALUATE, [])
+    args = flags.parse_args(evaluate.EVALUATE, [])
     assert (args.preset, args.policy, args.limit) == ("demo", "streaming_llm,tova", 12)
-    args = experiment.parse_args(evaluate.EVALUATE, ["--preset", "full", "--limit", "5"])
+    args = flags.parse_args(evaluate.EVALUATE, ["--preset", "full", "--limit", "5"])
     assert (args.policy, args.limit) == ("streaming_llm,h2o,knorm,snapkv,tova", 5)   # a flag given wins
-    assert experiment.parse_args(leak.LEAK, ["--preset=full"]).policy == "streaming_llm,h2o,knorm,snapkv,tova"
+    assert flags.parse_args(leak.LEAK, ["--preset=full"]).policy == "streaming_llm,h2o,knorm,snapkv,tova"
 
 
 def test_the_two_scripts_do_not_import_each_other():

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-from experiment import UsageError, parse_policies, parse_ratios
+from flags import UsageError, parse_policies, parse_ratios
 from report import composite_gains, evaluate_summary, spearman
+from setting import Remedy, Setting
 
 
 def test_parse_ratios():
@@ -54,7 +55,8 @@ def test_composite_gain_by_hand():
     row = lambda acc, leak: {"directive_following": {"instruction_strict": acc}, "rouge_recall": {"directive": leak}}
     results = {"snapkv|none": {"0.0": row(0.5, 0.1), "0.5": row(0.4, 0.5), "0.6": row(0.3, 0.6)},
                "snapkv|fair": {"0.0": row(0.5, 0.1), "0.5": row(0.45, 0.2), "0.6": row(0.3, 0.4)}}
-    gain = composite_gains(results)["snapkv"]["fair"]
+    settings = {s.label: s.fields() for s in (Setting("snapkv"), Setting("snapkv", remedy=Remedy("fair", fair="defense")))}
+    gain = composite_gains(results, settings)["snapkv"]["fair"]
     assert gain["ratios"] == [0.5, 0.6] and gain["gain"] == pytest.approx(((0.05 + 0.3) + (0.0 + 0.2)) / 2)
 
 
@@ -163,7 +165,7 @@ def test_leak_remedies(tmp_path, default_model_folder):
 
 
 def test_policy_settings_come_from_the_score_functions():
-    from experiment import parse_policy_options, policy_settings
+    from flags import parse_policy_options, policy_settings
     assert policy_settings("snapkv") == {"window": 16, "kernel": 5}
     assert policy_settings("h2o") == {"block": 32}                  # `received` comes from the prefill, not a flag
     assert policy_settings("tova") == {}
@@ -171,3 +173,26 @@ def test_policy_settings_come_from_the_score_functions():
     assert options == {"snapkv": {"window": 32}, "streaming_llm": {"n_sink": 2}, "knorm": {}}
     with pytest.raises(UsageError, match="h2o fails with it"):
         parse_policy_options(["block=0"], ["h2o"])
+
+
+def test_allocation_settings_come_from_the_allocation_functions():
+    from flags import allocation_settings, parse_allocation_options
+    assert allocation_settings("uniform") == {}
+    assert allocation_settings("pyramid") == {"window": 16, "beta": 20}
+    assert allocation_settings("adakv") == {"alpha": 0.2}
+    options = parse_allocation_options(["alpha=0.1", "window=8"], ["uniform", "pyramid", "adakv"])
+    assert options == {"uniform": {}, "pyramid": {"window": 8}, "adakv": {"alpha": 0.1}}
+    with pytest.raises(UsageError, match="no chosen allocation takes it"):
+        parse_allocation_options(["alpha=0.1"], ["uniform", "pyramid"])
+    with pytest.raises(UsageError, match="pyramid fails with it"):
+        parse_allocation_options(["beta=0"], ["pyramid"])
+
+
+def test_a_setting_label_is_made_from_its_fields():
+    assert Setting("snapkv").label == "snapkv|none"
+    assert Setting("snapkv", {"window": 32, "kernel": 3}, Remedy("whitelist")).label == "snapkv[kernel=3,window=32]|whitelist"
+    assert Setting("snapkv", allocation="adakv", allocation_options={"alpha": 0.1}).label == "snapkv@adakv[alpha=0.1]|none"
+    assert Setting("knorm", decode_target=64, decode_interval=16, decode_buffer=16).label == "knorm~decode64|none"
+    assert Setting("snapkv", query_aware=True).compression_label == "snapkv+query-aware"
+    setting = Setting("snapkv", {"window": 8}, Remedy("fair", ["defense"], "defense", 0.5, 2), "pyramid", {"beta": 10})
+    assert Setting.from_fields(json.loads(json.dumps(setting.fields()))) == setting       # through summary.json

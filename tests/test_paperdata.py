@@ -208,7 +208,7 @@ def test_data_paper_with_files_placed_by_hand_is_the_shared_file(fake_web, monke
     import argparse
     import evaluate
     import leak
-    from experiment import load_defense, load_prompts
+    from flags import load_defense, load_prompts
     shutil.copytree(SHARED, tmp_path / "paper")
     monkeypatch.setenv("NANOKV_DATA", str(tmp_path / "paper"))
     fake_web.failure = urllib.error.URLError("offline")

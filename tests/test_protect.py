@@ -16,6 +16,7 @@ import experiment
 import leak
 import prompts as P
 from experiment import boundaries, system_parts
+from flags import DEFAULT_PROTECT
 from policies import ALLOCATIONS, POLICIES, REPLAYS, Compression, Context
 from reference import kept_masks
 from conftest import records
@@ -135,7 +136,7 @@ def test_leak_protect_is_a_remedy_of_its_own(tmp_path, tiny_chat, tok, monkeypat
     prompt = P.builtin_prompts()[0]
     system = P.build_system_message(prompt, P.BUILTIN_DEFENSES["defense-first"])
     encoding, _ = tok.chat_ids(system.text, prompt.task)
-    default = boundaries(system_parts(encoding, system), experiment.DEFAULT_PROTECT)
+    default = boundaries(system_parts(encoding, system), DEFAULT_PROTECT)
     assert [s["whitelist"] for s in specs] == [None, None, default, default]
     rs = records(out, "records.jsonl")
     assert {r["setting"] for r in rs} == {"streaming_llm|none", "streaming_llm|protect"}
