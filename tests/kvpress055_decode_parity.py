@@ -200,16 +200,15 @@ def nanokv_generate(ours_model, ids: list[int], policy: str, max_new_tokens: int
                     target: int = TARGET, interval: int = INTERVAL, buffer: int = BUFFER) -> dict:
     """nanokv's greedy generation with decode-time compression. Returns tokens and cuts (layer, step, kept:
     H_kv lists of sorted original positions), in the format of kvpress_generate (without rows/scores)."""
-    from policies import Decoding
+    from decoding import Cuts, Decoding
+    from policies import Compression
 
     options = {"n_sink": N_SINK} if policy == "streaming_llm" else {}
     cache = ours_model.new_cache(1, capacity=len(ids) + max_new_tokens)
-    cache.log_cuts = True
+    cuts = Cuts(Decoding(Compression(policy, options=options), target, interval=interval, buffer=buffer), log=True)
     with torch.no_grad():
-        answers = nk_model.generate(ours_model, cache, torch.tensor([ids]), max_new_tokens, stop_ids=(),
-                                    decoding=Decoding(policy, target, interval=interval, buffer=buffer,
-                                                      options=options))
-    cuts = [dict(layer=c["layer"], step=c["step"], kept=[sorted(h) for h in c["kept"][0]]) for c in cache.cut_log]
+        answers = nk_model.generate(ours_model, cache, torch.tensor([ids]), max_new_tokens, stop_ids=(), cuts=cuts)
+    cuts = [dict(layer=c["layer"], step=c["step"], kept=[sorted(h) for h in c["kept"][0]]) for c in cuts.log]
     return dict(tokens=list(answers[0]), cuts=cuts, length=len(ids))
 
 

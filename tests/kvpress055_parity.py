@@ -57,7 +57,6 @@ Run from the repository root (needs weights/smollm2-135m-instruct and ../shared/
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 import time
@@ -71,8 +70,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import model as nk_model  # noqa: E402
-from kvpress_parity import system_turns  # noqa: E402
-from policies import Compression  # noqa: E402
+from kvpress_parity import compressed_kept, recorded_prefill, system_turns  # noqa: E402
+from policies import POLICIES, Compression, Context  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "weights" / "smollm2-135m-instruct"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "paper"
@@ -203,25 +202,21 @@ def run(n_prompts: int = 10, runs=RUNS, ratios=RATIOS, folder: Path = DEFAULT_MO
         t0 = time.time()
         ids = torch.tensor([id_list])
         L = ids.shape[1]
-        base = ours_model.new_cache(capacity=L)
-        base.prepare([Compression("snapkv", 0.5)])                    # queries recorded; no observer needed
-        with torch.no_grad():
-            ours_model(ids, base)
+        prefilled = recorded_prefill(ours_model, ids, Compression("snapkv", 0.5))   # queries recorded; no observer
+        base = prefilled[0]
         for run in runs:
             policy, allocation = run.split("/")
             for r in ratios:
-                cache = copy.deepcopy(base)
-                cache.compress(Compression(policy, r, options=OPTIONS[policy], allocation=allocation))
+                ours = compressed_kept(prefilled, Compression(policy, r, options=OPTIONS[policy], allocation=allocation), L)
                 theirs, scores = kvpress_kept(hf, ids, run, r)
                 for layer, (kept, layer_scores) in enumerate(zip(theirs, scores)):
                     ranking = adakv_ranking_scores(layer_scores, r) if allocation == "adakv" else layer_scores
-                    tally_layer(out["tallies"][(run, r)], cache.kept[layer][0, :, :L], kept, ranking,
+                    tally_layer(out["tallies"][(run, r)], ours[layer], kept, ranking,
                                 allocation != "adakv", dict(prompt=key, layer=layer, r=r))
                 if r == ratios[0]:                                      # scores do not depend on r
-                    from policies import POLICIES, Layer
                     for layer, theirs_scores in enumerate(scores):
                         q, k, v = (t[layer][:, :, :L] for t in (base.queries, base.keys, base.values))
-                        where = Layer(layer, base.n_layers, inv_freq=base.inv_freq)
+                        where = Context(layer, base.n_layers, inv_freq=base.inv_freq)
                         mine = POLICIES[policy](q, k, v, [(0, L)], where, **OPTIONS[policy])[0]
                         finite = mine.isfinite()
                         acc = out["score_diffs"][run]

@@ -14,8 +14,10 @@ at r in {0.25, 0.5, 0.75, 0.9}. kvpress runs on Hugging Face `LlamaForCausalLM` 
 press's `score` and `compress` are wrapped so that every layer's scores and the `topk` indices
 ScorerPress kept are recorded (checked against the keys kvpress actually gathered). All presses
 that use the same attention implementation share one forward (see `kvpress_run`; --separate gives
-one forward per press, same result). nanokv runs its own model and `cache.compress(Compression(...))`,
-and we read `cache.kept`.
+one forward per press, same result). nanokv runs its own model: the system prefill as `policies.prefill`
+runs it (every query recorded, H2O's observer for h2o), then `policies.compress(Compression(...))` on a
+copy of that cache for every r, and we read `Compressed.kept` (on the first prompt, checked against
+a whole `policies.prefill` at the first r).
 
 Where a head's kept sets differ, every differing position's kvpress score is compared with the
 k-th largest kvpress score of that head (relative gap):
@@ -67,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 import model as nk_model  # noqa: E402
 import prompts as nk_prompts  # noqa: E402
 import tokenizer as nk_tokenizer  # noqa: E402
-from policies import POLICIES, Compression, Layer  # noqa: E402
+from policies import POLICIES, Compression, Context, compress, observer_for, prefill  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "weights" / "smollm2-135m-instruct"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "paper"
@@ -108,6 +110,25 @@ def system_turns(data_dir: Path, folder: Path, n: int) -> list[tuple[str, list[i
             raise SystemExit(f"prompt {p.key}: nanokv's system-turn ids differ from HF apply_chat_template's")
         turns.append((p.key, ids))
     return turns
+
+
+def recorded_prefill(ours_model, ids: torch.Tensor, spec: Compression):
+    """policies.prefill up to its compress(): the system turn ids (1, L) run into an empty cache with every
+    query recorded and, when `spec`'s policy reads one, its observer (H2O's sums). Returns the cache and
+    what the observer recorded per layer (None without one): compress() a copy of it for every r."""
+    cache = ours_model.new_cache(capacity=ids.shape[1])
+    cache.record_queries()
+    observer = observer_for([spec])
+    with torch.no_grad():
+        ours_model(ids, cache, attention=observer)
+    return cache, None if observer is None else observer.records
+
+
+def compressed_kept(prefilled, spec: Compression, L: int) -> list[torch.Tensor]:
+    """compress() a copy of recorded_prefill's cache with `spec`: per layer the kept mask (H_kv, L)."""
+    cache, observed = prefilled
+    compressed = compress(copy.deepcopy(cache), spec, observed=observed)
+    return [kept[0, :, :L] for kept in compressed.kept]
 
 
 # ----------------------------------------------------------------------------- kvpress side
@@ -291,17 +312,14 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
                h2o_same={r: Tally() for r in ratios} if "h2o" in policies else {},
                score_diffs={p: [0.0, 0.0] for p in policies if p != "streaming_llm"},
                h2o_same_diff=[0.0, 0.0], key_diffs={})
-    for key, id_list in turns:
+    for i, (key, id_list) in enumerate(turns):
         t0 = time.time()
         ids = torch.tensor([id_list])
         L = ids.shape[1]
-        bases = {}
-        for received in (False, True) if "h2o" in policies else (False,):   # h2o as run_batch runs it
-            bases[received] = ours_model.new_cache(capacity=L)
-            bases[received].prepare([Compression("h2o" if received else "snapkv", 0.5)])
-            with torch.no_grad():
-                ours_model(ids, bases[received])
-        base = bases[False]
+        prefilled = {}        # observes -> (cache, observed): the prefill as policies.prefill runs it
+        for observes in (False, True) if "h2o" in policies else (False,):
+            prefilled[observes] = recorded_prefill(ours_model, ids, Compression("h2o" if observes else "snapkv", 0.5))
+        base = prefilled[False][0]
         qkv = [tuple(t[layer][:, :, :L] for t in (base.queries, base.keys, base.values)) for layer in range(base.n_layers)]
         # kvpress: one HF forward per attention implementation, every (policy, r) press on it
         logs = {}
@@ -315,12 +333,15 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
                     out["key_diffs"][impl] = max(out["key_diffs"].get(impl, 0.0), d)
         for policy in policies:
             options = MAPPING[policy][2]
-            source = bases[policy == "h2o"]
+            source = prefilled[policy == "h2o"]
             kept = {}
             for r in ratios:     # nanokv: the public API, from the same prefilled cache each time
-                cache = copy.deepcopy(source)
-                cache.compress(Compression(policy, r, options=dict(options)))
-                kept[r] = [cache.kept[layer][0, :, :L] for layer in range(base.n_layers)]
+                kept[r] = compressed_kept(source, Compression(policy, r, options=dict(options)), L)
+                if i == 0 and r == ratios[0]:     # the same as the whole protocol in one call
+                    whole = prefill(ours_model, ours_model.new_cache(capacity=L), ids,
+                                    Compression(policy, r, options=dict(options)))
+                    assert all(torch.equal(a[0, :, :L], b) for a, b in zip(whole.kept, kept[r])), \
+                        f"prompt {key}, {policy}: policies.prefill keeps other positions than compress() on its prefill"
                 for layer in range(base.n_layers):
                     entry = logs[(policy, r)][layer]
                     tally_layer(out["tallies"][(policy, r)], kept[r][layer], entry["indices"][0],
@@ -328,8 +349,8 @@ def run(n_prompts: int = 10, policies=tuple(MAPPING), ratios=RATIOS, folder: Pat
             for layer in range(base.n_layers):
                 if policy == "streaming_llm":
                     continue
-                observed = source.observed[layer] if policy == "h2o" else None
-                where = Layer(layer, base.n_layers, observed=None if observed is None else observed[:, :, :L])
+                observed = source[1][layer] if policy == "h2o" else None
+                where = Context(layer, base.n_layers, observed=None if observed is None else observed[:, :, :L])
                 mine = POLICIES[policy](*qkv[layer], [(0, L)], where, **options)[0]   # r-independent scores
                 theirs = logs[(policy, ratios[0])][layer]["scores"][0].float()
                 _max_into(out["score_diffs"][policy], mine, theirs)
