@@ -478,6 +478,8 @@ def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tens
 def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: torch.Tensor) -> torch.Tensor:
     """Kept mask (H, n): for each head h and part j, its best quotas[h, j] entries of part j (part None: one part)."""
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if part is None and tier is None and len(set(quotas.flatten().tolist())) == 1:   # one topk for every head
+        return kept.scatter_(1, scores.topk(int(quotas[0, 0]), dim=-1).indices, True)
     for h, head_quotas in enumerate(quotas.tolist()):
         for j, quota in enumerate(head_quotas):          # one head at a time: each its own quota
             index = None if part is None else (part[h] == j).nonzero()[:, 0]
@@ -494,6 +496,7 @@ class Held:
     present: torch.Tensor      # (H_kv, n) True where the head holds an entry
     positions: torch.Tensor    # (H_kv, n) original positions (-1 where absent)
     evictable: torch.Tensor    # (H_kv, n) entries that may go; the others are kept whatever their score
+    prefix: bool = False       # every head holds exactly slots 0 .. n-1 (a prefill; a cut after a uniform one)
 
 
 def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
@@ -504,11 +507,30 @@ def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
         seen = cache.positions[layer][row, :, :valid.shape[1]] > cache.next_position[row] - cache.windows[layer]
         valid = valid & seen
     count = valid.sum(-1)
-    slots = valid.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, :int(count.max())]
-    present = torch.arange(slots.shape[1], device=valid.device) < count[:, None]
-    positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
+    n = int(count.max())
+    prefix = bool(valid[:, :n].all())                                             # every head holds slots 0 .. n-1
+    if prefix:
+        slots = torch.arange(n, device=valid.device).expand(valid.shape[0], n)
+        positions, present = cache.positions[layer][row, :, :n], valid[:, :n]
+    else:
+        slots = valid.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, :n]
+        present = torch.arange(n, device=valid.device) < count[:, None]
+        positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
     evictable = present if limit is None else present & (positions < limit)
-    return Held(slots, present, positions, evictable & (not cache.exempt[layer]))
+    return Held(slots, present, positions, evictable & (not cache.exempt[layer]), prefix)
+
+
+def taker(slots: torch.Tensor, repeat: int = 1):
+    """A function that takes each head's entries at `slots` (heads, m) from a per-head tensor (heads x repeat,
+    S, ...), `repeat` rows per head: a view of the first m slots where every head holds them there (a
+    prefill), an index where all heads hold them alike, else a gather."""
+    m = slots.shape[1]
+    if bool((slots == torch.arange(m, device=slots.device)).all()):
+        return lambda x: x[:, :m]
+    if bool((slots == slots[:1]).all()):
+        return lambda x: x.index_select(1, slots[0])
+    slots = slots.repeat_interleave(repeat, 0)
+    return lambda x: x.gather(1, slots if x.dim() == 2 else slots[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, spans: list | None,
@@ -522,29 +544,30 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     keys, values, queries = cache.keys[layer][row], cache.values[layer][row], cache.queries[layer][row]
     kv_heads, n = held.positions.shape
     group, S = queries.shape[0] // kv_heads, cache.lengths[layer]
+    first = S - queries.shape[1]                                                  # the slot of the first recorded
+    partial = n_queries is not None or first > 0                                  # a decode cut: the newest only
     same = bool((held.positions == held.positions[:1]).all())
-    scores = torch.full((kv_heads, n), -math.inf, device=keys.device)
+    scores = None if held.prefix and same else torch.full((kv_heads, n), -math.inf, device=keys.device)
     for heads in [list(range(kv_heads))] if same else [[h] for h in range(kv_heads)]:
-        # each head's own slots, in position order: heads holding the same entries may hold them in different
-        # slots (a sliding window hides what a ragged cut left apart)
+        # each head's own slots, in position order (heads holding the same entries may hold them in other slots)
         slots = held.slots[heads, :int(held.present[heads[0]].sum())]              # (heads, m)
-        query_heads = [h * group + g for h in heads for g in range(group)]
-        query_slots = slots.repeat_interleave(group, 0)                            # (heads * group, m)
-        pick = lambda x, at: x.gather(1, at if x.dim() == 2 else at[..., None].expand(-1, -1, x.shape[-1]))  # noqa
-        if n_queries is None and queries.shape[1] == S:
-            q = pick(queries[query_heads], query_slots)                            # (heads * group, m, D)
-        else:                                                                     # the known ones sit at the end
-            first = S - queries.shape[1]                                          # the slot of the first recorded
-            known = query_slots >= S - (queries.shape[1] if n_queries is None else n_queries)
-            q = pick(queries[query_heads], (query_slots - first).clamp(min=0))
-            q = q.masked_fill(~known[..., None], math.nan)
-        seen = None if observed is None else pick(observed[layer][row][heads], slots)[None]
+        mine = (lambda x: x) if len(heads) == kv_heads else (lambda x, rows=heads: x[rows])   # noqa: E731
+        own_queries = queries if len(heads) == kv_heads else queries[[h * group + g for h in heads for g in range(group)]]
+        take = (lambda x: x[:, :n]) if held.prefix else taker(slots)
+        q = take(own_queries) if held.prefix and not partial else \
+            taker((slots - first).clamp(min=0), group)(own_queries)               # (heads * group, m, D)
+        if partial:                                                               # the known ones sit at the end
+            known = slots >= S - (queries.shape[1] if n_queries is None else n_queries)
+            q = q.masked_fill(~known.repeat_interleave(group, 0)[..., None], math.nan)
+        seen = None if observed is None else take(mine(observed[layer][row]))[None]
         context = Context(layer, cache.n_layers, seen, cache.inv_freq)
-        found = POLICIES[spec.policy](q[None], pick(keys[heads], slots)[None], pick(values[heads], slots)[None],
+        found = POLICIES[spec.policy](q[None], take(mine(keys))[None], take(mine(values))[None],
                                       spans or [(0, slots.shape[1])], context, **spec.options)[0].float()
-        if torch.isnan(found).any():
+        if partial and torch.isnan(found).any():
             raise RuntimeError(f"{spec.policy} read a query that this protocol does not keep: "
                                "declare what it reads in decoding.DECODE")
+        if held.prefix and same:
+            return found
         scores[heads, :slots.shape[1]] = found
     return scores
 
@@ -562,7 +585,8 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
     per layer, the positions, scores, tiers, counts and quotas that were ranked.
     """
     held = [held_entries(cache, layer, row, limit) for layer in range(cache.n_layers)]
-    width = [int(h.evictable.sum(-1).max()) for h in held]                       # evictable entries come first
+    counts = torch.stack([h.evictable.sum(-1) for h in held]).cpu()              # (n_layers, H_kv) may go
+    width = counts.max(1).values.tolist()                                         # evictable entries come first
     whitelist = None if not spec.whitelist else torch.tensor(sorted(set(spec.whitelist)), device=cache.device)
     if whitelist is not None and limit is not None and not all(0 <= p < limit for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {limit})")
@@ -583,7 +607,6 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
         return scores, tiers(scores, listed, h.evictable[:, :w])
 
     plain = [functools.cache(functools.partial(scored, layer, None)) for layer in range(cache.n_layers)]   # one span
-    counts = torch.stack([h.evictable.sum(-1) for h in held]).cpu()              # (n_layers, H_kv)
     allocated = ALLOCATIONS[spec.allocation](plain, counts, budget, ratio, **spec.allocation_options)
     counts = torch.minimum(allocated.cpu(), counts)
     masks = []
@@ -594,8 +617,10 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
                                               None if part is None or w == 0 else part[layer])
         kept = h.present & ~h.evictable                                           # (H_kv, n) kept whatever they score
         kept[:, :w] |= chosen
-        mask = torch.zeros_like(cache.valid[layer][row, :, :cache.lengths[layer]])
-        masks.append(mask.scatter_(1, h.slots, kept))
+        if h.prefix and kept.shape[1] == cache.lengths[layer]:                    # slots 0 .. S-1: the mask itself
+            masks.append(kept)
+        else:
+            masks.append(torch.zeros_like(cache.valid[layer][row, :, :cache.lengths[layer]]).scatter_(1, h.slots, kept))
         if explain is not None:
             explain.append(dict(layer=layer, positions=h.positions[:, :w], scores=scores, tier=tier,
                                 counts=counts[layer], quotas=quotas, kept=chosen))
