@@ -113,7 +113,7 @@ class Example:
                                              # "distractor", "haystack" (each present when non-empty)
     answer_prefix: str         # RULER's start of the answer, not sent
     n_tokens: int              # tokens of the chat: system + user + generation prompt
-    depths: list[float] = field(default_factory=list)  # niah: each needle's depth, in [0, 1]
+    depths: list[float] = field(default_factory=list)  # niah: each needle's depth in [0, 1], in text order
 
 
 # ----------------------------------------------------------------------------- scoring (RULER's)
@@ -162,7 +162,7 @@ def _separated(units: list[tuple[str, str]], separator: str) -> list[tuple[str, 
 
 
 def _distinct(draw, n: int, taken: set) -> list[str]:
-    """n new values from draw(), none in (or added to) `taken`."""
+    """n new values from draw(), none already in `taken` (each added to it)."""
     out = []
     while len(out) < n:
         value = draw()
