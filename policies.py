@@ -62,6 +62,13 @@ def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return scores.view(kv_heads, H // kv_heads, L).mean(1)[None]
 
 
+def check(ok: bool, message: str):
+    """How a policy or an allocation refuses an option it cannot work with, in its first lines: a ValueError
+    naming it (flags.py tries every option on a small input, so the refusal comes before anything loads)."""
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class Context:
     """Where a policy scores: which layer (a policy may depend on depth), and what else it may read."""
@@ -79,6 +86,7 @@ def streaming_llm(queries, keys, values, spans, context, n_sink: int = 4):
     Recency is the position itself, so within each span the latest tokens win: with
     partitions this is the paper's per-span recency ramp.
     """
+    check(n_sink >= 0, f"streaming_llm needs n_sink >= 0, not {n_sink}")
     L = keys.shape[2]
     scores = torch.arange(L, dtype=torch.float32, device=keys.device)
     scores[:n_sink] = INF
@@ -93,6 +101,7 @@ def h2o(queries, keys, values, spans, context, block: int = 32):
     the prefill (`context.observed`); otherwise they are summed over blocks of `block` queries, memory
     O(block * L) per head, never L x L.
     """
+    check(block >= 1, f"h2o needs block >= 1, not {block}")
     H, L = queries.shape[1], keys.shape[2]
     if context.observed is not None and len(spans) == 1:
         seen_by = torch.arange(L, 0, -1, device=keys.device)                      # L - k queries see key k
@@ -172,6 +181,8 @@ def snapkv(queries, keys, values, spans, context, window: int = 16, kernel: int 
     to the span's other keys is averaged over the queries, average-pooled (zero padding counted)
     and GQA-averaged. The windows get +inf; a span no longer than its window shrinks the window.
     """
+    check(window >= 1 and kernel >= 1 and kernel % 2 == 1,
+          f"snapkv needs window >= 1 and an odd kernel >= 1, not window={window}, kernel={kernel}")
     H, L = queries.shape[1], keys.shape[2]
     n = len(spans)
     windows = [window // n + (1 if j < window % n else 0) for j in range(n)]
@@ -225,8 +236,8 @@ def expected_attention(queries, keys, values, spans, context, n_future: int = 51
     R. E[exp(q . k / sqrt(D))] = exp(k . R mu / sqrt(D) + k^T R S R^T k / 2D) gives each key's
     expected logit: softmax over the keys, GQA mean, then (score + epsilon) x ||value||. Sinks +inf.
     """
-    if n_future < 1 or n_sink < 0:
-        raise ValueError(f"expected_attention needs n_future >= 1 and n_sink >= 0, not {n_future} and {n_sink}")
+    check(n_future >= 1 and n_sink >= 0 and epsilon >= 0,
+          f"expected_attention needs n_future >= 1, n_sink >= 0 and epsilon >= 0, not {n_future}, {n_sink}, {epsilon}")
     H, L, D = queries.shape[1:]
     kv_heads = keys.shape[1]
     scores = torch.full((1, kv_heads, L), INF, device=keys.device)                # (1, H_kv, L)
@@ -279,6 +290,7 @@ def kvzip(queries, keys, values, spans, context, n_sink: int = 4, plus: bool = F
     `chunk_size`; with `plus`, KVzip+'s normalisation), recorded as context.observed. The first
     `n_sink` tokens get +inf; the template's header, which is not replayed, scores 0.
     """
+    check(n_sink >= 0 and chunk_size >= 1, f"kvzip needs n_sink >= 0 and chunk_size >= 1, not {n_sink} and {chunk_size}")
     if context.observed is None:
         raise ValueError("kvzip scores what a replay of the turn attends to: run it with policies.prefill(..., "
                          "replay=tokenizer.replay(system)), which makes the replay")
@@ -321,6 +333,7 @@ def pyramid(plain, held: torch.Tensor, budget: float, ratio, window: int = 16, b
     """PyramidKV (arXiv 2406.02069; kvpress 0.5.5's get_layer_budget): budgets fall linearly from the first
     layer to the last with a mean of about `budget`; `window` is set aside from each, `beta` sets the slope.
     A layer of L entries the pyramid does not fit keeps round(budget)."""
+    check(window >= 0 and beta >= 1, f"pyramid needs window >= 0 and beta >= 1, not {window} and {beta}")
     n_layers = held.shape[0]
     counts = torch.empty_like(held)
     for layer in range(n_layers):
@@ -341,6 +354,7 @@ def pyramid(plain, held: torch.Tensor, budget: float, ratio, window: int = 16, b
 def adakv(plain, held: torch.Tensor, budget: float, ratio, alpha: float = 0.2) -> torch.Tensor:
     """AdaKV (arXiv 2407.11550; kvpress 0.5.5's AdaKVPress): a layer keeps H_kv n_kept entries; each head its
     best max(1, int(n_kept alpha)) first, then the heads share the rest by tier and score."""
+    check(0 <= alpha <= 1, f"adakv needs 0 <= alpha <= 1, not {alpha}")
     n_kept = max(1, int(budget))
     safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
     return torch.stack([shared(*scored(), safe, held.shape[1] * n_kept) for scored in plain])
@@ -353,6 +367,7 @@ def global_budget(plain, held: torch.Tensor, budget: float, ratio, n_sink: int =
     Of N entries, N - int(N r) stay (kvpress's count; at a decode cut int(N budget / L)). Each head keeps
     its n_sink best first (KVzip's +inf sinks: no head is emptied), then the best over the whole group.
     """
+    check(n_sink >= 0, f"global needs n_sink >= 0, not {n_sink}")
     n_layers, kv_heads = held.shape
     width = max(scored()[0].shape[1] for scored in plain)
     pad = lambda x, fill: F.pad(x, (0, width - x.shape[1]), value=fill)          # noqa: E731

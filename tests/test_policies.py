@@ -230,3 +230,25 @@ def test_explain_reports_what_each_layer_ranked(tiny_model, prefill):
         assert close(e["scores"], snapkv(q, k, v, [(0, L)], FIRST))           # the scores it ranked
         assert torch.equal(e["kept"], kept[0]) and torch.equal(e["counts"], kept[0].sum(-1))
         assert (e["tier"][:, [10, 11]] >= 1).all()                          # whitelisted (or protected)
+
+
+@pytest.mark.parametrize("policy,options,message", [
+    ("snapkv", {"window": 0}, "snapkv needs window >= 1"), ("snapkv", {"window": -1}, "snapkv needs window >= 1"),
+    ("snapkv", {"kernel": 4}, "an odd kernel"), ("streaming_llm", {"n_sink": -1}, "n_sink >= 0"),
+    ("h2o", {"block": 0}, "block >= 1"), ("expected_attention", {"n_future": 0}, "n_future >= 1"),
+    ("kvzip", {"chunk_size": 0}, "chunk_size >= 1")])
+def test_a_policy_refuses_options_it_cannot_work_with(prefill, policy, options, message):
+    """Before this check, window=0 silently turned SnapKV into a recency rule and n_sink=-1 made
+    StreamingLLM drop position 0; flags.py tries every option this way before anything loads."""
+    q, k, v = prefill[1][0]
+    with pytest.raises(ValueError, match=message):
+        POLICIES[policy](q, k, v, [(0, L)], Context(0, 1, torch.rand(1, k.shape[1], L), None), **options)
+
+
+@pytest.mark.parametrize("allocation,options,message", [
+    ("pyramid", {"beta": 0}, "beta >= 1"), ("pyramid", {"window": -1}, "window >= 0"),
+    ("adakv", {"alpha": 1.5}, "0 <= alpha <= 1"), ("global", {"n_sink": -1}, "n_sink >= 0")])
+def test_an_allocation_refuses_options_it_cannot_work_with(allocation, options, message):
+    plain = [lambda: (torch.rand(2, 10), None)]
+    with pytest.raises(ValueError, match=message):
+        policies.ALLOCATIONS[allocation](plain, torch.full((1, 2), 10), 5.0, 0.5, **options)
