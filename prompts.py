@@ -245,39 +245,8 @@ def load_sys_ifeval(path) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(record, dict):
-            _fail(path, line_no, "<record>", "expected a JSON object")
-        for name, value in record.items():
-            if where := lone_surrogate([name, value]):
-                _fail(path, line_no, ascii(name)[1:-1], f"holds a lone surrogate ({where}): an unpaired \\ud800-"
-                                                        "\\udfff escape, which is not text (UTF-8 cannot encode it)")
-        for name in ("key", "instruction_id_list", "kwargs", "messages"):
-            if name not in record:
-                _fail(path, line_no, name, "missing")
-        if not isinstance(record["key"], (int, str)):
-            _fail(path, line_no, "key", "expected an integer or a string")
-        if not isinstance(record.get("prompt", ""), str):
-            _fail(path, line_no, "prompt", "expected a string")
+        _check_record(path, line_no, record)
         ids, kwargs, messages = record["instruction_id_list"], record["kwargs"], record["messages"]
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            _fail(path, line_no, "instruction_id_list", "expected a non-empty list of strings")
-        unknown = [i for i in ids if i not in INSTRUCTION_IDS]
-        if unknown:
-            named = [i + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(i, CHECKS, 1)) else "")
-                     for i in unknown]
-            _fail(path, line_no, "instruction_id_list",
-                  f"unknown instruction id(s) {', '.join(named)}; the 25 IFEval ids are the keys of ifeval.CHECKS")
-        if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
-            _fail(path, line_no, "kwargs", f"expected a list of {len(ids)} objects, one per instruction id")
-        for n, (instruction_id, instruction_kwargs) in enumerate(zip(ids, kwargs)):
-            try:
-                validate_kwargs(instruction_id, instruction_kwargs)
-            except ValueError as e:
-                _fail(path, line_no, "kwargs", f"entry {n}: {e}")
-        if (not isinstance(messages, list) or len(messages) != 2
-                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-                or [m.get("role") for m in messages] != ["system", "user"]):
-            _fail(path, line_no, "messages", "expected [{role: system, content: str}, {role: user, content: str}]")
         key = str(record["key"])
         if key in line_of_key:
             _fail(path, line_no, "key", f"{key!r} is also the key of line {line_of_key[key]}; keys must be unique")
@@ -287,6 +256,43 @@ def load_sys_ifeval(path) -> list[Prompt]:
     if not prompts:
         raise ValueError(f"{path}: no records")
     return prompts
+
+
+def _check_record(path, line_no: int, record):
+    """One sys_ifeval record's fields, types, instruction ids, kwargs and messages; ValueError naming the field."""
+    if not isinstance(record, dict):
+        _fail(path, line_no, "<record>", "expected a JSON object")
+    for name, value in record.items():
+        if where := lone_surrogate([name, value]):
+            _fail(path, line_no, ascii(name)[1:-1], f"holds a lone surrogate ({where}): an unpaired \\ud800-"
+                                                    "\\udfff escape, which is not text (UTF-8 cannot encode it)")
+    for name in ("key", "instruction_id_list", "kwargs", "messages"):
+        if name not in record:
+            _fail(path, line_no, name, "missing")
+    if not isinstance(record["key"], (int, str)):
+        _fail(path, line_no, "key", "expected an integer or a string")
+    if not isinstance(record.get("prompt", ""), str):
+        _fail(path, line_no, "prompt", "expected a string")
+    ids, kwargs, messages = record["instruction_id_list"], record["kwargs"], record["messages"]
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        _fail(path, line_no, "instruction_id_list", "expected a non-empty list of strings")
+    unknown = [i for i in ids if i not in INSTRUCTION_IDS]
+    if unknown:
+        named = [i + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(i, CHECKS, 1)) else "")
+                 for i in unknown]
+        _fail(path, line_no, "instruction_id_list",
+              f"unknown instruction id(s) {', '.join(named)}; the 25 IFEval ids are the keys of ifeval.CHECKS")
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+        _fail(path, line_no, "kwargs", f"expected a list of {len(ids)} objects, one per instruction id")
+    for n, (instruction_id, instruction_kwargs) in enumerate(zip(ids, kwargs)):
+        try:
+            validate_kwargs(instruction_id, instruction_kwargs)
+        except ValueError as e:
+            _fail(path, line_no, "kwargs", f"entry {n}: {e}")
+    if (not isinstance(messages, list) or len(messages) != 2
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+            or [m.get("role") for m in messages] != ["system", "user"]):
+        _fail(path, line_no, "messages", "expected [{role: system, content: str}, {role: user, content: str}]")
 
 
 def load_defenses(path) -> dict[str, Defense]:
