@@ -610,7 +610,7 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
         if any(bool((h.present & ~h.evictable).any()) and not exempt for h, exempt in zip(held, cache.exempt)):
             raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
         starts = torch.tensor(part_starts, device=cache.device)
-        part = [(torch.searchsorted(starts, h.positions, right=True) - 1).masked_fill(~h.evictable, -1)[:, :w]
+        part = [(torch.searchsorted(starts, h.positions.contiguous(), right=True) - 1).masked_fill(~h.evictable, -1)[:, :w]
                 for h, w in zip(held, width)]
 
     def scored(layer: int, spans) -> tuple[torch.Tensor, torch.Tensor | None]:      # scores (H_kv, n) and their tiers
