@@ -186,6 +186,8 @@ def test_what_is_not_supported_is_one_line(checkpoints, edit, message):
 
 L, USER = 40, 7
 PAIRS = [(p, a) for p in POLICIES for a in ALLOCATIONS]
+# every policy and every allocation at least once, for the slower checks that PAIRS would repeat 40 times
+COVER = [(p, "uniform") for p in POLICIES] + [("snapkv", a) for a in ALLOCATIONS if a != "uniform"]
 
 
 def forward64(model, tokens, visible):
@@ -320,7 +322,7 @@ def test_eviction_hides_what_it_should(checkpoints, family):
 
 
 @pytest.mark.parametrize("family", SLIDING)
-@pytest.mark.parametrize("policy,allocation", PAIRS)
+@pytest.mark.parametrize("policy,allocation", COVER)
 def test_batched_rows_compress_and_answer_like_rows_alone(checkpoints, family, policy, allocation):
     model = load_model(checkpoints[family])
     gen = torch.Generator().manual_seed(11)
@@ -345,7 +347,7 @@ def test_batched_rows_compress_and_answer_like_rows_alone(checkpoints, family, p
 
 # ----------------------------------------------------------------------------- compression during decoding
 
-DECODE_PAIRS = [(p, a) for p in DECODE for a in ALLOCATIONS]
+DECODE_PAIRS = [(p, "uniform") for p in DECODE] + [("knorm", a) for a in ALLOCATIONS if a != "uniform"]
 
 
 @pytest.fixture
