@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -37,18 +38,21 @@ import torch
 
 import prompts as P
 from decoding import Cuts, Decoding
-from flags import DEFAULT_MODEL, Plan, UsageError, fingerprint, parse_args, plan_run
-from model import generate, load_model, pad
+from flags import DEFAULT_MODEL, Plan, UsageError, fingerprint, normal_settings, parse_args, plan_run
+from model import ModelArgs, generate, load_model, pad
 from policies import REPLAYS, Compression, Replay, compress, covering_spans, prefill
 from setting import Setting
 from tokenizer import load_tokenizer
 
-# Seconds per answer token and row for the bundled model on the project's 2-core CPU at --batch-size 8:
-# float32 measured with the demo preset (144 answers of 64 tokens in 195 s, an idle machine),
-# bfloat16 scaled by the README's batched-evaluation ratio (101 vs 59.1 prompts/min). The time
-# printed at the start is answers x --max-new-tokens x this: a rough guess, on the high side when
-# answers stop early, on the low side at batch 1 or on a busy machine.
-SECONDS_PER_ANSWER_TOKEN = {"float32": 0.021, "bfloat16": 0.021 * 59.1 / 101, "float16": 0.021}
+# What a run costs on the project's 2-core CPU (AMD EPYC) with the bundled model, in seconds, measured one
+# thread each (OMP_NUM_THREADS=1) while other jobs shared the machine (load 3-6): the fixed cost (python and
+# torch imports, tokenizer, 538 MB of weights, summary and figures), each padded token of a batch's
+# prefills (system turns with their compression, then each user turn; KVzip also replays the system turn:
+# `replay` times as long), and each decode step of a batch (`step` + rows x `row_step`). bfloat16 scaled by
+# the README's batched-evaluation ratio (101 vs 59.1 prompts/min). Answers that stop early make it high;
+# more free cores make it high; a busier machine makes it low.
+RUN_COSTS = dict(fixed=9.0, prompt_token=0.0075, replay=2.2, step=0.05, row_step=0.022,
+                 dtype={"float32": 1.0, "bfloat16": 59.1 / 101, "float16": 1.0})
 
 
 # ----------------------------------------------------------------------------- what a script describes
@@ -69,10 +73,21 @@ class Experiment:
     figures: Callable                            # (summary, records, out, example) -> [paths written]
 
 
-def expected_minutes(plan: Plan) -> float:
-    """answers x --max-new-tokens x SECONDS_PER_ANSWER_TOKEN, for the bundled model on a 2-core CPU."""
-    answers = len(plan.settings) * len(plan.ratios) * len(plan.design.prompts) * len(plan.design.turns)
-    return answers * plan.max_new_tokens * SECONDS_PER_ANSWER_TOKEN[plan.dtype] / 60
+def expected_minutes(plan: Plan, jobs: list, done: set[str] = frozenset(), ranks: int = 1) -> float:
+    """The run's time for the bundled model on a 2-core CPU (RUN_COSTS): the fixed start and end, then for
+    each batch still to run its prefills (padded tokens) and --max-new-tokens decode steps per user turn,
+    shared by the ranks."""
+    costs, seconds = RUN_COSTS, 0.0
+    for batch in make_batches(jobs, plan.batch_size):
+        if all(job.key in done for job in batch):
+            continue
+        system = len(batch) * max(len(job.system_ids) for job in batch)            # padded, as run_batch feeds them
+        users = sum(len(batch) * max(len(job.user_ids[turn]) for job in batch) for turn in range(len(batch[0].users)))
+        replay = costs["replay"] if batch[0].replay is not None else 1.0
+        steps = len(batch[0].users) * plan.max_new_tokens
+        seconds += costs["dtype"][plan.dtype] * ((system * replay + users) * costs["prompt_token"]
+                                                 + steps * (costs["step"] + len(batch) * costs["row_step"]))
+    return (costs["fixed"] + seconds / ranks) / 60
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -155,7 +170,7 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, repla
         full.append(enc.ids[len(system.ids):])
     job.system_ids, job.user_ids = system.ids, full
     job.replay = replay(system) if replay is not None and job.setting.policy in REPLAYS else None
-    longest = len(system.ids) + max(map(len, full)) + max_new_tokens
+    longest = longest_cache(job, max_new_tokens)
     if longest > max_positions:
         raise UsageError(f"prompt {job.prompt.key} needs {longest} positions with --max-new-tokens, more than the "
                          f"model's context of {max_positions}: lower --max-new-tokens or --limit the prompts")
@@ -206,7 +221,27 @@ def build_jobs(plan: Plan, tok, max_positions: int) -> list[Job]:
                 job = Job(setting, ratio, prompt, P.build_system_message(prompt, plan.defense), users)
                 prepare_job(job, encode, max_positions, plan.max_new_tokens, tok.replay)
                 jobs.append(job)
+    check_decode_targets(jobs, plan.max_new_tokens)
     return jobs
+
+
+def longest_cache(job: Job, max_new_tokens: int) -> int:
+    """The most entries the job's cache can hold: its system turn, its longest user turn, a whole answer."""
+    return len(job.system_ids) + max(map(len, job.user_ids)) + max_new_tokens
+
+
+def check_decode_targets(jobs: list[Job], max_new_tokens: int):
+    """Refuse a --decode-target that no cache of the run grows past: its cuts would never evict, and its records
+    would carry a compression that did not happen."""
+    targets = {job.setting.decode_target for job in jobs} - {None}
+    if not targets:
+        return
+    longest = max(jobs, key=lambda job: longest_cache(job, max_new_tokens))
+    size = longest_cache(longest, max_new_tokens)
+    if max(targets) >= size:
+        raise UsageError(f"--decode-target {max(targets)}: no cache of this run grows past {size} entries (prompt "
+                         f"{longest.prompt.key}: system turn, user turn and --max-new-tokens), so its cuts would "
+                         f"evict nothing: give targets below {size}")
 
 
 def make_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
@@ -430,12 +465,69 @@ def stopped_by_signal(signum, frame):
 
 # ----------------------------------------------------------------------------- records, resume, output
 
+LOCK = ".nanokv.lock"                   # in --out: held by the process that writes run.json and the summary
+RANK_LOCK = ".nanokv.rank{}.lock"       # held by rank R >= 1 of a sharded run, which appends to its own file
+
+
+class FolderInUse(UsageError):
+    """Another process holds the run folder: one line, exit code 2, nothing written."""
+
+
+def take_lock(path: str, holder: str) -> int:
+    """An exclusive flock on the file `path` (created if missing), held until `release_lock`; `holder` (pid,
+    host) is written into it for the message a second process gets. Raises FolderInUse naming the holder.
+
+    The lock dies with its process (a kill never leaves the folder locked). Its file is removed on
+    release, so a process that opened the file just before is left holding a lock on a removed
+    file: it sees that the path names another file now, or none, and tries again.
+    """
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            import time
+            for _ in range(20):                                  # the holder writes its name just after locking
+                text = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip()
+                if text:
+                    break
+                time.sleep(0.01)
+            os.close(fd)
+            raise FolderInUse(text or "another process (it has not said which yet)") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder + "\n").encode("utf-8", "replace"), 0)
+            return fd
+        os.close(fd)                                             # its last holder removed it: lock the new one
+
+
+def release_lock(fd: int, path: str):
+    """Remove the lock's file, then the lock (closing its descriptor releases it)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
 class RunFolder:
     """The output folder: run.json (settings), JSONL files of records, summary.json, figures.
 
     A single process appends to `records_name` (e.g. responses.jsonl); rank R of a sharded run
     to responses.rankR.jsonl. Reading takes every such file in the folder, whatever world size
     wrote it: a job is known by its key, not by the rank that ran it.
+
+    One writer per folder: a run holds locks in it from `open()` to `close()` (take_lock). The
+    process that writes run.json, cleans the records and writes the summary (a single process, or
+    rank 0) holds LOCK; rank R >= 1 holds RANK_LOCK of R (`lock_rank`), and rank 0, or a single
+    process, also holds the rank locks that no rank of its own run takes, so a rank left over
+    from an earlier run still appending is found too. A second run on the folder is refused in
+    one line before it writes anything.
     """
 
     def __init__(self, path: str, settings: dict, records_name: str, shard: Shard = Shard()):
@@ -443,10 +535,11 @@ class RunFolder:
         self.stem, self.extension = os.path.splitext(records_name)
         own = records_name if shard.world_size == 1 else f"{self.stem}.rank{shard.rank}{self.extension}"
         self.records_path = os.path.join(path, own)
+        self.locks: list[tuple[int, str]] = []                   # (descriptor, path) of the locks held
+        self.created = False                                     # open() made the folder (close() removes it if empty)
 
     def record_files(self) -> list[str]:
         """Every records file in the folder: the single-process one first, then the ranks' in rank order."""
-        import re
         if not os.path.isdir(self.path):
             return []
         pattern = re.compile(rf"{re.escape(self.stem)}(?:\.rank(\d+))?{re.escape(self.extension)}")
@@ -454,8 +547,57 @@ class RunFolder:
                  if (m := pattern.fullmatch(name))]
         return [os.path.join(self.path, name) for _, _, name in sorted(found)]
 
-    def check(self):
-        """Refuse, before any work, a --out that is a file, cannot be written, or holds a run with other settings."""
+    def open(self):
+        """check() under the folder's lock: how a run opens --out, before any work. On rank 0 or a single
+        process it creates the folder (close() removes it again if the run writes nothing)."""
+        self.check_path()
+        if self.shard.rank == 0:
+            try:
+                os.mkdir(self.path)
+                self.created = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise UsageError(f"--out {self.path!r} cannot be made ({e.strerror}): choose another --out") from None
+            self.lock(LOCK, "holds it")
+        self.check()
+
+    def lock_rank(self):
+        """The rank locks: rank R >= 1 takes its own; rank 0, or a single process, every other one in the folder
+        (the ranks of an earlier, larger run). Taken once the run is about to write, after the weights load, so
+        a refused run leaves no lock file behind."""
+        if self.shard.rank > 0:
+            self.lock(RANK_LOCK.format(self.shard.rank), f"as rank {self.shard.rank}")
+            return
+        pattern = re.compile(re.escape(RANK_LOCK).replace(r"\{\}", r"(\d+)"))
+        for name in sorted(os.listdir(self.path)):
+            if (m := pattern.fullmatch(name)) and not 0 < int(m.group(1)) < self.shard.world_size:
+                self.lock(name, f"in place of rank {m.group(1)} of an earlier run")
+
+    def lock(self, name: str, what: str):
+        import socket
+        import time
+        holder = (f"pid {os.getpid()} on host {socket.gethostname()} "
+                  f"(started {time.strftime('%Y-%m-%d %H:%M:%S')}, {what})")
+        try:
+            self.locks.append((take_lock(os.path.join(self.path, name), holder), os.path.join(self.path, name)))
+        except FolderInUse as e:
+            raise FolderInUse(f"--out {self.path!r} is in use: {e}; one run writes a folder at a time: wait for it "
+                              "to end, or choose another --out") from None
+
+    def close(self):
+        """Release the locks; remove the folder if open() made it and nothing was written into it."""
+        while self.locks:
+            release_lock(*self.locks.pop())
+        if self.created:
+            try:
+                os.rmdir(self.path)                              # only when empty
+            except OSError:
+                pass
+            self.created = False
+
+    def check_path(self):
+        """Refuse a --out that is a file or cannot be written."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"--out {self.path!r} is a file, not a folder: choose another --out")
         existing = os.path.abspath(self.path)
@@ -469,11 +611,15 @@ class RunFolder:
         except OSError as e:
             raise UsageError(f"--out {self.path!r} cannot be written ({e.strerror} in {existing!r}): "
                              "choose another --out") from None
+
+    def check(self):
+        """Refuse, before any work, a --out that is a file, cannot be written, or holds a run with other settings."""
+        self.check_path()
         run_json = os.path.join(self.path, "run.json")
         if os.path.isfile(run_json):
             with open(run_json) as f:
                 try:
-                    previous = json.load(f)
+                    previous = normal_settings(json.load(f))
                 except json.JSONDecodeError:
                     raise UsageError(f"{run_json} is corrupt: delete the folder or choose another --out") from None
             if previous != self.settings:
@@ -489,35 +635,52 @@ class RunFolder:
 
         A record names its job and how many records the job writes. A job that a kill cut short
         between two of its records is left out (it runs again and writes each record once), and
-        so is the last line of a file torn mid-write; any other unreadable line is refused.
+        so is a file's last line when it lacks its newline (a record is written with its newline
+        in one write: a line without one was cut mid-write, even if it parses) or is not JSON; any
+        other unreadable line is refused. A record found twice, in one file or two (two runs that
+        once wrote the same folder), is kept once; two different records for one answer are refused.
         """
         records, torn, self.lines = [], False, {}
         for path in self.record_files():
             with open(path, "rb") as f:
-                lines = f.read().split(b"\n")
-            if lines and lines[-1] == b"":
-                lines.pop()
-            self.lines[path] = len(lines)
+                data = f.read()
+            lines = data.split(b"\n")
+            last = lines.pop()                                   # b"" when the file ends with its newline
+            self.lines[path] = len(lines) + (last != b"")
+            torn |= last != b""
             for number, line in enumerate(lines, 1):
                 try:
                     records.append((path, json.loads(line)))
                 except json.JSONDecodeError:
-                    if number < len(lines):
+                    if number < len(lines) or last != b"":
                         raise UsageError(f"{path}:{number} is not a JSON record (the file was edited?): "
                                          "delete that line or choose another --out") from None
-                    torn = True                                          # a run killed mid-line
+                    torn = True                                  # written by a version that split its writes
+        by_answer: dict[tuple[str, str], dict] = {}
+        unique = []
+        for path, record in records:
+            answer = (record["job"], str(record.get("turn")))
+            if answer in by_answer:
+                if by_answer[answer] != record:
+                    raise UsageError(f"{self.path} holds two different records of job {record['job']!r} (turn "
+                                     f"{answer[1]!r}): two runs wrote it differently; choose another --out")
+                continue                                         # the same record again: kept once
+            by_answer[answer] = record
+            unique.append((path, record))
         by_job: dict[str, list[dict]] = {}
-        for _, record in records:
+        for _, record in unique:
             by_job.setdefault(record["job"], []).append(record)
         for job, rs in by_job.items():
             if len(rs) > rs[0]["records_in_job"]:
                 raise UsageError(f"{self.path} holds job {job!r} more than once: choose another --out")
         complete = {job for job, rs in by_job.items() if len(rs) == rs[0]["records_in_job"]}
-        self.kept = {path: [r for p, r in records if p == path and r["job"] in complete] for path in self.lines}
-        return [r for _, r in records if r["job"] in complete], complete, torn
+        self.duplicates = len(records) - len(unique)
+        self.kept = {path: [r for p, r in unique if p == path and r["job"] in complete] for path in self.lines}
+        return [r for _, r in unique if r["job"] in complete], complete, torn
 
     def start(self) -> set[str]:
-        """Create the folder and write run.json; drop what check() found unfinished; return the finished jobs.
+        """Create the folder and write run.json; drop what check() found unfinished or twice; return the finished
+        jobs.
 
         In a sharded run only rank 0 calls it, before any rank appends (every file is cleaned,
         whichever world size wrote it, so a job cut short in one file cannot count twice).
@@ -530,19 +693,35 @@ class RunFolder:
                 dropped += self.lines[path] - len(kept)
                 tmp = path + ".tmp"
                 with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept)
+                    f.writelines(record_line(r).decode() for r in kept)
                 os.replace(tmp, path)
-        if dropped:
-            print(f"resuming: dropped {dropped} record line(s) of jobs cut short by a kill"
+        duplicates = getattr(self, "duplicates", 0)
+        if dropped - duplicates:
+            print(f"resuming: dropped {dropped - duplicates} record line(s) of jobs cut short by a kill"
                   f"{' (the last line torn)' if self.torn else ''}; those jobs run again", file=sys.stderr)
+        if duplicates:
+            print(f"resuming: {duplicates} record line(s) were there twice (two runs wrote the folder once): "
+                  "each is kept once", file=sys.stderr)
         return self.complete
 
     def append(self, records: list[dict]):
-        with open(self.records_path, "a") as f:
+        """Append each record with its newline in one write (a kill or a full disk leaves a line whole, or cut
+        without its newline: torn, see read_finished), then flush the batch to the disk."""
+        fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
             for r in records:
-                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+                line = record_line(r)
+                written = os.write(fd, line)
+                while written < len(line):                       # a short write (a signal): finish the line
+                    written += os.write(fd, line[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def record_line(record: dict) -> bytes:
+    """A record as its line in a records file, newline included."""
+    return (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
 
 
 def write_json(path: str, obj):
@@ -618,22 +797,51 @@ def figure_example(job: Job, tok) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def load_model_and_tokenizer(plan: Plan, device: str | None = None):
-    """Load the plan's checkpoint (on `device`, default the plan's); a folder that is missing, incomplete or
-    malformed is a UsageError."""
+def load_text(plan: Plan):
+    """What the text checks need, without the weights: the tokenizer and config.json's ModelArgs (the context
+    length). A folder that is missing, incomplete or malformed is a UsageError."""
+    config_path = os.path.join(plan.model, "config.json")
     try:
-        model = load_model(plan.model, device=device or plan.device, dtype=plan.dtype)
+        if os.path.isdir(config_path):
+            raise IsADirectoryError(f"{config_path} is a folder, not a file")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} is missing: {plan.model!r} is not a Hugging Face checkpoint folder")
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} is not a JSON object")
+        model_args = ModelArgs.from_hf_config(config)
         tok = load_tokenizer(plan.model)
     except (ValueError, OSError) as e:
         raise UsageError(f"--model {plan.model!r}: {e}") from None
     except KeyError as e:
         raise UsageError(f"--model {plan.model!r}: config.json lacks the field {e}") from None
-    return model, tok
+    return tok, model_args
+
+
+def load_weights(plan: Plan, device: str | None = None):
+    """The plan's model (on `device`, default the plan's): what only the weights can refuse (a missing, unreadable
+    or misshapen tensor) is a UsageError."""
+    try:
+        return load_model(plan.model, device=device or plan.device, dtype=plan.dtype)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model {plan.model!r}: {e}") from None
+    except KeyError as e:
+        raise UsageError(f"--model {plan.model!r}: config.json lacks the field {e}") from None
+
+
+def load_model_and_tokenizer(plan: Plan, device: str | None = None):
+    """The tokenizer checked first, then the weights (bench scripts)."""
+    tok, _ = load_text(plan)
+    return load_weights(plan, device), tok
 
 
 def run(experiment: Experiment, argv=None):
-    """Parse -> plan (every flag checked) -> check --out -> load the model -> jobs -> batches (resumable) -> summary
-    -> table -> figures.
+    """Parse -> plan (every flag checked) -> open --out (locked) -> tokenizer and jobs (every text check) -> load
+    the weights -> batches (resumable) -> summary -> table -> figures.
 
     Under torchrun (or srun) each rank runs its share of the batches; a refusal on any rank
     stops every rank, and rank 0 merges the records once all are done.
@@ -650,16 +858,25 @@ def run(experiment: Experiment, argv=None):
 
 def run_plan(experiment: Experiment, plan: Plan, shard: Shard):
     folder = RunFolder(plan.out, plan.run_settings, experiment.records_name, shard)
-    shard.agree(folder.check)                                       # before any work, on every rank
-    model, tok = shard.agree(lambda: load_model_and_tokenizer(plan, shard.device(plan.device)))
-    jobs = shard.agree(lambda: build_jobs(plan, tok, model.args.max_positions))
-    estimate = (f", about {expected_minutes(plan) / shard.world_size:.1f} min on a 2-core CPU"
+    try:
+        run_in_folder(experiment, plan, shard, folder)
+    finally:
+        folder.close()                                              # the locks go; a folder made for nothing too
+
+
+def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunFolder):
+    shard.agree(folder.open)                                        # before any work, on every rank: locked, checked
+    tok, model_args = shard.agree(lambda: load_text(plan))          # no weights yet: every text check comes first
+    jobs = shard.agree(lambda: build_jobs(plan, tok, model_args.max_positions))
+    estimate = (f", about {expected_minutes(plan, jobs, folder.complete, shard.world_size):.1f} min on a 2-core CPU"
                 if plan.device == "cpu" and os.path.abspath(plan.model) == DEFAULT_MODEL else "")
     if shard.rank == 0:
         ranks = f", {shard.world_size} ranks" if shard.world_size > 1 else ""
         print(f"{experiment.name}: {len(jobs)} jobs ({len(plan.settings)} settings x {len(plan.ratios)} ratios x "
               f"{len(plan.design.prompts)} prompts, {len(plan.design.turns)} answer(s) each{ranks}){estimate}",
               file=sys.stderr)
+    model = shard.agree(lambda: load_weights(plan, shard.device(plan.device)))
+    shard.agree(folder.lock_rank)
     run_jobs(jobs, model, folder, plan.batch_size, plan.max_new_tokens,
              lambda job, result: to_records(job, result, tok, plan.design.score), experiment.name, shard)
     shard.barrier()                                                 # every rank's records are in

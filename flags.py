@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -188,13 +189,27 @@ def run_arguments(parser: argparse.ArgumentParser, defaults: dict):
 
 # ----------------------------------------------------------------------------- one flag at a time
 
+MAX_RATIOS = 1000         # a grid of more ratios is a typo (a step of 1e-9), not a sweep anyone can run
+
+
 def parse_ratios(text: str) -> list[float]:
+    """--ratios: a comma list or start:stop:step (stop included), as sorted distinct numbers in [0, 1)."""
+    if not text.strip(" ,"):
+        raise UsageError(f"--ratios {text!r} is empty: give fractions to evict, e.g. 0,0.5 or 0:0.9:0.1")
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
+            if not all(map(math.isfinite, (start, stop, step))):
+                raise UsageError(f"--ratios {text!r}: start, stop and step must be finite numbers")
             if step <= 0:
                 raise UsageError(f"--ratios {text!r}: the step must be positive")
-            values = [round(start + i * step, 6) for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
+            if stop < start:
+                raise UsageError(f"--ratios {text!r} is empty: stop is below start")
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1     # counted before any list is built
+            if count > MAX_RATIOS:
+                raise UsageError(f"--ratios {text!r} makes {count:,} ratios, more than {MAX_RATIOS:,}: "
+                                 "raise the step")
+            values = [round(start + i * step, 6) for i in range(count)]
         else:
             values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
@@ -202,20 +217,28 @@ def parse_ratios(text: str) -> list[float]:
             raise
         raise UsageError(f"--ratios {text!r} is not a comma list of numbers or start:stop:step") from None
     bad = [r for r in values if not 0 <= r < 1]
-    if bad or not values:
-        raise UsageError(f"--ratios: {bad[0] if bad else 'nothing'} is outside [0, 1); a ratio is the fraction evicted")
-    return sorted(set(values))
+    if bad:
+        raise UsageError(f"--ratios: {bad[0]} is outside [0, 1); a ratio is the fraction evicted")
+    values = sorted(set(values))
+    if len(values) > MAX_RATIOS:
+        raise UsageError(f"--ratios lists {len(values):,} ratios, more than {MAX_RATIOS:,}")
+    return values
+
+
+def comma_list(text: str) -> list[str]:
+    """A comma list's items: stripped, without empty or repeated ones ("tova,,tova " -> ["tova"])."""
+    return list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
 
 
 def parse_choices(text: str, choices, what: str) -> list[str]:
     """A comma list of names, each one of `choices`; an unknown name is a UsageError listing them."""
-    names = [p.strip() for p in text.split(",") if p.strip()]
+    names = comma_list(text)
     for name in names:
         if name not in choices:
             raise UsageError(f"unknown {what} {name!r}: choose from {', '.join(choices)}")
     if not names:
         raise UsageError(f"no {what} given: choose from {', '.join(choices)}")
-    return list(dict.fromkeys(names))
+    return names
 
 
 def parse_policies(text: str) -> list[str]:
@@ -365,6 +388,8 @@ def load_prompts(args, paper_data: str) -> list[P.Prompt]:
         raise UsageError(f"--limit {args.limit}: must be >= 0 (0 = all prompts)")
     if args.data:
         path = paper_file(paper_data, "--data paper") if args.data == "paper" else args.data
+        if os.path.isdir(path):
+            raise UsageError(f"--data {args.data!r} is a folder, not a file: pass a JSONL file")
         if not os.path.isfile(path):
             raise UsageError(f"--data {args.data!r} does not exist")
         try:
@@ -400,6 +425,9 @@ def fingerprint(obj) -> str:
 
 def model_fingerprint(folder: str) -> str:
     """Identify the checkpoint by its config and file sizes (cheap; weights are not hashed)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--model {folder!r} is a file, not a folder: pass the Hugging Face checkpoint folder "
+                         "that holds config.json")
     if not os.path.isdir(folder):
         raise UsageError(f"--model {folder!r} does not exist: run `make weights` (python weights/prepare.py) "
                          "or pass a Hugging Face checkpoint folder")
@@ -421,16 +449,42 @@ def check_numbers(args):
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        raise UsageError(f"--device {args.device!r}: choose cpu or cuda")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device {args.device!r}: choose cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+        raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_text(args):
+    """Strings given on the command line: UTF-8 text (Python turns bytes that are not into lone surrogates,
+    which no file can hold), and no empty --whitelist phrase."""
+    for name, value in sorted(vars(args).items()):
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not is_utf8(text):
+                at = next(i for i, c in enumerate(text) if not is_utf8(c))
+                raise UsageError(f"--{name.replace('_', '-')} {text!r}: character {at} is not UTF-8 text (bytes "
+                                 "that are not UTF-8, or a lone surrogate); rename or re-encode it")
+    for phrase in args.whitelist or []:
+        if not phrase.strip():
+            raise UsageError(f"--whitelist {phrase!r} is empty: give a phrase of the system message, or 'defense'")
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def plan_run(script, args) -> Plan:
     """Validate every flag and load the prompts; reads files, loads no model, writes nothing.
 
     `script` (experiment.Experiment) builds its Design from its own flags (`script.design(args, prompts)`)."""
+    check_text(args)
     policies = parse_policies(args.policy)
     options = parse_policy_options(args.policy_option, policies)
     allocations = parse_choices(args.allocation, ALLOCATIONS, "allocation")
@@ -481,4 +535,25 @@ def run_settings(args, options: dict, allocation_options: dict, interval: int | 
     recorded.update(policy_options={p: o for p, o in options.items() if o},
                     prompts=P.prompts_fingerprint(design.prompts), model_files=model_fingerprint(args.model),
                     **design.fingerprint)
-    return recorded
+    return normal_settings(recorded)
+
+
+COMMA_LISTS = ("policy", "allocation", "remedy", "decode_target")     # flags that are comma lists of names or numbers
+
+
+def normal_settings(settings: dict) -> dict:
+    """run.json's settings in the one form they are compared in: --ratios as the list of its numbers (0.5, 0.50
+    and .5 alike; a grid as its values), comma lists without empty or repeated items ("tova,," is "tova").
+    Applied to what a folder holds too, so a folder written before (ratios as typed) still resumes."""
+    settings = dict(settings)
+    if isinstance(settings.get("ratios"), str):
+        try:
+            settings["ratios"] = parse_ratios(settings["ratios"])
+        except UsageError:
+            pass                                     # not ours to refuse here: it differs, and says so
+    elif isinstance(settings.get("ratios"), list):
+        settings["ratios"] = sorted({float(r) for r in settings["ratios"]})
+    for name in COMMA_LISTS:
+        if isinstance(settings.get(name), str):
+            settings[name] = ",".join(comma_list(settings[name]))
+    return settings

@@ -119,6 +119,229 @@ def test_a_torn_line_inside_the_records_is_refused(tmp_path, tiny_chat):
                        "--max-new-tokens", "2", "--out", out])
 
 
+# ----------------------------------------------------------------------------- one writer per folder (issue 22)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWO_WRITERS = ["--policy", "tova", "--ratios", "0,0.5", "--limit", "3", "--max-new-tokens", "4", "--batch-size", "2"]
+
+
+def folder_bytes(out):
+    """{relative path: bytes} of every file under `out`."""
+    return {os.path.relpath(os.path.join(d, n), out): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(out) for n in names}
+
+
+def lock_holder(out):
+    """The pid written in the folder's lock file, or None while nobody has said."""
+    try:
+        text = open(os.path.join(out, experiment.LOCK)).read()
+    except OSError:
+        return None
+    return int(text.split()[1]) if text.startswith("pid ") else None
+
+
+def test_two_processes_on_one_out_one_runs_the_other_refuses(tmp_path, tiny_chat):
+    """Started together: whichever locks the folder first is paused (SIGSTOP) until the other has tried,
+    so the other meets the lock whatever the timing; it refuses in one line naming the holder and writes
+    nothing: the folder ends byte for byte as one process alone leaves it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    alone, shared = str(tmp_path / "alone"), str(tmp_path / "shared")
+    evaluate.main([*TWO_WRITERS, "--model", tiny_chat, "--out", alone])
+    command = [sys.executable, os.path.join(ROOT, "evaluate.py"), *TWO_WRITERS, "--model", tiny_chat, "--out", shared]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = {p.pid: p for p in (subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE, text=True) for _ in range(2))}
+    deadline = time.time() + 120
+    while (holder := lock_holder(shared)) not in processes and time.time() < deadline:
+        time.sleep(0.002)
+    assert holder in processes, "neither process locked the folder"
+    os.kill(holder, signal.SIGSTOP)                                    # the holder waits, the lock held
+    try:
+        other = next(p for pid, p in processes.items() if pid != holder)
+        _, refused = other.communicate(timeout=120)
+    finally:
+        os.kill(holder, signal.SIGCONT)
+    processes[holder].communicate(timeout=120)
+    assert processes[holder].returncode == 0
+    errors = [line for line in refused.splitlines() if not line.startswith(("Warning", "  "))]
+    assert other.returncode == 2 and len(errors) == 1, refused
+    assert errors[0].startswith(f"error: --out {shared!r} is in use: pid {holder} on host "), errors[0]
+    assert folder_bytes(shared) == folder_bytes(alone)
+
+
+def test_a_lock_left_by_a_killed_process_never_blocks_a_rerun(tmp_path, tiny_chat, capsys):
+    import subprocess
+    import sys
+    out = str(tmp_path / "out")
+    holds = ("import sys, time; sys.path.insert(0, sys.argv[1]); from experiment import RunFolder; "
+             "RunFolder(sys.argv[2], {}, 'responses.jsonl').open(); print('locked', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", holds, ROOT, out], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        argv = ["--model", tiny_chat, "--policy", "tova", "--ratios", "0.5", "--limit", "1", "--max-new-tokens", "2",
+                "--out", out]
+        with pytest.raises(SystemExit):
+            main_guard(lambda: evaluate.main(argv))
+        assert f"is in use: pid {holder.pid} on host" in capsys.readouterr().err
+        assert os.listdir(out) == [experiment.LOCK]                    # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.isfile(os.path.join(out, experiment.LOCK))          # the file stays; its flock died
+    evaluate.main(argv)
+    assert len(records(out)) == 1 and not os.path.exists(os.path.join(out, experiment.LOCK))
+
+
+def test_each_rank_holds_its_own_lock(tmp_path):
+    """Rank 0 (or one process) holds the folder's lock; rank R >= 1 its own. A rank left over from an earlier
+    run keeps its records file from the next run; a lock file nobody holds (a killed rank) is taken over."""
+    from experiment import Shard
+    out = str(tmp_path / "out")
+    folder = lambda shard=Shard(): RunFolder(out, {}, "records.jsonl", shard)
+    rank0, rank1 = folder(Shard(0, 2, 0)), folder(Shard(1, 2, 1))
+    rank0.open()
+    rank1.open()
+    rank1.lock_rank()
+    rank0.lock_rank()                                                  # rank 1's lock is its own rank's
+    single = folder()
+    with pytest.raises(experiment.UsageError, match=r"is in use: pid \d+ on host .*holds it"):
+        single.open()
+    rank0.close()                                                      # the run's rank 0 ended, rank 1 lingers
+    single.open()
+    with pytest.raises(experiment.UsageError, match=r"is in use: pid \d+ on host .*as rank 1\)"):
+        single.lock_rank()
+    single.close()
+    rank1.close()
+    open(os.path.join(out, ".nanokv.rank3.lock"), "w").write("pid 1 on host gone (as rank 3)\n")   # killed
+    single.open()
+    single.lock_rank()                                                 # taken over, removed at the end
+    single.close()
+    assert os.listdir(out) == []
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Figures take seconds a run; tests of the records do without them."""
+    monkeypatch.setattr(evaluate.EVALUATE, "figures", lambda *args: [])
+
+
+def test_identical_duplicated_records_are_kept_once(tmp_path, tiny_chat, capsys, no_figures):
+    """Two runs that both wrote a folder (before it had a lock) left every record twice: a rerun keeps each once
+    and runs nothing again; two different records of one answer are still refused."""
+    argv = ["--model", tiny_chat, "--policy", "tova", "--ratios", "0,0.5", "--limit", "2", "--max-new-tokens", "3"]
+    twice = run_evaluate(tmp_path, "twice", *argv)
+    path = os.path.join(twice, "responses.jsonl")
+    once = open(path).read()
+    lines = once.splitlines(keepends=True)
+    open(path, "w").write("".join(lines + lines))
+    capsys.readouterr()
+    evaluate.main([*argv, "--out", twice])
+    err = capsys.readouterr().err
+    assert "4 record line(s) were there twice" in err and "resuming: 4 of 4 jobs already" in err
+    assert open(path).read() == once
+    changed = json.loads(lines[0])
+    changed["response"] += " (another run)"
+    open(path, "w").write("".join(lines) + json.dumps(changed) + "\n")
+    with pytest.raises(experiment.UsageError, match="holds two different records of job"):
+        evaluate.main([*argv, "--out", twice])
+
+
+# ----------------------------------------------------------------------------- records whole or absent (issue 22)
+
+ONE_RECORD_JOBS = ["--policy", "tova", "--ratios", "0.5", "--limit", "3", "--max-new-tokens", "2", "--batch-size", "1"]
+
+
+def test_a_last_line_without_its_newline_is_torn_and_rerun(tmp_path, tiny_chat, capsys, no_figures):
+    """A full disk can stop a record just before its newline: the line parses, but it is not whole."""
+    argv = ["--model", tiny_chat, *ONE_RECORD_JOBS]
+    torn = run_evaluate(tmp_path, "torn", *argv)
+    path = os.path.join(torn, "responses.jsonl")
+    whole = open(path).read()
+    open(path, "w").write(whole[:-1])                                  # the last record without its newline
+    capsys.readouterr()
+    evaluate.main([*argv, "--out", torn])
+    assert "dropped 1 record line(s) of jobs cut short by a kill (the last line torn)" in capsys.readouterr().err
+    assert open(path).read() == whole                                  # its job ran again, appended whole
+
+
+def test_each_record_is_one_write_and_a_full_disk_loses_only_its_job(tmp_path, tiny_chat, monkeypatch, no_figures):
+    """Each record goes out in one write with its newline (never a record and later its newline); a write the
+    disk cuts short leaves a torn line that the rerun drops and redoes."""
+    argv = ["--model", tiny_chat, *ONE_RECORD_JOBS]
+    whole = run_evaluate(tmp_path, "whole", *argv)
+    expected = open(os.path.join(whole, "responses.jsonl"), "rb").read()
+    real_write, writes = os.write, []
+    def disk_fills_on_the_third_record(fd, data):
+        if b'"job"' not in data:
+            return real_write(fd, data)
+        writes.append(bytes(data))
+        if len(writes) == 3:
+            real_write(fd, data[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", disk_fills_on_the_third_record)
+    out = str(tmp_path / "full")
+    with pytest.raises(OSError, match="No space left"):
+        evaluate.main([*argv, "--out", out])
+    monkeypatch.setattr(os, "write", real_write)
+    assert [w.count(b"\n") for w in writes] == [1, 1, 1] and all(w.endswith(b"\n") for w in writes)
+    assert writes[:2] == expected.splitlines(keepends=True)[:2]
+    evaluate.main([*argv, "--out", out])
+    assert open(os.path.join(out, "responses.jsonl"), "rb").read() == expected
+
+
+# ----------------------------------------------------------------------------- flags compared as what they mean (issue 22)
+
+def test_a_rerun_with_the_same_flags_spelled_otherwise_resumes(tmp_path, tiny_chat, capsys, no_figures):
+    common = ["--model", tiny_chat, "--limit", "2", "--max-new-tokens", "2"]
+    out = run_evaluate(tmp_path, "out", *common, "--policy", "tova", "--ratios", "0.5")
+    assert json.load(open(os.path.join(out, "run.json")))["ratios"] == [0.5]
+    for policy, ratios in (("tova,,", "0.50"), (",tova, tova", ".5"), ("tova", "0.5:0.5:0.1")):
+        capsys.readouterr()
+        evaluate.main([*common, "--policy", policy, "--ratios", ratios, "--out", out])
+        assert "resuming: 2 of 2 jobs already" in capsys.readouterr().err, (policy, ratios)
+    run_json = json.load(open(os.path.join(out, "run.json")))
+    assert (run_json["policy"], run_json["ratios"]) == ("tova", [0.5])
+    written_before = {**run_json, "ratios": "0.50", "policy": "tova,"}  # a folder from before: flags as typed
+    open(os.path.join(out, "run.json"), "w").write(json.dumps(written_before))
+    capsys.readouterr()
+    evaluate.main([*common, "--policy", "tova", "--ratios", "0.5", "--out", out])
+    assert "resuming: 2 of 2 jobs already" in capsys.readouterr().err
+    with pytest.raises(experiment.UsageError, match=r"holds a run with other settings \(ratios\)"):
+        evaluate.main([*common, "--policy", "tova", "--ratios", "0.25", "--out", out])
+
+
+# ----------------------------------------------------------------------------- the time estimate (issue 22)
+
+def test_the_time_estimate_counts_the_fixed_costs_prefills_and_batches(tiny_chat):
+    """The estimate printed at the start: a run of one short answer still loads the model and prefills its
+    prompt (main's answers x tokens x 0.021 s said 0.0 min for runs that took 10 s and more)."""
+    from tokenizer import load_tokenizer
+    def estimate(*argv, done=frozenset()):
+        plan = flags.plan_run(evaluate.EVALUATE, flags.parse_args(evaluate.EVALUATE, ["--model", tiny_chat, *argv]))
+        jobs = experiment.build_jobs(plan, load_tokenizer(tiny_chat), 2048)
+        return experiment.expected_minutes(plan, jobs, done) * 60, jobs
+    costs = experiment.RUN_COSTS
+    one, jobs = estimate("--policy", "tova", "--ratios", "0.5", "--limit", "1", "--max-new-tokens", "2")
+    prompt_tokens = len(jobs[0].system_ids) + len(jobs[0].user_ids[0])
+    assert one == pytest.approx(costs["fixed"] + prompt_tokens * costs["prompt_token"]
+                                + 2 * (costs["step"] + costs["row_step"]))
+    eight, jobs = estimate("--policy", "tova", "--ratios", "0.5", "--limit", "8", "--max-new-tokens", "64",
+                           "--batch-size", "1")
+    batched, _ = estimate("--policy", "tova", "--ratios", "0.5", "--limit", "8", "--max-new-tokens", "64",
+                          "--batch-size", "8")
+    assert costs["fixed"] < batched < eight                            # 8 batches of one step slower than one of 8
+    resumed, _ = estimate("--policy", "tova", "--ratios", "0.5", "--limit", "8", "--max-new-tokens", "64",
+                          "--batch-size", "1", done={job.key for job in jobs[:4]})
+    assert resumed - costs["fixed"] == pytest.approx((eight - costs["fixed"]) / 2, rel=0.25)   # half the jobs left
+    kvzip, _ = estimate("--policy", "kvzip", "--ratios", "0.5", "--limit", "8", "--max-new-tokens", "64",
+                        "--batch-size", "1")
+    assert kvzip > eight                                               # KVzip replays every system turn
+
+
 # ----------------------------------------------------------------------------- whitelist from the spans
 
 def test_whitelist_defense_uses_the_defense_span_not_an_earlier_copy(tmp_path, tiny_chat, monkeypatch):
@@ -359,6 +582,30 @@ BAD_INPUTS = [
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("evaluate", ["--device", "cuda"], "no CUDA device is available"))
+# issue 22: flags normalised and named as given, text checked before the weights, bounded grids
+BAD_INPUTS += [
+    ("evaluate", ["--ratios", ""], "--ratios '' is empty"),
+    ("evaluate", ["--ratios", " , "], "--ratios ' , ' is empty"),
+    ("evaluate", ["--ratios", "0:0.9:1e-9"], "makes 900,000,001 ratios, more than 1,000: raise the step"),
+    ("evaluate", ["--ratios", "0:inf:0.1"], "start, stop and step must be finite numbers"),
+    ("evaluate", ["--ratios", "0.9:0:0.1"], "--ratios '0.9:0:0.1' is empty: stop is below start"),
+    ("evaluate", ["--whitelist", ""], "--whitelist '' is empty"),
+    ("evaluate", ["--whitelist", "\udcff"], "--whitelist '\\udcff': character 0 is not UTF-8 text"),
+    ("evaluate", ["--out", "SURROGATE_OUT"], "udcff': character"),
+    ("evaluate", ["--model", "A_FILE"], "is a file, not a folder"),
+    ("evaluate", ["--data", "A_FOLDER"], "is a folder, not a file"),
+    ("evaluate", ["--model", "CONFIG_FOLDER"], "config.json is a folder, not a file"),
+    ("evaluate", ["--model", "NO_TOKENIZER"], "holds neither tokenizer.json nor tokenizer.model"),
+    ("evaluate", ["--model", "BAD_TOKENIZER_CONFIG"], "tokenizer_config.json is not valid JSON"),
+    ("evaluate", ["--model", "NO_TEMPLATE"], "has no chat template"),
+    ("evaluate", ["--model", "HOSTILE_TEMPLATE"], "more than the 100000 loop iterations allowed"),
+    ("evaluate", ["--policy", "kvzip", "--model", "HOSTILE_TEMPLATE"], "more than the 100000 loop iterations"),
+    ("evaluate", ["--device", "cudax"], "--device 'cudax': choose cpu, cuda or cuda:N"),
+    ("evaluate", ["--decode-target", "100000", "--max-new-tokens", "20"], "no cache of this run grows past"),
+    ("leak", ["--decode-target", "64,100000", "--max-new-tokens", "20"], "--decode-target 100000: no cache"),
+]
+if torch.cuda.device_count() < 6:
+    BAD_INPUTS.append(("evaluate", ["--device", "cuda:5"], "--device cuda:5: "))
 
 
 @pytest.mark.parametrize("script, flags, message", BAD_INPUTS, ids=[" ".join(f) for _, f, _ in BAD_INPUTS])
@@ -378,12 +625,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, m
         "MISSING_FIELD": lambda: data_file(tmp_path, '{"key": 1, "instruction_id_list": ["punctuation:no_comma"], '
                                                      '"kwargs": [{}]}\n'),
         "GOOD_DATA": lambda: data_file(tmp_path, GOOD_RECORD + "\n"),
+        "SURROGATE_OUT": lambda: str(tmp_path / "out\udcff"),
+        "A_FILE": lambda: (tmp_path / "a-file").write_text("x") and str(tmp_path / "a-file"),
+        "A_FOLDER": lambda: (tmp_path / "a-folder").mkdir() or str(tmp_path / "a-folder"),
+        "CONFIG_FOLDER": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: replace_by_folder(f / "config.json")),
+        "NO_TOKENIZER": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: (f / "tokenizer.json").unlink()),
+        "BAD_TOKENIZER_CONFIG": lambda: tiny_copy(tmp_path, tiny_chat,
+                                                  lambda f: (f / "tokenizer_config.json").write_text("{")),
+        "NO_TEMPLATE": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: with_template(f, None)),
+        "HOSTILE_TEMPLATE": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: with_template(
+            f, "{% for i in range(10**9) %}{{ i }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}")),
     }
     flags = [places[f]() if f in places else f for f in flags]
     for flag, value in (("--model", tiny_chat), ("--out", str(out)), ("--limit", "2"), ("--max-new-tokens", "4")):
         if flag not in flags:
             flags += [flag, value]
     before = snapshot(tmp_path)
+    monkeypatch.setattr(experiment, "load_model", weights_must_not_load)  # every text check comes first
     main = {"evaluate": evaluate.main, "leak": leak.main}[script]
     with pytest.raises(SystemExit) as exit_:
         main_guard(lambda: main(flags))
@@ -391,6 +649,37 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, m
     assert exit_.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert snapshot(tmp_path) == before                                   # nothing written anywhere
+
+
+def weights_must_not_load(*args, **kwargs):
+    raise AssertionError("the weights were loaded before the input was refused")
+
+
+def tiny_copy(tmp_path, tiny_chat, change):
+    """A copy of the tiny model (its weights linked, not copied) after `change(folder)`."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in os.listdir(tiny_chat):
+        if name == "model.safetensors":
+            os.symlink(os.path.join(tiny_chat, name), folder / name)
+        else:
+            shutil.copy(os.path.join(tiny_chat, name), folder / name)
+    change(folder)
+    return str(folder)
+
+
+def with_template(folder, template):
+    config = json.load(open(folder / "tokenizer_config.json"))
+    if template is None:
+        config.pop("chat_template")
+    else:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def replace_by_folder(path):
+    path.unlink()
+    path.mkdir()
 
 
 def snapshot(folder):

@@ -67,11 +67,17 @@ def test_folder_reads_every_world_size_and_drops_cut_short_jobs_everywhere(tmp_p
     assert sorted(r["job"] for r in rows) == ["a", "a", "c", "c", "e"]
 
 
-def test_a_job_in_two_files_is_refused(tmp_path):
+def test_a_job_in_two_files_is_kept_once_or_refused_when_they_differ(tmp_path):
     write_lines(tmp_path / "run.json", ["{}"])
     write_lines(tmp_path / "records.rank0.jsonl", [json.dumps(record("a", n=1)) + "\n"])
     write_lines(tmp_path / "records.rank1.jsonl", [json.dumps(record("a", n=1)) + "\n"])
-    with pytest.raises(UsageError, match="holds job 'a' more than once"):
+    folder = RunFolder(str(tmp_path), {}, "records.jsonl")
+    folder.check()
+    assert folder.complete == {"a"} and folder.records == [record("a", n=1)]
+    folder.start()                                                     # the copy in the later file goes
+    assert [open(p).read() for p in folder.record_files()] == [json.dumps(record("a", n=1), sort_keys=True) + "\n", ""]
+    write_lines(tmp_path / "records.rank1.jsonl", [json.dumps({**record("a", n=1), "response": "other"}) + "\n"])
+    with pytest.raises(UsageError, match="holds two different records of job 'a'"):
         RunFolder(str(tmp_path), {}, "records.jsonl").check()
 
 
@@ -118,6 +124,7 @@ def test_two_ranks_write_the_summary_of_one_process(tmp_path, tiny_chat, script)
     assert all_records(sharded) == all_records(single)
     names = sorted(n for n in os.listdir(sharded) if n.endswith(".jsonl"))
     assert len(names) == 2 and all(".rank" in n for n in names)           # each rank wrote its own file
+    assert not [n for n in os.listdir(sharded) if n.endswith(".lock")]     # each rank's lock went with it
     assert stdout.count("wrote ") == 1                                     # rank 0 alone merged and reported
 
 
