@@ -544,7 +544,7 @@ BAD_INPUTS = [
     ("evaluate", ["--allocation-option", "alpha=0.1"], "no chosen allocation takes it (they take uniform: none)"),
     ("evaluate", ["--allocation", "adakv", "--allocation-option", "alpha"], "write NAME=VALUE, e.g. --allocation-option"),
     ("evaluate", ["--allocation", "adakv", "--allocation-option", "alpha=x"], "adakv's alpha: expected a float, got 'x'"),
-    ("evaluate", ["--allocation", "pyramid", "--allocation-option", "beta=0"], "pyramid fails with it (ZeroDivisionError"),
+    ("evaluate", ["--allocation", "pyramid", "--allocation-option", "beta=0"], "pyramid fails with it (ValueError: pyramid needs window >= 0 and beta >= 1"),
     ("evaluate", ["--data", "/nonexistent.jsonl"], "does not exist"),
     ("evaluate", ["--data", "CORRUPT_DATA"], "data.jsonl:2: not valid JSON"),
     ("evaluate", ["--data", "MISSING_FIELD"], "field 'messages'"),
