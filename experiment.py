@@ -616,6 +616,9 @@ class RunFolder:
         """Refuse, before any work, a --out that is a file, cannot be written, or holds a run with other settings."""
         self.check_path()
         run_json = os.path.join(self.path, "run.json")
+        for path in [run_json, os.path.join(self.path, "summary.json"), *self.record_files()]:
+            if os.path.isdir(path):
+                raise UsageError(f"{path} is a folder, not a file: choose another --out")
         if os.path.isfile(run_json):
             with open(run_json) as f:
                 try:
