@@ -44,14 +44,15 @@ from policies import REPLAYS, Compression, Replay, compress, covering_spans, pre
 from setting import Setting
 from tokenizer import load_tokenizer
 
-# What a run costs on the project's 2-core CPU (AMD EPYC) with the bundled model, in seconds, measured one
-# thread each (OMP_NUM_THREADS=1) while other jobs shared the machine (load 3-6): the fixed cost (python and
-# torch imports, tokenizer, 538 MB of weights, summary and figures), each padded token of a batch's
-# prefills (system turns with their compression, then each user turn; KVzip also replays the system turn:
-# `replay` times as long), and each decode step of a batch (`step` + rows x `row_step`). bfloat16 scaled by
-# the README's batched-evaluation ratio (101 vs 59.1 prompts/min). Answers that stop early make it high;
-# more free cores make it high; a busier machine makes it low.
-RUN_COSTS = dict(fixed=9.0, prompt_token=0.0075, replay=2.2, step=0.05, row_step=0.022,
+# What a run costs with the bundled model on the project's 2-core CPU (AMD EPYC), in seconds: the fixed cost
+# (python and torch imports, tokenizer, 538 MB of weights, summary and figures), each padded token of a
+# batch's prefills (system turns with their compression, then each user turn; KVzip also replays the system
+# turn: `replay` times as long), each decode step of a batch (`step` + rows x `row_step`). Measured one thread
+# a process (OMP_NUM_THREADS=1) on a shared machine (load 5): the demo preset took 275 s (estimate 297 s), 24
+# jobs of 32 tokens at batch 4 106 s (90 s), 2 jobs of 16 tokens 19 s (18 s). bfloat16 scaled by the README's
+# batched-evaluation ratio (101 vs 59.1 prompts/min). Answers that stop early, or both cores free, make it
+# high; a busier machine makes it low.
+RUN_COSTS = dict(fixed=13.0, prompt_token=0.008, replay=2.2, step=0.1, row_step=0.02,
                  dtype={"float32": 1.0, "bfloat16": 59.1 / 101, "float16": 1.0})
 
 
@@ -559,7 +560,7 @@ class RunFolder:
                 pass
             except OSError as e:
                 raise UsageError(f"--out {self.path!r} cannot be made ({e.strerror}): choose another --out") from None
-            self.lock(LOCK, "holds it")
+            self.lock(LOCK, "")
         self.check()
 
     def lock_rank(self):
@@ -567,18 +568,21 @@ class RunFolder:
         (the ranks of an earlier, larger run). Taken once the run is about to write, after the weights load, so
         a refused run leaves no lock file behind."""
         if self.shard.rank > 0:
-            self.lock(RANK_LOCK.format(self.shard.rank), f"as rank {self.shard.rank}")
+            self.lock(RANK_LOCK.format(self.shard.rank), f" rank {self.shard.rank} of {self.shard.world_size}")
             return
         pattern = re.compile(re.escape(RANK_LOCK).replace(r"\{\}", r"(\d+)"))
         for name in sorted(os.listdir(self.path)):
             if (m := pattern.fullmatch(name)) and not 0 < int(m.group(1)) < self.shard.world_size:
-                self.lock(name, f"in place of rank {m.group(1)} of an earlier run")
+                self.lock(name, f" in place of rank {m.group(1)} of an earlier run")
 
-    def lock(self, name: str, what: str):
+    def lock(self, name: str, role: str):
+        """Take the lock `name` in the folder, saying who holds it: "pid 4242 on host node1 (evaluate.py rank 1
+        of 2, since 2025-12-07 04:10:00)"."""
         import socket
         import time
-        holder = (f"pid {os.getpid()} on host {socket.gethostname()} "
-                  f"(started {time.strftime('%Y-%m-%d %H:%M:%S')}, {what})")
+        script = os.path.basename(sys.argv[0]) or "python"
+        holder = (f"pid {os.getpid()} on host {socket.gethostname()} ({script}{role}, "
+                  f"since {time.strftime('%Y-%m-%d %H:%M:%S')})")
         try:
             self.locks.append((take_lock(os.path.join(self.path, name), holder), os.path.join(self.path, name)))
         except FolderInUse as e:

@@ -207,11 +207,11 @@ def test_each_rank_holds_its_own_lock(tmp_path):
     rank1.lock_rank()
     rank0.lock_rank()                                                  # rank 1's lock is its own rank's
     single = folder()
-    with pytest.raises(experiment.UsageError, match=r"is in use: pid \d+ on host .*holds it"):
+    with pytest.raises(experiment.UsageError, match=r"is in use: pid \d+ on host [^ ]+ \([^ ]+, since "):
         single.open()
     rank0.close()                                                      # the run's rank 0 ended, rank 1 lingers
     single.open()
-    with pytest.raises(experiment.UsageError, match=r"is in use: pid \d+ on host .*as rank 1\)"):
+    with pytest.raises(experiment.UsageError, match=r"is in use: pid \d+ on host [^ ]+ \([^ ]+ rank 1 of 2, since"):
         single.lock_rank()
     single.close()
     rank1.close()
