@@ -6,7 +6,8 @@ how the records are summarised, printed and plotted. `run(experiment, argv)` is 
 loop both scripts use:
 
     flags.py: parse the flags -> a checked Plan (nothing heavy) | then, from the plan only:
-    check --out -> load the model -> build the jobs -> run them in batches, resuming
+    open --out (locked, checked) -> tokenizer and config.json -> build the jobs (every prompt
+    rendered: the last text check) -> load the weights -> run them in batches, resuming
     -> summary.json -> table -> figures
 
 A run is a list of *jobs*: one system prompt under one *setting* (setting.py: policy and
@@ -20,8 +21,9 @@ depends on which other policies, ratios or remedies a run holds, or on resuming.
 
 Results survive a kill: every finished batch appends its jobs' records to a JSONL file
 in the output folder, and a rerun with the same settings skips the jobs whose records
-are all there; a job cut off between two of its records is dropped and run again.
-Settings live in run.json; a folder holding a run with other settings is refused.
+are all there; a job cut off between two of its records, or a record cut before its
+newline, is dropped and run again. Settings live in run.json; a folder holding a run with
+other settings is refused. One run writes a folder at a time (RunFolder's locks).
 """
 from __future__ import annotations
 
@@ -538,6 +540,7 @@ class RunFolder:
         self.records_path = os.path.join(path, own)
         self.locks: list[tuple[int, str]] = []                   # (descriptor, path) of the locks held
         self.created = False                                     # open() made the folder (close() removes it if empty)
+        self.duplicates = 0                                      # record lines read_finished found twice
 
     def record_files(self) -> list[str]:
         """Every records file in the folder: the single-process one first, then the ranks' in rank order."""
@@ -624,11 +627,14 @@ class RunFolder:
             if os.path.isdir(path):
                 raise UsageError(f"{path} is a folder, not a file: choose another --out")
         if os.path.isfile(run_json):
-            with open(run_json) as f:
+            with open(run_json, "rb") as f:
                 try:
-                    previous = normal_settings(json.load(f))
-                except json.JSONDecodeError:
-                    raise UsageError(f"{run_json} is corrupt: delete the folder or choose another --out") from None
+                    previous = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    previous = None
+            if not isinstance(previous, dict):
+                raise UsageError(f"{run_json} is corrupt: delete the folder or choose another --out")
+            previous = normal_settings(previous)
             if previous != self.settings:
                 changed = sorted(k for k in set(previous) | set(self.settings) if previous.get(k) != self.settings.get(k))
                 raise UsageError(f"--out {self.path!r} holds a run with other settings ({', '.join(changed)}): "
@@ -657,8 +663,12 @@ class RunFolder:
             torn |= last != b""
             for number, line in enumerate(lines, 1):
                 try:
-                    records.append((path, json.loads(line)))
-                except json.JSONDecodeError:
+                    record = json.loads(line)
+                    if not (isinstance(record, dict) and isinstance(record.get("job"), str)
+                            and isinstance(record.get("records_in_job"), int)):
+                        raise ValueError("not a record")
+                    records.append((path, record))
+                except ValueError:                               # JSONDecodeError and UnicodeDecodeError too
                     if number < len(lines) or last != b"":
                         raise UsageError(f"{path}:{number} is not a JSON record (the file was edited?): "
                                          "delete that line or choose another --out") from None
@@ -699,16 +709,15 @@ class RunFolder:
             if self.lines[path] > len(kept):
                 dropped += self.lines[path] - len(kept)
                 tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.writelines(record_line(r).decode() for r in kept)
+                with open(tmp, "wb") as f:
+                    f.writelines(record_line(r) for r in kept)
                 os.replace(tmp, path)
-        duplicates = getattr(self, "duplicates", 0)
-        if dropped - duplicates:
-            print(f"resuming: dropped {dropped - duplicates} record line(s) of jobs cut short by a kill"
+        if dropped - self.duplicates:
+            print(f"resuming: dropped {dropped - self.duplicates} record line(s) of jobs cut short by a kill"
                   f"{' (the last line torn)' if self.torn else ''}; those jobs run again", file=sys.stderr)
-        if duplicates:
-            print(f"resuming: {duplicates} record line(s) were there twice (two runs wrote the folder once): "
-                  "each is kept once", file=sys.stderr)
+        if self.duplicates:
+            print(f"resuming: {self.duplicates} record line(s) were there twice (two runs once wrote this folder "
+                  "together): each is kept once", file=sys.stderr)
         return self.complete
 
     def append(self, records: list[dict]):

@@ -544,15 +544,17 @@ COMMA_LISTS = ("policy", "allocation", "remedy", "decode_target")     # flags th
 def normal_settings(settings: dict) -> dict:
     """run.json's settings in the one form they are compared in: --ratios as the list of its numbers (0.5, 0.50
     and .5 alike; a grid as its values), comma lists without empty or repeated items ("tova,," is "tova").
-    Applied to what a folder holds too, so a folder written before (ratios as typed) still resumes."""
+    Applied to what a folder holds too, so a folder written before (ratios as typed) still resumes; what
+    cannot be read so is left as it is (it differs, and the folder is refused for it)."""
     settings = dict(settings)
-    if isinstance(settings.get("ratios"), str):
-        try:
-            settings["ratios"] = parse_ratios(settings["ratios"])
-        except UsageError:
-            pass                                     # not ours to refuse here: it differs, and says so
-    elif isinstance(settings.get("ratios"), list):
-        settings["ratios"] = sorted({float(r) for r in settings["ratios"]})
+    ratios = settings.get("ratios")
+    try:
+        if isinstance(ratios, str):
+            settings["ratios"] = parse_ratios(ratios)
+        elif isinstance(ratios, list):
+            settings["ratios"] = sorted({float(r) for r in ratios})
+    except (UsageError, TypeError, ValueError):
+        pass
     for name in COMMA_LISTS:
         if isinstance(settings.get(name), str):
             settings[name] = ",".join(comma_list(settings[name]))
