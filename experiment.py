@@ -172,7 +172,10 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, repla
             raise UsageError(f"prompt {job.prompt.key}: {e}") from None
         full.append(enc.ids[len(system.ids):])
     job.system_ids, job.user_ids = system.ids, full
-    job.replay = replay(system) if replay is not None and job.setting.policy in REPLAYS else None
+    try:
+        job.replay = replay(system) if replay is not None and job.setting.policy in REPLAYS else None
+    except ValueError as e:                                         # the template refuses the replay's user turn
+        raise UsageError(f"prompt {job.prompt.key}: {job.setting.policy}'s replay of the system turn: {e}") from None
     longest = longest_cache(job, max_new_tokens)
     if longest > max_positions:
         raise UsageError(f"prompt {job.prompt.key} needs {longest} positions with --max-new-tokens, more than the "
@@ -884,6 +887,8 @@ def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunF
     shard.agree(folder.open)                                        # before any work, on every rank: locked, checked
     tok, model_args = shard.agree(lambda: load_text(plan))          # no weights yet: every text check comes first
     jobs = shard.agree(lambda: build_jobs(plan, tok, model_args.max_positions))
+    model = shard.agree(lambda: load_weights(plan, shard.device(plan.device)))
+    shard.agree(folder.lock_rank)
     estimate = (f", about {expected_minutes(plan, jobs, folder.complete, shard.world_size):.1f} min on a 2-core CPU"
                 if plan.device == "cpu" and os.path.abspath(plan.model) == DEFAULT_MODEL else "")
     if shard.rank == 0:
@@ -891,8 +896,6 @@ def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunF
         print(f"{experiment.name}: {len(jobs)} jobs ({len(plan.settings)} settings x {len(plan.ratios)} ratios x "
               f"{len(plan.design.prompts)} prompts, {len(plan.design.turns)} answer(s) each{ranks}){estimate}",
               file=sys.stderr)
-    model = shard.agree(lambda: load_weights(plan, shard.device(plan.device)))
-    shard.agree(folder.lock_rank)
     run_jobs(jobs, model, folder, plan.batch_size, plan.max_new_tokens,
              lambda job, result: to_records(job, result, tok, plan.design.score), experiment.name, shard)
     shard.barrier()                                                 # every rank's records are in

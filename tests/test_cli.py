@@ -601,6 +601,8 @@ BAD_INPUTS += [
     ("evaluate", ["--model", "NO_TEMPLATE"], "has no chat template"),
     ("evaluate", ["--model", "HOSTILE_TEMPLATE"], "more than the 100000 loop iterations allowed"),
     ("evaluate", ["--policy", "kvzip", "--model", "HOSTILE_TEMPLATE"], "more than the 100000 loop iterations"),
+    ("evaluate", ["--policy", "kvzip", "--model", "SYSTEM_FIRST_TEMPLATE"],
+     "kvzip's replay of the system turn: the chat template in"),
     ("evaluate", ["--device", "cudax"], "--device 'cudax': choose cpu, cuda or cuda:N"),
     ("evaluate", ["--decode-target", "100000", "--max-new-tokens", "20"], "no cache of this run grows past"),
     ("leak", ["--decode-target", "64,100000", "--max-new-tokens", "20"], "--decode-target 100000: no cache"),
@@ -635,6 +637,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, m
         "BAD_TOKENIZER_CONFIG": lambda: tiny_copy(tmp_path, tiny_chat,
                                                   lambda f: (f / "tokenizer_config.json").write_text("{")),
         "NO_TEMPLATE": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: with_template(f, None)),
+        "SYSTEM_FIRST_TEMPLATE": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: with_template(   # KVzip's replay: a user
+            f, "{% if messages[0].role != 'system' %}{{ raise_exception('a system message first') }}{% endif %}"
+               "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")),
         "HOSTILE_TEMPLATE": lambda: tiny_copy(tmp_path, tiny_chat, lambda f: with_template(
             f, "{% for i in range(10**9) %}{{ i }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}")),
     }
@@ -686,6 +692,44 @@ def replace_by_folder(path):
 
 def snapshot(folder):
     return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def edit_config(folder, **changes):
+    config = json.load(open(folder / "config.json"))
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def replace_weights(folder, data: bytes | None):
+    (folder / "model.safetensors").unlink()
+    if data is not None:
+        (folder / "model.safetensors").write_bytes(data)
+
+
+# What only the weights can refuse (config.json and the tokenizer are fine): each after every text check
+WEIGHT_INPUTS = {
+    "no weights": (lambda f: replace_weights(f, None), "no *.safetensors weights in"),
+    "corrupt weights": (lambda f: replace_weights(f, b"\x10" * 64), "is not a readable safetensors file"),
+    "a misshapen tensor": (lambda f: edit_config(f, intermediate_size=97), "has shape (64, 96), config.json implies (64, 97)"),
+    "missing tensors": (lambda f: edit_config(f, num_hidden_layers=3), "lacks 9 tensor(s), e.g. 'layers.2."),
+}
+
+
+@pytest.mark.parametrize("case", WEIGHT_INPUTS)
+def test_weights_that_do_not_fit_are_one_line_after_the_text_checks(tmp_path, tiny_chat, capsys, monkeypatch, case):
+    change, message = WEIGHT_INPUTS[case]
+    model = tiny_copy(tmp_path, tiny_chat, change)
+    steps = []
+    for name in ("build_jobs", "load_model"):                          # the last text check, the weights
+        real = getattr(experiment, name)
+        monkeypatch.setattr(experiment, name, lambda *a, real=real, name=name, **k: steps.append(name) or real(*a, **k))
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: evaluate.main(["--model", model, "--limit", "2", "--max-new-tokens", "2",
+                                          "--out", str(tmp_path / "out")]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert steps == ["build_jobs", "load_model"]
+    assert snapshot(tmp_path) == before                                   # the folder made for the lock is gone
 
 
 def test_a_data_record_that_fails_validation_writes_nothing(tmp_path, tiny_chat, capsys, monkeypatch):
