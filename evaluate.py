@@ -140,10 +140,13 @@ def load_prompts(args, paper_data: str) -> list[P.Prompt]:
                          "of prompts per task (at least 1)")
     from tokenizer import load_tokenizer
     try:
-        tok = load_tokenizer(args.model)
+        tok = load_tokenizer(args.model)                       # RULER's lengths are in the model's tokens
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model {args.model!r}: {e}") from None
+    try:
         examples = [ruler.make_example(tok, task, length, args.seed, index)
                     for task in tasks for index in range(args.limit)]
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         raise UsageError(f"--data {args.data!r} --length {length}: {e}") from None
     return [RulerPrompt(e.key, [], e.system, e.user, example=e) for e in examples]
 
