@@ -44,7 +44,7 @@ DEFAULTS = dict(policy="streaming_llm,tova", ratios="0,0.5,0.75", defense="defen
                 max_new_tokens=64, dtype="float32", batch_size=8, out="runs/evaluate")
 PRESETS = {"demo": {},
            "retrieval": dict(data="ruler:niah_single_1", length=512, policy="snapkv", ratios="0,0.5",
-                             query_aware="both", defense="none", limit=8, max_new_tokens=32, out="runs/retrieval"),
+                             query_aware="both", defense="none", limit=6, max_new_tokens=32, out="runs/retrieval"),
            "full": dict(policy="streaming_llm,h2o,knorm,snapkv,tova", ratios="0,0.25,0.5,0.75", limit=0,
                         max_new_tokens=96)}
 
