@@ -40,7 +40,7 @@ import torch
 
 import prompts as P
 from decoding import Cuts, Decoding
-from flags import DEFAULT_MODEL, Plan, UsageError, fingerprint, normal_settings, parse_args, plan_run
+from flags import DEFAULT_MODEL, Plan, UsageError, fingerprint, load_prompts, normal_settings, parse_args, plan_run
 from model import ModelArgs, generate, load_model, pad
 from policies import REPLAYS, Compression, Replay, compress, covering_spans, prefill
 from setting import Setting
@@ -74,6 +74,7 @@ class Experiment:
     summarize: Callable                          # (records, {label: setting fields}) -> dict, merged into summary.json
     print_summary: Callable                      # (summary, file) -> None
     figures: Callable                            # (summary, records, out, example) -> [paths written]
+    load_prompts: Callable = load_prompts        # (args, paper_data) -> prompts: --data, --limit, --seed
 
 
 def expected_minutes(plan: Plan, jobs: list, done: set[str] = frozenset(), ranks: int = 1) -> float:
@@ -105,7 +106,7 @@ class Job:
     users: list[tuple[str, str]]         # (name, text): "task", or attack names
     system_ids: list[int] = field(default_factory=list)
     user_ids: list[list[int]] = field(default_factory=list)
-    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # token spans: "directive", "defense"
+    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # token spans by name (the layout's)
     spec: Compression | None = None
     decoding: Decoding | None = None     # compression during decoding, with the job's remedies
     replay: Replay | None = None         # how a replaying policy (KVzip) has the model repeat the system turn
@@ -159,10 +160,11 @@ def boundaries(parts: list[tuple[int, int]], n: int) -> list[int]:
     return sorted(positions)
 
 
-def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, replay=None):
+def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, replay=None, layout=None):
     """Tokenise the job's turns, find its spans and whitelist, and build its Compression. Raises UsageError.
 
-    `encode(system, user)` is the tokenizer's chat_ids, `replay(system encoding)` its replay (KVzip).
+    `encode(system, user)` is the tokenizer's chat_ids, `replay(system encoding)` its replay (KVzip), `layout`
+    the Design's (default prompt_layout: the instruction prompts' directive and defense).
     """
     system, full = None, []
     for _, user in job.users:
@@ -180,9 +182,29 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, repla
     if longest > max_positions:
         raise UsageError(f"prompt {job.prompt.key} needs {longest} positions with --max-new-tokens, more than the "
                          f"model's context of {max_positions}: lower --max-new-tokens or --limit the prompts")
+    job.spans, positions, partitions = (layout or prompt_layout)(job, system)
+    remedy = job.setting.remedy
+    job.spec = Compression(job.setting.policy, job.ratio, partitions=partitions,
+                           whitelist=sorted(set(positions)) or None,
+                           debias=remedy.debias if partitions else 1.0, options=job.setting.options,
+                           allocation=job.setting.allocation, allocation_options=job.setting.allocation_options)
+    setting = job.setting
+    if setting.decode_target is not None:
+        try:
+            job.decoding = Decoding(job.spec, setting.decode_target, setting.decode_interval, setting.decode_buffer,
+                                    setting.rerotate)
+        except ValueError as e:
+            raise UsageError(f"prompt {job.prompt.key}: --decode-target: {e}") from None
+
+
+def prompt_layout(job: Job, system) -> tuple[dict, list[int], list[tuple[int, int]] | None]:
+    """The instruction prompts' layout of a system turn (`system` its encoding): the token spans of "directive"
+    and "defense" (the keep rates' buckets), the positions the remedy whitelists (--whitelist, --protect), and
+    the partitions of fair eviction (or None)."""
+    spans = {}
     directive = job.system.spans["system_prompt"]
-    job.spans["directive"] = [system.token_span(0, *directive)]
-    job.spans["defense"] = [(0, job.spans["directive"][0][0]), (job.spans["directive"][0][1], len(system.ids))]
+    spans["directive"] = [system.token_span(0, *directive)]
+    spans["defense"] = [(0, spans["directive"][0][0]), (spans["directive"][0][1], len(system.ids))]
     remedy = job.setting.remedy
     positions = []
     for phrase in remedy.whitelist:
@@ -203,17 +225,7 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, repla
         bounds = [start] + [job.system.spans[f"instruction:{i}"][0] for i in range(1, n)] + [end]
         pieces += list(zip(bounds, bounds[1:]))
         partitions = token_spans(system, sorted(pieces))
-    job.spec = Compression(job.setting.policy, job.ratio, partitions=partitions,
-                           whitelist=sorted(set(positions)) or None,
-                           debias=remedy.debias if partitions else 1.0, options=job.setting.options,
-                           allocation=job.setting.allocation, allocation_options=job.setting.allocation_options)
-    setting = job.setting
-    if setting.decode_target is not None:
-        try:
-            job.decoding = Decoding(job.spec, setting.decode_target, setting.decode_interval, setting.decode_buffer,
-                                    setting.rerotate)
-        except ValueError as e:
-            raise UsageError(f"prompt {job.prompt.key}: --decode-target: {e}") from None
+    return spans, positions, partitions
 
 
 def build_jobs(plan: Plan, tok, max_positions: int) -> list[Job]:
@@ -224,8 +236,8 @@ def build_jobs(plan: Plan, tok, max_positions: int) -> list[Job]:
         for ratio in plan.ratios:
             for prompt in plan.design.prompts:
                 users = [(name, prompt.task if text is None else text) for name, text in plan.design.turns]
-                job = Job(setting, ratio, prompt, P.build_system_message(prompt, plan.defense), users)
-                prepare_job(job, encode, max_positions, plan.max_new_tokens, tok.replay)
+                job = Job(setting, ratio, prompt, plan.design.system_message(prompt, plan.defense), users)
+                prepare_job(job, encode, max_positions, plan.max_new_tokens, tok.replay, plan.design.layout)
                 jobs.append(job)
     check_decode_targets(jobs, plan.max_new_tokens)
     return jobs
@@ -334,8 +346,9 @@ def what_was_kept(compressed, row: int, job: Job) -> dict:
 def span_keep_rates(rate: torch.Tensor, job: Job) -> dict:
     """Mean keep rate (fraction of KV heads keeping a token, averaged over layers) per named span.
 
-    `rate` (L,) is Compressed.keep_rate(row). "directive" is PREPEND + directive; "defense" every
-    other token, template tokens included (the paper's buckets). With fair eviction,
+    `rate` (L,) is Compressed.keep_rate(row). The names are the layout's: for the instruction prompts
+    "directive" is PREPEND + directive, "defense" every other token, template tokens included (the
+    paper's buckets); for RULER prompts "facts", "haystack", ... (evaluate.ruler_layout). With fair eviction,
     "partitions" gives the rate of each partition as fair eviction sees it (the first owns
     the template head, the last the tail).
     """

@@ -51,6 +51,9 @@ class Design:
     turns: list[tuple[str, str | None]]          # (name, user text); None = the prompt's own task
     score: Callable                              # (job, turn, response) -> the fields the script measures
     fingerprint: dict = field(default_factory=dict)   # extra entries for run.json (e.g. the attacks' texts)
+    system_message: Callable = P.build_system_message   # (prompt, defense) -> P.SystemMessage: the turn compressed
+    layout: Callable | None = None               # (job, system encoding) -> (token spans by name, whitelisted
+                                                 # positions, partitions); None: experiment.prompt_layout
 
 
 @dataclass
@@ -97,6 +100,7 @@ def parse_args(script, argv=None) -> argparse.Namespace:
     decode_arguments(parser)
     run_arguments(parser, defaults)
     script.add_arguments(parser)
+    parser.set_defaults(**defaults)         # a preset may set any flag, the script's own too (e.g. --data, --length)
     return parser.parse_args(argv)
 
 
@@ -133,10 +137,11 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict):
                              "downloaded once and checksum-verified)")
     a("--whitelist", action="append", default=None, metavar="PHRASE",
       help="a phrase of the system message whose tokens are never evicted (repeatable); 'defense' = the "
-           "defense's own must-keep phrase")
-    a("--fair", choices=["none", "defense", "instructions"], default="none",
-      help="fair eviction: equal keep rate for defense and directive ('defense'), or for every instruction "
-           "and the defense ('instructions', built-in prompts only); default %(default)s")
+           "defense's own must-keep phrase; 'facts' = the facts of RULER prompts (the needles' sentences)")
+    a("--fair", choices=["none", "defense", "instructions", "facts"], default="none",
+      help="fair eviction: equal keep rate for defense and directive ('defense'), for every instruction "
+           "and the defense ('instructions', built-in prompts only), or for every fact and every stretch of "
+           "haystack between them ('facts', RULER prompts only); default %(default)s")
     a("--debias", type=float, default=1.0,
       help="with --fair: 0 = the plain policy, 1 = fully fair, in between = budgets interpolated (default 1)")
     a("--protect", type=int, metavar="N",
@@ -151,8 +156,11 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict):
            "is kept whole. One compression per user turn (leak.py: per attack). 'both' runs every setting in "
            "both modes, to compare them; no fair eviction. Default %(default)s; the bare flag means on")
     a("--data", help="a sys_ifeval-style JSONL file, or 'paper' for the paper's own file (downloaded once from its "
-                     "repository and checksum-verified; see paperdata.py); default: the built-in prompt set")
-    a("--limit", type=int, default=defaults["limit"], help="use the first N prompts (default %(default)s; 0 = all)")
+                     "repository and checksum-verified; see paperdata.py); evaluate.py also takes ruler:TASK[,TASK...] "
+                     "(RULER's synthetic retrieval tasks, generated locally: ruler.py); default: the built-in "
+                     "prompt set")
+    a("--limit", type=int, default=defaults["limit"],
+      help="use the first N prompts (RULER: N prompts per task) (default %(default)s; 0 = all)")
     a("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="answer length cap (default %(default)s)")
 
 
@@ -183,7 +191,7 @@ def run_arguments(parser: argparse.ArgumentParser, defaults: dict):
            "bfloat16 kernels round differently for different batch shapes, so its answers can")
     a("--batch-size", type=int, default=defaults["batch_size"],
       help="prompts per forward; a batch holds one setting and ratio (default %(default)s)")
-    a("--seed", type=int, default=0, help="seed of the built-in prompt set (default 0)")
+    a("--seed", type=int, default=0, help="seed of the built-in prompt set, or of the RULER prompts (default 0)")
     a("--out", default=defaults["out"], help="output folder (default %(default)s)")
 
 
@@ -492,7 +500,7 @@ def plan_run(script, args) -> Plan:
     ratios = parse_ratios(args.ratios)
     check_numbers(args)
     defense = load_defense(args)
-    prompts = load_prompts(args, script.paper_data)
+    prompts = script.load_prompts(args, script.paper_data)
     if not prompts:
         raise UsageError("no prompts to run")
     if args.fair == "instructions" and not all(i.text for p in prompts for i in p.instructions):
@@ -526,7 +534,7 @@ def run_settings(args, options: dict, allocation_options: dict, interval: int | 
     whenever decoding is off, --allocation-option when not given), so a folder written before them resumes."""
     decode_flags = ("decode_target", "decode_interval", "decode_buffer", "rerotate")
     recorded = {k: v for k, v in vars(args).items() if k not in ("out", "preset", "policy_option", "allocation_option")
-                and (k, v) not in (("protect", None), ("query_aware", "off"))
+                and (k, v) not in (("protect", None), ("query_aware", "off"), ("length", None))
                 and (args.decode_target is not None or k not in decode_flags)}
     if args.decode_target is not None:
         recorded.update(decode_interval=interval, decode_buffer=buffer)

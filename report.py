@@ -10,6 +10,8 @@ legend, so that a difference smaller than the bars reads as what it is: noise.
   token_keep_figure                                    Fig. 1: one system message, each token
                                                        shaded by how often it was kept
   query_aware_figure                                   both --query-aware modes overlaid
+  ruler_summary, print_ruler, ruler_figures            retrieval (evaluate.py --data ruler:...):
+                                                       accuracy vs r per task, facts vs haystack kept
 
 A setting is read from its fields (summary.json's "settings": {label: fields}, setting.py), never
 from its label: labels are keys and legends, for people.
@@ -24,6 +26,7 @@ from collections import defaultdict
 from dataclasses import replace
 
 import ifeval
+import ruler
 from setting import Setting
 
 GAIN_RATIOS = (0.4, 0.5, 0.6, 0.7)      # the paper's composite gain averages over these ratios
@@ -759,3 +762,176 @@ def token_keep_figure(example: dict, records: list[dict], out: str, ratio: float
                loc="upper right", bbox_to_anchor=(1 - margin_in / width_in, 1 - 0.3 / height_in), fontsize=7,
                ncol=2, frameon=False)
     return save_figure(fig, out, "fig1_token_keep.png", tight=False)
+
+
+# ----------------------------------------------------------------------------- retrieval: RULER's tasks
+
+RULER_SPANS = ("facts", "haystack", "distractors", "instruction", "example")   # the keep rates' names, in this order
+
+
+def span_rates(records: list[dict], field: str = "keep") -> dict:
+    """Mean keep rate of each named span of RULER prompts over the records, with SEM (`field`: "keep" after the
+    prefill's compression, "keep_end" at the end of generation with compression during decoding)."""
+    rated = [r[field] for r in records if r.get(field)]
+    names = [name for name in RULER_SPANS if any(k.get(name) is not None for k in rated)]
+    values = {name: [k.get(name) for k in rated] for name in names}
+    return {field: {name: mean(xs) for name, xs in values.items()},
+            field + "_sem": {name: sem(xs) for name, xs in values.items()}}
+
+
+def ruler_summary(records: list[dict]) -> dict:
+    """Per setting and ratio: accuracy (RULER's string match) per task with SEM and n, their average (RULER's
+    score: the mean over tasks; its SEM from the tasks' SEMs), and the keep rates of facts, haystack, ..."""
+    tasks = [task for task in ruler.TASKS if any(r["task"] == task for r in records)]
+    results = {}
+    for setting, by_ratio in group_by_setting(records).items():
+        rows = {}
+        for ratio, recs in by_ratio.items():
+            per_task = {}
+            for task in tasks:
+                mine = [r for r in recs if r["task"] == task]
+                if mine:
+                    scores = [r["score"] for r in mine]
+                    per_task[task] = {"score": mean(scores), "score_sem": sem(scores), "n": len(mine),
+                                      **span_rates(mine)}
+            sems = [t["score_sem"] for t in per_task.values()]
+            average_sem = (round(math.sqrt(sum(e * e for e in sems)) / len(sems), 6)
+                           if None not in sems else None)
+            rows[str(ratio)] = {"tasks": per_task, "average": mean([t["score"] for t in per_task.values()]),
+                                "average_sem": average_sem, "n_prompts": len(recs), **span_rates(recs)}
+            if any(r.get("keep_end") for r in recs):
+                rows[str(ratio)].update(span_rates(recs, "keep_end"))
+        results[setting] = rows
+    return {"results": results, "tasks": tasks}
+
+
+def print_ruler(summary: dict, file=sys.stdout):
+    results, tasks = summary["results"], summary["tasks"]
+    ratios = sorted({float(r) for rows in results.values() for r in rows})
+    row_of = lambda rows, r: next((row for key, row in rows.items() if float(key) == r), None)   # noqa: E731
+    lines = []
+    for setting, rows in results.items():
+        for task in tasks + (["average"] if len(tasks) > 1 else []):
+            cells = []
+            for r in ratios:
+                row = row_of(rows, r)
+                cell = None if row is None else (
+                    {"score": row["average"], "score_sem": row["average_sem"]} if task == "average"
+                    else row["tasks"].get(task))
+                cells.append(pm(cell["score"], cell["score_sem"]) if cell else "-")
+            ns = [row["n_prompts"] if task == "average" else row["tasks"].get(task, {}).get("n")
+                  for row in rows.values()]
+            lines.append([setting, task, n_text(ns)[2:], *cells])
+    print(file=file)
+    print_columns(["setting", "task", "n", *(f"r={r:g}" for r in ratios)], lines, file)
+    print("accuracy: RULER's string match (share of the expected strings in the answer), mean±SEM over the n "
+          "prompts;\naverage: the mean over tasks (RULER's score).", file=file)
+    keep_lines = []
+    for setting, rows in results.items():
+        cells = []
+        for r in ratios:
+            row = row_of(rows, r)
+            keep = {} if row is None else row["keep"]
+            cells.append(f"{pm(keep.get('facts'))}/{pm(keep.get('haystack'))}" if row else "-")
+        keep_lines.append([setting, *cells])
+    print(file=file)
+    print_columns(["setting (keep facts/haystack)", *(f"r={r:g}" for r in ratios)], keep_lines, file)
+    print("keep rate: the share of a span's entries kept (over layers and KV heads), mean over prompts; an "
+          "unbiased policy keeps 1 - r of both. summary.json holds every number.", file=file)
+
+
+RULER_MODE_PANELS = [
+    ("Accuracy (RULER's string match, mean over tasks), ±SEM", "accuracy",
+     lambda row: (row["average"], row["average_sem"], row["n_prompts"])),
+    ("Keep rate of the facts, ±SEM", "keep rate",
+     lambda row: (row["keep"].get("facts"), row["keep_sem"].get("facts"), row["n_prompts"])),
+]
+
+
+def ruler_figures(summary: dict, records: list[dict], out: str, example: dict | None = None) -> list[str]:
+    results, settings = summary["results"], read_settings(summary["settings"])
+    written = []
+    if results:
+        written += [ruler_accuracy_figure(results, summary["tasks"], out), ruler_keep_figure(results, out),
+                    query_aware_figure(results, settings, out, RULER_MODE_PANELS)]
+    if example:
+        written.append(context_keep_figure(example, records, out))
+    return [w for w in written if w]
+
+
+def ruler_accuracy_figure(results: dict, tasks: list[str], out: str) -> str:
+    """Accuracy vs r, one panel per task (and their average), one curve per setting, ±SEM."""
+    plt = pyplot()
+    panels = tasks + (["average"] if len(tasks) > 1 else [])
+    columns = min(4, len(panels))
+    n_rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.4 * columns, 3.8 * n_rows), squeeze=False)
+    all_ratios = sorted({float(r) for s in results for r in results[s]})
+    shifts = offsets(len(results), all_ratios)
+    for ax, panel in zip(axes.flat, panels):
+        ns = []
+        for i, (s, rows) in enumerate(results.items()):
+            if panel == "average":
+                points = [(float(r), row["average"], row["average_sem"], row["n_prompts"]) for r, row in rows.items()]
+            else:
+                points = [(float(r), row["tasks"][panel]["score"], row["tasks"][panel]["score_sem"],
+                           row["tasks"][panel]["n"]) for r, row in rows.items() if panel in row["tasks"]]
+            if not points:
+                continue
+            xs, ys, errors, n = zip(*points)
+            ns += n
+            curve(ax, xs, ys, errors, shifts[i], color=f"C{i}", marker=MARKERS[i % len(MARKERS)], label=s)
+        ax.set_title(f"{panel} ({n_text(ns)} per point)", fontsize=9)
+        ratio_axis(ax, all_ratios, "accuracy, ±SEM")
+        ax.set_xlabel("compression ratio r")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Retrieval under compression: RULER's string match vs r (curves shifted sideways so that "
+                 "equal values stay visible)", fontsize=10)
+    return save_figure(fig, out, "fig_ruler_accuracy.png")
+
+
+def ruler_keep_figure(results: dict, out: str) -> str:
+    """The facts' and the haystack's keep rates vs r, per setting: the eviction bias of retrieval."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    all_ratios = sorted({float(r) for s in results for r in results[s]})
+    ax.plot(all_ratios, [1 - r for r in all_ratios], ":", color="gray", label="unbiased: 1 - r")
+    shifts = offsets(2 * len(results), all_ratios)
+    for i, (s, rows) in enumerate(results.items()):
+        for j, span in enumerate(("facts", "haystack")):
+            curve(ax, [float(r) for r in rows], [row["keep"].get(span) for row in rows.values()],
+                  [row["keep_sem"].get(span) for row in rows.values()], shifts[2 * i + j], color=f"C{i}",
+                  linestyle="-" if j == 0 else "--", marker="o" if j == 0 else "x", label=f"{s} {span}")
+    n = n_text(row["n_prompts"] for rows in results.values() for row in rows.values())
+    ax.set_title(f"Share of the facts and of the haystack kept, ±SEM over prompts ({n})", fontsize=10)
+    ratio_axis(ax, all_ratios, "keep rate")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out, "fig_ruler_keep.png")
+
+
+def context_keep_figure(example: dict, records: list[dict], out: str, ratio: float | None = None) -> str | None:
+    """One prompt's keep rate token by token along its context, one panel per setting, the facts shaded: where
+    each policy keeps and where the needle lies. `example` as token_keep_figure's (its spans: "facts", ...);
+    `ratio` defaults to the run's ratio closest to 0.5 (above 0). None when nothing fits."""
+    ratio, rows = pick_rows(example, records, ratio)
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 0.6 + 1.5 * len(rows)), sharex=True, squeeze=False)
+    colours = {"facts": "#d7301f", "distractors": "#fdae61", "instruction": "#9ecae1", "example": "#c7e9c0"}
+    for ax, (setting, keep) in zip(axes[:, 0], rows.items()):
+        for name, colour in colours.items():
+            for k, (start, end) in enumerate(example["spans"].get(name, ())):
+                ax.axvspan(start - 0.5, end - 0.5, color=colour, alpha=0.6, linewidth=0,
+                           label=name if k == 0 else None)
+        ax.step(range(len(keep)), keep, where="mid", color="black", linewidth=0.7)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("keep rate", fontsize=7)
+        ax.set_title(setting, fontsize=8, loc="left")
+    axes[0, 0].legend(fontsize=7, loc="upper right", ncol=4)
+    axes[-1, 0].set_xlabel("position in the system turn (tokens)")
+    fig.suptitle(f"Prompt {example['key']} at r = {ratio:g}: the share of layers x KV heads keeping each token",
+                 fontsize=9)
+    return save_figure(fig, out, "fig_ruler_context_keep.png")
