@@ -1,52 +1,67 @@
-"""Benchmarks: decode speed (ours vs Hugging Face), the compress step's cost, H2O's memory.
+"""Benchmarks: decode speed, the compress step's cost, H2O's memory, batched and ragged runs.
 
-    python3 bench.py                                   # every section, about 2-3 minutes on 2 cores
-    python3 bench.py --only compress --lengths 100,1000
-    python3 bench.py --only decode,h2o-memory --json out.json
+    python bench/bench.py                                   # the default sections, a few minutes on 2 cores
+    python bench/bench.py --only compress --lengths 100,1000
+    python bench/bench.py --only decode,compress --baseline de076ae --no-hf   # this tree against a revision
+    python bench/bench.py --only decode,h2o-memory --json out.json
 
 Sections (each prints one plain table):
-  decode      prefill and decode tokens/s at batch 1, float32 and bfloat16, on the default model;
-              with transformers installed, the same for HF `generate` on the same folder, and ours/HF
-  compress    what compression adds per policy, as a fraction of the system turn's prefill time:
-              `cache.compress`, plus for H2O the prefill's extra time to sum its scores, for
-              system turns of about 100, 1,000 and 4,000 tokens at ratio 0.5 (target: <= 10%)
+  decode      prefill and decode tokens/s at batch 1, float32 and bfloat16, on the default model; with
+              transformers installed, the same for HF `generate` on the same folder; with --baseline REV,
+              the same for the core of git revision REV; and ours / each of them
+  compress    what compression adds per policy, as a share of the system turn's prefill time, for system
+              turns of about 100, 1,000 and 4,000 tokens at ratio 0.5: the compression step (score,
+              select, gather in every layer), plus for H2O the prefill's extra time to sum its scores,
+              plus for KVzip its replay of the turn (target: <= 10% for the paper's five policies; KVzip
+              about 2x); with --baseline REV also REV's core (where it has the policy: "-" otherwise)
   h2o-memory  peak extra memory of H2O's sums (in the prefill, or its own blockwise pass) vs the
               full L x L matrix
   batch       prompts per minute of the default evaluate.py workload at batch 1/4/8/16, float32
               and bfloat16, and KV-cache memory per row
   ragged      decode tokens/s at batch 1 after compressing a long system turn (snapkv, r = 0.5) with
-              each allocation, and the KV bytes held; with --baseline REV also the code of git
-              revision REV (e.g. the commit before ragged eviction), all interleaved in one run
+              each allocation, and the KV bytes held; with --baseline REV also REV's core (uniform)
   decoding    compression during decoding: --decoding-tokens greedy tokens (default 2,000) after the
               chat prompt at batch 1, float32, with the cache cut to --decoding-target entries per KV
               head (knorm, every 16 steps) and without; peak cache bytes, most entries per head, decode tok/s
               (several minutes: only with --only decoding)
 
-Timings are medians of `--repeats` runs with the ours/HF (or policy) runs interleaved, since
-the machine is shared and noisy. transformers is used only here, never by the project itself.
+--baseline REV imports model.py, cache.py and policies.py (and decoding.py where REV has one) of a git
+revision as separate modules, so that one run times both cores on the same inputs. Either core API works:
+the redesign's (policies.prefill / compress, decoding.py) and the one before it (cache.prepare, the model's
+forward, cache.compress; e.g. de076ae).
+
+Timings are medians of `--repeats` runs with the compared runs interleaved, the order alternating from one
+repeat to the next, since the machine is shared and noisy; IQR is the middle half of the runs (inclusive
+quartiles). transformers is used only here, never by the project itself.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import importlib
 import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-from model import ModelArgs, generate, load_model, prefill
-from policies import ALLOCATIONS, Compression, Decoding, Layer, attention_with_received, h2o
-from tokenizer import load_tokenizer
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # the project: bench/..
+sys.path.insert(0, ROOT)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from model import ModelArgs  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
 DEFAULT_FOLDER = os.path.join(ROOT, "weights", "smollm2-135m-instruct")
-POLICY_NAMES = ("streaming_llm", "h2o", "knorm", "snapkv", "tova")
+CORE = ("cache", "model", "policies", "decoding")          # the modules a revision's core is made of
+POLICY_NAMES = ("streaming_llm", "h2o", "knorm", "snapkv", "tova")      # the paper's five
 CHAT_SYSTEM = "You are a friendly assistant for a small bakery. Answer in plain English, in two or three sentences."
 CHAT_USER = ("A customer asks: which of your breads keep best for a whole week, how should they be stored at "
              "home, and can they be frozen and thawed without getting dry? Also mention whether any of them "
@@ -91,67 +106,183 @@ def print_table(title: str, header: list[str], rows: list[list]):
             print("  ".join("-" * w for w in widths))
 
 
+def iqr(values: list[float], scale: float = 1.0) -> str:
+    """The middle half of the runs as 'q1-q3' (inclusive quartiles), times `scale`; '-' for fewer than 2."""
+    if len(values) < 2:
+        return "-"
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return f"{number(scale * q1)}-{number(scale * q3)}"
+
+
+def alternate(items: list, repeat: int) -> list:
+    """The order of the compared runs in one repeat: as given, then reversed, so neither always goes first."""
+    return list(items) if repeat % 2 == 0 else list(items)[::-1]
+
+
+# ----------------------------------------------------------------------------- one revision's core
+
+class Code:
+    """The core of one revision (this tree's, or --baseline's) behind the few calls the bench times.
+
+    Two APIs: the redesign's (decoding.py exists; policies.prefill / compress, H2O's observer passed to
+    the model) and the one before it (de076ae: cache.prepare, the model's forward, cache.compress; H2O's
+    observer inside the cache). A recorded prefill's state is {"cache", "observed"}: what compress reads.
+    """
+
+    def __init__(self, name: str, modules: dict):
+        self.name, self.modules = name, modules
+        self.policies = modules["policies"]
+        self.redesigned = "decoding" in modules
+
+    def has(self, policy: str, allocation: str = "uniform") -> bool:
+        return policy in self.policies.POLICIES and allocation in self.policies.ALLOCATIONS
+
+    def spec(self, policy: str, ratio: float = 0.5, allocation: str = "uniform"):
+        return self.policies.Compression(policy, ratio, allocation=allocation)
+
+    def load(self, folder: str, dtype: str = "float32"):
+        return self.modules["model"].load_model(folder, dtype=dtype)
+
+    def runner(self, folder: str, dtype: str, ids: torch.Tensor) -> dict:
+        """Its model in `dtype`: 'prefill' (one forward of ids into an empty cache) and 'generate'(n) tokens."""
+        model, generate = self.load(folder, dtype), self.modules["model"].generate
+        return {"prefill": lambda: forward(model, model.new_cache(), ids),
+                "generate": lambda n: generate(model, model.new_cache(), ids, n, stop_ids=[])[0]}
+
+    @torch.no_grad()
+    def recorded_prefill(self, model, ids: torch.Tensor, observe: str | None = None) -> dict:
+        """The protocol's prefill of a system turn (1, L) into a fresh cache, recording the queries, and with
+        observe='h2o' through H2O's observer (its sums): the state compress() starts from."""
+        cache = model.new_cache(capacity=ids.shape[1] + 64)
+        spec = self.spec(observe or "snapkv")                   # snapkv reads the queries only
+        if not self.redesigned:
+            cache.prepare([spec])
+            model(ids, cache)
+            return {"cache": cache, "observed": None}
+        cache.record_queries()
+        observer = self.policies.observer_for([spec])
+        model(ids, cache, attention=observer)
+        return {"cache": cache, "observed": None if observer is None else observer.records}
+
+    @torch.no_grad()
+    def replay(self, model, state: dict, ids: torch.Tensor, replay) -> dict:
+        """KVzip's replay of the turn over a recorded prefill (the cache comes back unchanged): its state."""
+        scores = self.policies.replay_turns(model, state["cache"], [ids[0].tolist()], [self.spec("kvzip")], [replay])
+        return {"cache": state["cache"], "observed": scores}
+
+    @torch.no_grad()
+    def compress(self, state: dict, spec):
+        if not self.redesigned:
+            return state["cache"].compress(spec)
+        return self.policies.compress(state["cache"], spec, observed=state["observed"])
+
+    @torch.no_grad()
+    def compressed_cache(self, model, ids: torch.Tensor, spec) -> tuple:
+        """A cache holding the system turn (1, L) compressed by `spec`, and per layer its kept mask (1, H_kv, L)."""
+        cache = model.new_cache(capacity=ids.shape[1])
+        if self.redesigned:
+            return cache, self.policies.prefill(model, cache, ids, spec).kept
+        cache.prepare([spec])
+        model(ids, cache)
+        cache.compress(spec)
+        return cache, cache.kept
+
+
+@torch.no_grad()
+def forward(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    """One forward of ids (B, T) after what the cache holds: the last token's logits (B, V)."""
+    return model(ids, cache)
+
+
+@functools.cache
+def this_tree() -> Code:
+    return Code("ours", {name: importlib.import_module(name) for name in CORE})
+
+
+@functools.cache
+def load_baseline(revision: str) -> Code:
+    """The core modules of git revision `revision`, imported apart from this tree's (as baseline_model, ...;
+    their imports of one another rewritten to match)."""
+    folder = tempfile.mkdtemp(prefix="nanokv-baseline-")
+    imports = re.compile(rf"^(\s*)(from|import) ({'|'.join(CORE)})\b", re.MULTILINE)
+    names = []
+    for name in CORE:
+        shown = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:{name}.py"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            if name == "decoding":                              # before the redesign: no decoding.py
+                continue
+            raise SystemExit(f"error: --baseline {revision}: git cannot show {name}.py there "
+                             f"({shown.stderr.strip().splitlines()[-1] if shown.stderr.strip() else 'no output'})")
+        source = imports.sub(lambda m: f"{m[1]}{m[2]} baseline_{m[3]}" + (f" as {m[3]}" if m[2] == "import" else ""),
+                             shown.stdout)
+        with open(os.path.join(folder, f"baseline_{name}.py"), "w") as f:
+            f.write(source)
+        names.append(name)
+    sys.path.insert(0, folder)
+    try:
+        modules = {name: importlib.import_module(f"baseline_{name}") for name in names}
+    finally:
+        sys.path.remove(folder)
+    return Code(revision, modules)
+
+
 # ----------------------------------------------------------------------------- decode
 
 def bench_decode(args) -> dict:
-    """Prefill and decode tokens/s at batch 1, greedy, no stop, ours and (if installed) HF's.
+    """Prefill and decode tokens/s at batch 1, greedy, no stop: ours, and (if given) a baseline revision's
+    and (if installed) HF's.
 
     prefill tok/s = prompt tokens / time of one forward over the prompt into an empty cache.
     decode tok/s  = (N - 1) / (time of generating N tokens - time of generating 1 token): the
-    tokens produced after the first one, over the time after the first one. Both sides are
-    timed with the same method through their own `generate`, so setup costs cancel.
+    tokens produced after the first one, over the time after the first one. Every side is timed
+    with the same method through its own `generate`, so setup costs cancel. In each repeat every
+    side runs each measurement in turn (prefill, 1 token, N tokens); ours / other is the median of
+    the per-repeat ratios, with their IQR.
     """
     tokenizer = load_tokenizer(args.folder)
     ids = torch.tensor([tokenizer.chat_ids(CHAT_SYSTEM, CHAT_USER)[1].ids])               # (1, T)
-    n_new = args.new_tokens
+    T, n_new = ids.shape[1], args.new_tokens
     hf_available = _transformers_available() and not args.no_hf
-    rows, results = [], {"prompt_tokens": ids.shape[1], "new_tokens": n_new, "runs": {}}
-    for dtype in ("float32", "bfloat16"):
-        model = load_model(args.folder, dtype=dtype)
-        runners = {"ours": _our_runner(model, ids)}
+    codes = [this_tree()] + ([load_baseline(args.baseline)] if args.baseline else [])
+    rows, results = [], {"prompt_tokens": T, "new_tokens": n_new, "runs": {}}
+    for dtype in args.decode_dtypes.split(","):
+        runners = {code.name: code.runner(args.folder, dtype, ids) for code in codes}
         if hf_available:
-            runners["hf"] = _hf_runner(args.folder, dtype, ids)
+            runners["HF"] = _hf_runner(args.folder, dtype, ids)
         for runner in runners.values():                                                  # warm up
             runner["generate"](2)
         times = {name: {"prefill": [], "one": [], "all": []} for name in runners}
-        for _ in range(args.repeats):                                                    # interleaved
-            for name, runner in runners.items():
-                times[name]["prefill"].append(timed(runner["prefill"]))
-                times[name]["one"].append(timed(lambda: runner["generate"](1)))
-                times[name]["all"].append(timed(lambda: runner["generate"](n_new)))
+        for repeat in range(args.repeats):                                               # interleaved
+            for kind, run in (("prefill", lambda r: r["prefill"]()), ("one", lambda r: r["generate"](1)),
+                              ("all", lambda r: r["generate"](n_new))):
+                for name in alternate(runners, repeat):
+                    times[name][kind].append(timed(lambda: run(runners[name])))
         tokens = {name: runner["generate"](n_new) for name, runner in runners.items()}
-        speeds = {}
-        for name, t in times.items():
-            prefill_s, one_s, all_s = (statistics.median(t[k]) for k in ("prefill", "one", "all"))
-            speeds[name] = {"prefill_tok_s": ids.shape[1] / prefill_s,
-                            "decode_tok_s": (n_new - 1) / (all_s - one_s),
-                            "prefill_s": prefill_s, "generate_1_s": one_s, f"generate_{n_new}_s": all_s}
+        speeds = {name: {"prefill": [T / s for s in t["prefill"]],
+                         "decode": [(n_new - 1) / (a - o) for a, o in zip(t["all"], t["one"])]}
+                  for name, t in times.items()}
+        results["runs"][dtype] = {}
+        for name in runners:
             assert len(tokens[name]) == n_new, f"{name} produced {len(tokens[name])} tokens, not {n_new}"
-        row = [dtype, speeds["ours"]["prefill_tok_s"], speeds["ours"]["decode_tok_s"]]
-        if "hf" in speeds:
-            same = _same_prefix(tokens["ours"], tokens["hf"])
-            row += [speeds["hf"]["prefill_tok_s"], speeds["hf"]["decode_tok_s"],
-                    speeds["ours"]["prefill_tok_s"] / speeds["hf"]["prefill_tok_s"],
-                    speeds["ours"]["decode_tok_s"] / speeds["hf"]["decode_tok_s"], f"{same}/{n_new}"]
-            speeds["same_tokens"] = same
-        rows.append(row)
-        results["runs"][dtype] = speeds
-        del runners, model
-    header = ["dtype", "ours prefill tok/s", "ours decode tok/s"]
-    if hf_available:
-        header += ["HF prefill tok/s", "HF decode tok/s", "prefill ours/HF", "decode ours/HF", "same tokens"]
-    print_table(f"decode: batch 1, greedy, prompt {ids.shape[1]} tokens, {n_new} new tokens, "
-                f"median of {args.repeats}", header, rows)
+            s = speeds[name]
+            row = [dtype, name, statistics.median(s["prefill"]), iqr(s["prefill"]),
+                   statistics.median(s["decode"]), iqr(s["decode"])]
+            out = {"prefill_tok_s": row[2], "decode_tok_s": row[4], "prefill_tok_s_runs": s["prefill"],
+                   "decode_tok_s_runs": s["decode"], "same_tokens_as_ours": _same_prefix(tokens["ours"], tokens[name])}
+            for kind in ("prefill", "decode"):
+                ratios = [a / b for a, b in zip(speeds["ours"][kind], s[kind])]
+                row += ["-", ""] if name == "ours" else [statistics.median(ratios), iqr(ratios)]
+                out[f"ours_over_this_{kind}"] = statistics.median(ratios)
+            rows.append(row + [f"{out['same_tokens_as_ours']}/{n_new}"])
+            results["runs"][dtype][name] = out
+        del runners
+    print_table(f"decode: batch 1, greedy, prompt {T} tokens, {n_new} new tokens, median of {args.repeats} "
+                f"(interleaved); ours / this: the median of the per-repeat ratios",
+                ["dtype", "code", "prefill tok/s", "IQR", "decode tok/s", "IQR", "ours/this prefill", "IQR",
+                 "ours/this decode", "IQR", "same tokens as ours"], rows)
     if not hf_available:
         print("(transformers not importable or --no-hf: no HF comparison)")
     return results
-
-
-def _our_runner(model, ids):
-    return {
-        "prefill": lambda: prefill(model, model.new_cache(), ids),
-        "generate": lambda n: generate(model, model.new_cache(), ids, n, stop_ids=[])[0],
-    }
 
 
 def _hf_runner(folder: str, dtype: str, ids):
@@ -205,93 +336,156 @@ def synthetic_system_text(tokenizer, target_len: int, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
-def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0) -> list[int]:
-    """Ids of a chat-templated system turn of about `target_len` tokens of varied synthetic sentences."""
+def synthetic_system_turn(tokenizer, target_len: int, seed: int = 0):
+    """The chat-templated system turn (a ChatEncoding) of about `target_len` tokens of synthetic sentences."""
     messages = [{"role": "system", "content": synthetic_system_text(tokenizer, target_len, seed)}]
-    return tokenizer.encode_chat(messages, add_generation_prompt=False).ids
+    return tokenizer.encode_chat(messages, add_generation_prompt=False)
+
+
+# The compress table's rows: (label, policy, allocation, the recorded state it compresses). "plain": the
+# prefill recorded its queries; "sums": also H2O's observer, whose extra prefill time counts; "replay": the
+# plain prefill, then KVzip's replay of the turn, whose time counts.
+COMPRESS_RUNS = [
+    ("streaming_llm", "streaming_llm", "uniform", "plain"),
+    ("knorm", "knorm", "uniform", "plain"),
+    ("snapkv", "snapkv", "uniform", "plain"),
+    ("tova", "tova", "uniform", "plain"),
+    ("h2o", "h2o", "uniform", "sums"),
+    ("h2o own pass", "h2o", "uniform", "plain"),           # its blockwise pass, as fair eviction runs it
+    ("kvzip", "kvzip", "uniform", "replay"),
+    ("kvzip global", "kvzip", "global", "replay"),
+]
 
 
 def bench_compress(args) -> dict:
-    """What compression adds to the system turn's prefill, per policy, as a fraction of it.
+    """What compression adds to the system turn's prefill, per policy, as a share of it.
 
-    The base is the protocol's prefill: a fresh cache with record_queries on. For every policy
-    but H2O the cost is the time of cache.compress (all layers: score, select, gather). H2O
-    takes its sums from the prefill (record_received, as run_batch does), so its cost is the
-    extra time of that prefill plus its compress. "h2o own pass" is H2O scoring without them
-    (h2o's blockwise pass, which fair eviction uses). Prefills with and without the sums are
-    timed interleaved, `repeats` times each; each compress runs on a copy of one recorded cache.
+    The base is the protocol's prefill: a fresh cache recording the queries. For every policy the
+    cost is the time of its compress (all layers: score, select, gather), on a copy of a recorded
+    prefill; for H2O plus the extra time of the prefill through its observer (the sums it reads),
+    for KVzip plus its replay of the turn (the replay passes: the cache comes back unchanged).
+    "h2o own pass" is H2O scoring without the sums (its blockwise pass, which fair eviction uses).
+    With --baseline REV, REV's core runs the same steps on the same turns, each step alternating
+    between the two; a revision without a policy or allocation shows "-". ours/REV: the ratio of the
+    median costs.
 
-    A whole prefill varies by several percent from run to run on a shared machine, so the
-    sums' cost is also measured where it arises, with less noise: one layer's attention with
-    the model's shapes, flash (SDPA) vs attention_with_received, interleaved, 5 x `repeats`
-    times; the difference times the number of layers, over the prefill, is "h2o (attention)".
+    A whole prefill varies by several percent from run to run on a shared machine, so the sums'
+    cost is also measured where it arises, with less noise: one layer's attention with the model's
+    shapes, flash (SDPA) vs attention_with_received, interleaved, 5 x `repeats` times; the
+    difference times the number of layers, plus H2O's compress, over the prefill: "h2o (attention)".
     """
     tokenizer = load_tokenizer(args.folder)
-    model = load_model(args.folder)
+    codes = [this_tree()] + ([load_baseline(args.baseline)] if args.baseline else [])
+    models = {code.name: code.load(args.folder) for code in codes}
+    warm = torch.tensor([synthetic_system_turn(tokenizer, 100).ids])
+    for code in codes:                                                                  # warm up
+        code.recorded_prefill(models[code.name], warm)
+    runs = {code.name: [run for run in COMPRESS_RUNS if code.has(*run[1:3])] for code in codes}
     rows, results = [], {}
-    prefill(model, model.new_cache(), torch.tensor([synthetic_system_turn(tokenizer, 100)]))  # warm up
     for target in args.lengths:
-        ids = torch.tensor([synthetic_system_turn(tokenizer, target)])                  # (1, L)
+        system = synthetic_system_turn(tokenizer, target)
+        ids, replay = torch.tensor([system.ids]), tokenizer.replay(system)               # (1, L)
         L = ids.shape[1]
-
-        def recorded_prefill(received: bool):
-            cache = model.new_cache(capacity=L + 64)
-            cache.prepare([Compression("h2o" if received else "snapkv", 0.5)])   # h2o: its observer sums
-            prefill(model, cache, ids)
-            return cache
-
-        times = {False: [], True: []}
-        for _ in range(args.repeats):                                                   # interleaved
-            for received in times:
-                times[received].append(timed(lambda: recorded_prefill(received)))
-        prefill_s, received_s = statistics.median(times[False]), statistics.median(times[True])
-        recorded = {received: recorded_prefill(received) for received in times}
-        runs = [(name, name != "h2o") for name in POLICY_NAMES] + [("h2o", True)]       # (policy, own pass)
-        compress_s = {run: [] for run in runs}
-        for _ in range(args.repeats):                                                   # interleaved
-            for name, own_pass in runs:
-                cache = copy.deepcopy(recorded[not own_pass])
-                compress_s[(name, own_pass)].append(timed(lambda: cache.compress(Compression(name, ratio=0.5))))
-                del cache
-        medians = {run: statistics.median(t) for run, t in compress_s.items()}
-        cost = {name: medians[(name, True)] for name in POLICY_NAMES if name != "h2o"}
-        cost["h2o"] = received_s - prefill_s + medians[("h2o", False)]
-        cost["h2o own pass"] = medians[("h2o", True)]
-        flash_s, sums_s = attention_times(model.args, L, 5 * args.repeats)
-        cost["h2o (attention)"] = model.args.n_layers * (sums_s - flash_s) + medians[("h2o", False)]
-        fraction = {name: c / prefill_s for name, c in cost.items()}
-        rows.append([L, 1000 * prefill_s] + [f"{100 * fraction[name]:.1f}%" for name in cost]
-                    + [1000 * (received_s - prefill_s), 1000 * flash_s, 1000 * sums_s, 1000 * medians[("h2o", False)]])
-        results[str(L)] = {"prefill_s": prefill_s, "prefill_with_received_s": received_s,
-                           "layer_attention_s": {"flash": flash_s, "with_sums": sums_s},
-                           "cost_s": cost, "fraction": fraction}
-    names = [n for n in POLICY_NAMES if n != "h2o"] + ["h2o", "h2o own pass", "h2o (attention)"]
-    print_table(f"compress: what compression (ratio 0.5) adds to the system prefill, all {model.args.n_layers} "
-                f"layers, median of {args.repeats} (target <= 10% at L >= 1000); h2o = the prefill's "
-                "extra time for its sums + its compress",
-                ["L", "prefill ms"] + names + ["h2o sums in prefill ms", "layer flash ms", "layer with sums ms",
-                                               "h2o compress ms"], rows)
-    over = [f"{name} at L={L} ({100 * r['fraction'][name]:.1f}%)" for L, r in results.items() if int(L) >= 1000
+        prefill_s = {code.name: {"plain": [], "sums": [], "replay": []} for code in codes}   # per repeat
+        compress_s = {code.name: {run[0]: [] for run in runs[code.name]} for code in codes}
+        for repeat in range(args.repeats):
+            order, states = alternate(codes, repeat), {}
+            for reads in ("plain", "sums", "replay"):                                  # each step: every code
+                for code in order:
+                    if reads == "replay" and not code.has("kvzip"):
+                        continue
+                    start = time.perf_counter()
+                    states[code.name, reads] = (code.replay(models[code.name], states[code.name, "plain"], ids, replay)
+                                                if reads == "replay" else
+                                                code.recorded_prefill(models[code.name], ids, "h2o" if reads == "sums" else None))
+                    prefill_s[code.name][reads].append(time.perf_counter() - start)
+            for label, policy, allocation, reads in COMPRESS_RUNS:
+                for code in order:
+                    if not code.has(policy, allocation):
+                        continue
+                    state = copy.deepcopy(states[code.name, reads])                    # compress changes it
+                    spec = code.spec(policy, 0.5, allocation)
+                    compress_s[code.name][label].append(timed(lambda: code.compress(state, spec)))
+                    del state
+            del states
+        flash_s, sums_s = attention_times(model_shape(args.folder), L, 5 * args.repeats, codes)
+        results[str(L)] = {}
+        for code in codes:
+            p, c = prefill_s[code.name], compress_s[code.name]
+            extra = {"plain": [0.0] * args.repeats, "sums": [s - q for s, q in zip(p["sums"], p["plain"])],
+                     "replay": p["replay"]}
+            cost = {label: [e + t for e, t in zip(extra[reads], c[label])] for label, _, _, reads in runs[code.name]}
+            attention = models[code.name].args.n_layers * (sums_s[code.name] - flash_s)
+            cost["h2o (attention)"] = [attention + t for t in c["h2o"]]
+            results[str(L)][code.name] = {
+                "prefill_s": statistics.median(p["plain"]), "prefill_s_runs": p["plain"],
+                "prefill_with_sums_s_runs": p["sums"], "replay_s_runs": p["replay"], "compress_s_runs": c,
+                "layer_attention_s": {"flash": flash_s, "with_sums": sums_s[code.name]},
+                "cost_s": {label: statistics.median(t) for label, t in cost.items()}, "cost_s_runs": cost,
+                "fraction": {label: statistics.median(t) / statistics.median(p["plain"]) for label, t in cost.items()}}
+        rows += compress_rows(L, codes, results[str(L)])
+    names = [code.name for code in codes]
+    header = ["L", "step"]
+    for name in names:
+        header += [f"{name} ms", "IQR", "% prefill"]
+    if len(codes) > 1:
+        header += [f"{names[0]}/{names[1]}"]
+    print_table(f"compress: what compression (ratio 0.5) adds to the system prefill, all layers, median of "
+                f"{args.repeats} (target <= 10% at L >= 1000 for the paper's five); h2o = the prefill's extra time "
+                "for its sums + its compress; kvzip = its replay + its compress", header, rows)
+    ours = {L: r["ours"] for L, r in results.items()}
+    over = [f"{name} at L={L} ({100 * r['fraction'][name]:.1f}%)" for L, r in ours.items() if int(L) >= 1000
             for name in POLICY_NAMES if r["fraction"][name] > 0.10]
     print("over the 10% target: " + (", ".join(over) if over else "none"))
+    for L, r in ours.items():
+        replay_ms = 1000 * statistics.median(r["replay_s_runs"])
+        print(f"kvzip at L={L}: replay {replay_ms:,.0f} ms + selection "
+              f"{1000 * statistics.median(r['compress_s_runs']['kvzip']):,.1f} ms (uniform) / "
+              f"{1000 * statistics.median(r['compress_s_runs']['kvzip global']):,.1f} ms (global) = "
+              f"{r['fraction']['kvzip']:.2f}x / {r['fraction']['kvzip global']:.2f}x the prefill")
     return results
 
 
-def attention_times(shape: ModelArgs, L: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of one layer's causal attention over L tokens: flash (SDPA) and with H2O's sums."""
+def compress_rows(L: int, codes: list[Code], results: dict) -> list[list]:
+    """The compress table's rows for one turn: the prefill, then each step's cost per code."""
+    rows = []
+    labels = ["prefill"] + [run[0] for run in COMPRESS_RUNS] + ["h2o (attention)"]
+    for label in labels:
+        row, medians = [L, label], []
+        for code in codes:
+            r = results[code.name]
+            runs = r["prefill_s_runs"] if label == "prefill" else r["cost_s_runs"].get(label)
+            if runs is None:
+                row += ["-", "-", "-"]
+                medians.append(None)
+                continue
+            median = statistics.median(runs)
+            row += [1000 * median, iqr(runs, 1000), "" if label == "prefill" else f"{100 * median / r['prefill_s']:.1f}%"]
+            medians.append(median)
+        if len(codes) > 1:
+            row.append(f"{medians[0] / medians[1]:.2f}" if None not in medians and medians[1] > 0 else "-")
+        rows.append(row)
+    return rows
+
+
+def attention_times(shape: ModelArgs, L: int, repeats: int, codes: list[Code]) -> tuple[float, dict]:
+    """Median seconds of one layer's causal attention over L tokens: flash (SDPA), and with H2O's sums as each
+    code's attention_with_received computes them (interleaved)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, shape.n_heads, L, shape.head_dim, generator=gen)
     k, v = (torch.randn(1, shape.n_kv_heads, L, shape.head_dim, generator=gen) for _ in range(2))
-    scratch = {}                                             # as the cache lends it from layer to layer
-    runs = {"flash": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-            "sums": lambda: attention_with_received(q, k, v, None, scratch=scratch)}
+    runs = {"flash": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    for code in codes:
+        scratch = {}                                         # as the prefill lends it from layer to layer
+        runs[code.name] = functools.partial(code.policies.attention_with_received, q, k, v, None, scratch=scratch)
     times = {name: [] for name in runs}
-    for name, run in runs.items():
+    for run in runs.values():
         run()                                                # warm up
-    for _ in range(repeats):                                 # interleaved
-        for name, run in runs.items():
-            times[name].append(timed(run))
-    return statistics.median(times["flash"]), statistics.median(times["sums"])
+    for repeat in range(repeats):                            # interleaved
+        for name in alternate(runs, repeat):
+            times[name].append(timed(runs[name]))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return medians.pop("flash"), medians
 
 
 # ----------------------------------------------------------------------------- h2o-memory
@@ -300,7 +494,7 @@ def bench_h2o_memory(args) -> dict:
     """Peak extra memory of H2O's sums for one layer: in the prefill, in its own pass, as a full matrix.
 
     analytic: bytes of the largest intermediates alive at once, float32.
-      in prefill: model.attention_with_received (block 64): a block's logits and probabilities,
+      in prefill: policies.attention_with_received (block 64): a block's logits and probabilities,
                   (H, 64, L) each, the keys and values copied twice, the output and the sums
       own pass:   policies.h2o (block 32): a block's logits and its softmax, (H, 32, L) each,
                   plus the (H, L) sums
@@ -355,9 +549,10 @@ def full_matrix_h2o(queries, keys):
 
 def memory_probe(folder: str, method: str, L: int):
     """Run in a fresh process: print the growth of peak RSS (bytes) while scoring one layer."""
+    from policies import Context, attention_with_received, h2o
     shape = model_shape(folder)
     score = {"in prefill": lambda q, k: attention_with_received(q, k, k, None),
-             "own pass": lambda q, k: h2o(q, k, k, [(0, q.shape[2])], Layer(0, 1)), "full": full_matrix_h2o}[method]
+             "own pass": lambda q, k: h2o(q, k, k, [(0, q.shape[2])], Context(0, 1)), "full": full_matrix_h2o}[method]
     def inputs(n):
         gen = torch.Generator().manual_seed(0)
         return (torch.randn(1, shape.n_heads, n, shape.head_dim, generator=gen),
@@ -418,7 +613,7 @@ def bench_batch(args) -> dict:
             per_minute = len(jobs) / seconds * 60
             base = base or per_minute
             a = model.args
-            entries = sum(r["report"]["n_kept"] for r in results) / len(results) + flags.max_new_tokens
+            entries = sum(r["turns"][0]["report"]["n_kept"] for r in results) / len(results) + flags.max_new_tokens
             row_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * entries * model.dtype.itemsize / 2**20
             rows.append([dtype, batch_size, len(jobs), per_minute, tokens / seconds, per_minute / base, row_mb])
             out[f"{dtype}/{batch_size}"] = {"prompts_per_minute": per_minute, "tokens_per_s": tokens / seconds,
@@ -436,40 +631,33 @@ def bench_ragged(args) -> dict:
     """Decode tokens/s at batch 1 after compression, per allocation, and the KV bytes held.
 
     The system turn (about --ragged-length tokens of synthetic sentences) is prefilled and
-    compressed once per variant (snapkv, r = 0.5; uniform, pyramid, adakv, and with --baseline
-    the code of that git revision). Each of `repeats` rounds restores every variant's compressed
+    compressed once per variant (snapkv, r = 0.5; each allocation, and with --baseline the core
+    of that git revision, uniform). Each of `repeats` rounds restores every variant's compressed
     cache and prefills the chat question, then times --new-tokens greedy decoding steps (one
     model forward of one token), interleaved step by step across the variants so that the
     machine's load falls on all of them alike; decode tok/s = 1 / the median step.
     uniform keeps every layer and head dense, so attention runs without a mask; pyramid gives
-    layers different lengths (still no mask at batch 1); adakv's heads hold different counts,
-    so every layer attends through a mask per KV head: the difference is the cost of those masks.
+    layers different lengths (still no mask at batch 1); adakv's and global's heads hold different
+    counts, so every layer attends through a mask per KV head: the difference is the cost of those masks.
     """
     tokenizer = load_tokenizer(args.folder)
-    model = load_model(args.folder)
+    ours = this_tree()
+    model = ours.load(args.folder)
     system, whole = tokenizer.chat_ids(synthetic_system_text(tokenizer, args.ragged_length), CHAT_USER)
     system_ids = torch.tensor([system.ids])                                              # (1, L)
     user_ids = torch.tensor([whole.ids[len(system.ids):]])                               # (1, T)
     entry_bytes = 2 * model.args.head_dim * model.dtype.itemsize                         # one key + value
     variants = {}                                        # name -> (model, cache, checkpoint, bytes held, sized, kept)
-    for allocation in ALLOCATIONS:
-        spec = Compression("snapkv", 0.5, allocation=allocation)
-        cache = model.new_cache(capacity=system_ids.shape[1])
-        cache.prepare([spec])
-        prefill(model, cache, system_ids)
-        report = cache.compress([spec])[0]
-        kept = sum(int(k.sum()) for k in cache.kept) * entry_bytes
-        variants[allocation] = (model, cache, cache.checkpoint(), cache.nbytes(), report["kv_bytes"], kept)
+    versions = [(ours, model, allocation) for allocation in ours.policies.ALLOCATIONS]
     if args.baseline:
-        old = load_baseline(args.baseline)
-        old_model = old["model"].load_model(args.folder)
-        cache = old_model.new_cache(capacity=system_ids.shape[1])
-        cache.record_queries = True
-        prefill(old_model, cache, system_ids)
-        cache.compress(old["policies"].Compression("snapkv", 0.5))
-        held = sum(k.nbytes + v.nbytes for k, v in zip(cache.keys, cache.values))
-        kept = sum(int(k.sum()) for k in cache.kept) * entry_bytes
-        variants[f"baseline {args.baseline}"] = (old_model, cache, cache.checkpoint(), held, kept, kept)
+        base = load_baseline(args.baseline)
+        versions.append((base, base.load(args.folder), "uniform"))
+    for code, run_model, allocation in versions:
+        cache, kept = code.compressed_cache(run_model, system_ids, code.spec("snapkv", 0.5, allocation))
+        counts = torch.stack([k[0].sum(-1) for k in kept])                               # (n_layers, H_kv)
+        sized = int(counts.max(1).values.sum()) * model.args.n_kv_heads * entry_bytes   # each layer: its largest head
+        name = allocation if code is ours else f"{code.name} {allocation}"
+        variants[name] = (run_model, cache, cache.checkpoint(), cache.nbytes(), sized, int(counts.sum()) * entry_bytes)
 
     steps = {name: [] for name in variants}
     with torch.no_grad():
@@ -504,41 +692,46 @@ def bench_ragged(args) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- decoding
+
 def bench_decoding(args) -> dict:
     """Decode tok/s and memory with and without compression during decoding, interleaved step by step.
 
     Both runs prefill the chat prompt, then decode --decoding-tokens tokens greedily without
-    stopping; each step is one forward of one token, and for the compressed run its cut_due
-    (the cut itself, every --decoding-interval steps, is inside the timed step). Memory: the
-    cache's buffers after every step (headroom included) and the most entries any KV head held
-    right after a forward, before its cut.
+    stopping; each step is one forward of one token, and for the compressed run its
+    Cuts.after_forward (the cut itself, every --decoding-interval steps, is inside the timed step).
+    Memory: the cache's buffers after every step (headroom included) and the most entries any KV
+    head held right after a forward, before its cut.
     """
+    from decoding import Cuts, Decoding
+    from policies import Compression
     tokenizer = load_tokenizer(args.folder)
-    model = load_model(args.folder)
+    model = this_tree().load(args.folder)
     prompt = torch.tensor([tokenizer.chat_ids(CHAT_SYSTEM, CHAT_USER)[1].ids])                  # (1, T)
     n = args.decoding_tokens
     if prompt.shape[1] + n > model.args.max_positions:
         raise SystemExit(f"--decoding-tokens {n}: the prompt plus answer exceed the model's context")
-    spec = Decoding("knorm", args.decoding_target, interval=args.decoding_interval)
+    spec = Decoding(Compression("knorm"), args.decoding_target, interval=args.decoding_interval)
     runs = {"off": None, f"knorm, target {spec.target}": spec}
     state = {}
     with torch.no_grad():
         for name, decoding in runs.items():
             cache = model.new_cache(capacity=prompt.shape[1] + 16)
             token = model(prompt, cache).argmax(-1)[:, None]
-            if decoding is not None:
-                cache.start_decoding([decoding])
-            state[name] = dict(cache=cache, token=token, steps=[], peak_bytes=cache.nbytes(), peak_entries=0,
-                               peak_bytes_after=0, peak_entries_after=0)
+            cuts = None if decoding is None else Cuts(decoding)
+            if cuts is not None:
+                cuts.start(cache)
+            state[name] = dict(cache=cache, cuts=cuts, token=token, steps=[], peak_bytes=cache.nbytes(),
+                               peak_entries=0, peak_bytes_after=0, peak_entries_after=0)
         for step in range(1, n):                                   # interleaved, step by step
-            for name, decoding in runs.items():
+            for name in runs:
                 run = state[name]
-                cache = run["cache"]
+                cache, cuts = run["cache"], run["cuts"]
                 start = time.perf_counter()
                 logits = model(run["token"], cache)
                 entries = max(int(v[0, :, :m].sum(-1).max()) for v, m in zip(cache.valid, cache.lengths))
-                if decoding is not None:
-                    cache.cut_due(step)
+                if cuts is not None:
+                    cuts.after_forward(cache, step)
                 run["steps"].append(time.perf_counter() - start)
                 run["token"] = logits.argmax(-1)[:, None]
                 run["peak_bytes"] = max(run["peak_bytes"], cache.nbytes())
@@ -546,6 +739,9 @@ def bench_decoding(args) -> dict:
                 if step > spec.interval:                            # after the first cut
                     run["peak_bytes_after"] = max(run["peak_bytes_after"], cache.nbytes())
                     run["peak_entries_after"] = max(run["peak_entries_after"], entries)
+        for run in state.values():
+            if run["cuts"] is not None:
+                run["cuts"].finish(run["cache"])
     rows, out = [], {"prompt_len": prompt.shape[1], "new_tokens": n, "runs": {}}
     for name, run in state.items():
         quartiles = statistics.quantiles(run["steps"], n=4)
@@ -565,26 +761,6 @@ def bench_decoding(args) -> dict:
     return out
 
 
-def load_baseline(revision: str) -> dict:
-    """model.py, cache.py and policies.py of a git revision, imported as separate modules (for `ragged`)."""
-    import importlib.util
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="nanokv-baseline-")
-    modules = {}
-    for name in ("policies", "cache", "model"):                                          # dependency order
-        source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:{name}.py"], capture_output=True,
-                                text=True, check=True).stdout
-        source = source.replace("from cache import", "from baseline_cache import")
-        source = source.replace("from policies import", "from baseline_policies import")
-        path = os.path.join(folder, f"baseline_{name}.py")
-        with open(path, "w") as f:
-            f.write(source)
-        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
-        modules[name] = sys.modules[f"baseline_{name}"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[name])
-    return modules
-
-
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
@@ -593,7 +769,13 @@ DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory", "batch", "ragged"]
 
 
 def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def main(argv=None):
@@ -604,7 +786,11 @@ def main(argv=None):
     parser.add_argument("--folder", default=DEFAULT_FOLDER, help="checkpoint folder (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is "
                         "reported (default: %(default)s)")
+    parser.add_argument("--baseline", metavar="REV", help="decode, compress, ragged: also time the core (model.py, "
+                        "cache.py, policies.py, decoding.py) of this git revision, interleaved with ours, e.g. "
+                        "de076ae (the commit before the redesign)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode: new tokens (default: %(default)s)")
+    parser.add_argument("--decode-dtypes", default="float32,bfloat16", help="decode: dtypes (default: %(default)s)")
     parser.add_argument("--no-hf", action="store_true", help="decode: skip the Hugging Face comparison")
     parser.add_argument("--lengths", type=int_list, default=[100, 1000, 4000],
                         help="compress: approximate system-turn lengths (default: 100,1000,4000)")
@@ -617,15 +803,14 @@ def main(argv=None):
     parser.add_argument("--batch-dtypes", default="float32,bfloat16", help="batch: dtypes (default: %(default)s)")
     parser.add_argument("--ragged-length", type=int, default=1000,
                         help="ragged: approximate system-turn length (default: %(default)s)")
-    parser.add_argument("--baseline", metavar="REV", help="ragged: also time the model, cache and policies "
-                        "of this git revision, e.g. the commit before ragged eviction")
     parser.add_argument("--decoding-tokens", type=int, default=2000,
                         help="decoding: greedy tokens per run (default: %(default)s)")
     parser.add_argument("--decoding-target", type=int, default=256,
                         help="decoding: entries per KV head after each cut (default: %(default)s)")
     parser.add_argument("--decoding-interval", type=int, default=16,
                         help="decoding: steps between cuts (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice, "
+                        "which OMP_NUM_THREADS sets)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -638,19 +823,42 @@ def main(argv=None):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, not {args.repeats}")
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
-        parser.error(f"no checkpoint in {args.folder}: run `python3 weights/prepare.py` first")
+        parser.error(f"no checkpoint in {args.folder}: run `python weights/prepare.py` (or `make weights`) first")
+    if args.baseline:
+        found = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}"],
+                               capture_output=True, text=True)
+        if found.returncode != 0:
+            parser.error(f"--baseline {args.baseline}: not a commit of the git repository at {ROOT}")
+        load_baseline(args.baseline)
     print(f"nanokv bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"model {os.path.relpath(args.folder, ROOT)}")
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "folder": args.folder}
+          f"model {os.path.relpath(args.folder, ROOT)}, commit {_commit()}"
+          + (f", baseline {args.baseline}" if args.baseline else ""))
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "folder": args.folder,
+               "commit": _commit(), "baseline": args.baseline, "load_before": os.getloadavg()}
     for name in sections:
         start = time.perf_counter()
         results[name] = SECTIONS[name](args)
         print(f"({name}: {time.perf_counter() - start:.0f} s)")
+    results["load_after"] = os.getloadavg()
+    print("load average (1, 5, 15 min): before " + ", ".join(f"{x:.2f}" for x in results["load_before"])
+          + "; after " + ", ".join(f"{x:.2f}" for x in results["load_after"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.json}")
+
+
+def _commit() -> str:
+    """This tree's commit, '+' when it has uncommitted changes to tracked files, or '?' outside git."""
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "?"
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 if __name__ == "__main__":
