@@ -107,11 +107,11 @@ def print_table(title: str, header: list[str], rows: list[list]):
 
 
 def iqr(values: list[float], scale: float = 1.0) -> str:
-    """The middle half of the runs as 'q1-q3' (inclusive quartiles), times `scale`; '-' for fewer than 2."""
+    """The middle half of the runs as 'q1..q3' (inclusive quartiles), times `scale`; '-' for fewer than 2."""
     if len(values) < 2:
         return "-"
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return f"{number(scale * q1)}-{number(scale * q3)}"
+    return f"{number(scale * q1)}..{number(scale * q3)}"
 
 
 def alternate(items: list, repeat: int) -> list:
