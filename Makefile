@@ -34,4 +34,4 @@ test: install-test weights
 	$(PY) -m pytest -q tests
 
 bench: weights
-	$(PY) bench.py
+	$(PY) bench/bench.py

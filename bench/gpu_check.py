@@ -22,14 +22,15 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT]          # bench/bench.py first (the folder bench/ is not a package), then the project
 
-import bench  # noqa: E402  (its prompt, so the numbers compare with the README's CPU table)
+import bench  # noqa: E402  (its prompt, so the numbers compare with docs/performance.md's CPU table)
 import evaluate  # noqa: E402
 from experiment import build_jobs, load_model_and_tokenizer, make_batches, run_batch  # noqa: E402
 from flags import parse_args, plan_run  # noqa: E402
-from model import generate, load_model, prefill  # noqa: E402
+from model import generate, load_model  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -47,10 +48,10 @@ def check_correctness(folder: str, device: str) -> dict:
     tok = load_tokenizer(folder)
     ids = torch.tensor([tok.chat_ids(bench.CHAT_SYSTEM, bench.CHAT_USER)[1].ids])          # (1, T)
     cpu = load_model(folder, dtype="float32")
-    expected = prefill(cpu, cpu.new_cache(), ids).float()                                   # (1, V)
+    expected = bench.forward(cpu, cpu.new_cache(), ids).float()                             # (1, V)
     del cpu
     on_device = load_model(folder, device=device, dtype="float32")
-    got = prefill(on_device, on_device.new_cache(), ids.to(device)).float().cpu()
+    got = bench.forward(on_device, on_device.new_cache(), ids.to(device)).float().cpu()
     diff = float((got - expected).abs().max())
     del on_device
     model = load_model(folder, device=device, dtype="bfloat16")
@@ -72,7 +73,8 @@ def check_decode(folder: str, device: str, batches: list[int], new_tokens: int, 
         run(2)                                                                              # warm up
         pre, one, full = [], [], []
         for _ in range(repeats):
-            pre.append(synchronized(device, lambda: prefill(model, model.new_cache(batch, capacity=len(prompt) + 8), ids)))
+            pre.append(synchronized(device, lambda: bench.forward(model, model.new_cache(batch, capacity=len(prompt) + 8),
+                                                                  ids)))
             one.append(synchronized(device, lambda: run(1)))
             full.append(synchronized(device, lambda: run(new_tokens)))
         pre_s, one_s, full_s = (statistics.median(t) for t in (pre, one, full))
