@@ -386,44 +386,66 @@ def bench_compress(args) -> dict:
         system = synthetic_system_turn(tokenizer, target)
         ids, replay = torch.tensor([system.ids]), tokenizer.replay(system)               # (1, L)
         L = ids.shape[1]
-        prefill_s = {code.name: {"plain": [], "sums": [], "replay": []} for code in codes}   # per repeat
-        compress_s = {code.name: {run[0]: [] for run in runs[code.name]} for code in codes}
-        for repeat in range(args.repeats):
-            order, states = alternate(codes, repeat), {}
-            for reads in ("plain", "sums", "replay"):                                  # each step: every code
-                for code in order:
-                    if reads == "replay" and not code.has("kvzip"):
-                        continue
-                    start = time.perf_counter()
-                    states[code.name, reads] = (code.replay(models[code.name], states[code.name, "plain"], ids, replay)
-                                                if reads == "replay" else
-                                                code.recorded_prefill(models[code.name], ids, "h2o" if reads == "sums" else None))
-                    prefill_s[code.name][reads].append(time.perf_counter() - start)
-            for label, policy, allocation, reads in COMPRESS_RUNS:
-                for code in order:
-                    if not code.has(policy, allocation):
-                        continue
-                    state = copy.deepcopy(states[code.name, reads])                    # compress changes it
-                    spec = code.spec(policy, 0.5, allocation)
-                    compress_s[code.name][label].append(timed(lambda: code.compress(state, spec)))
-                    del state
-            del states
+        prefill_s, compress_s = time_compress_steps(args.repeats, codes, models, runs, ids, replay)
         flash_s, sums_s = attention_times(model_shape(args.folder), L, 5 * args.repeats, codes)
         results[str(L)] = {}
         for code in codes:
-            p, c = prefill_s[code.name], compress_s[code.name]
-            extra = {"plain": [0.0] * args.repeats, "sums": [s - q for s, q in zip(p["sums"], p["plain"])],
-                     "replay": p["replay"]}
-            cost = {label: [e + t for e, t in zip(extra[reads], c[label])] for label, _, _, reads in runs[code.name]}
             attention = models[code.name].args.n_layers * (sums_s[code.name] - flash_s)
-            cost["h2o (attention)"] = [attention + t for t in c["h2o"]]
-            results[str(L)][code.name] = {
-                "prefill_s": statistics.median(p["plain"]), "prefill_s_runs": p["plain"],
-                "prefill_with_sums_s_runs": p["sums"], "replay_s_runs": p["replay"], "compress_s_runs": c,
-                "layer_attention_s": {"flash": flash_s, "with_sums": sums_s[code.name]},
-                "cost_s": {label: statistics.median(t) for label, t in cost.items()}, "cost_s_runs": cost,
-                "fraction": {label: statistics.median(t) / statistics.median(p["plain"]) for label, t in cost.items()}}
+            results[str(L)][code.name] = compress_result(args.repeats, runs[code.name], prefill_s[code.name],
+                                                         compress_s[code.name], attention,
+                                                         {"flash": flash_s, "with_sums": sums_s[code.name]})
         rows += compress_rows(L, codes, results[str(L)])
+    print_compress_report(args.repeats, codes, rows, results)
+    return results
+
+
+def time_compress_steps(repeats: int, codes: list[Code], models: dict, runs: dict, ids: torch.Tensor,
+                        replay) -> tuple[dict, dict]:
+    """Seconds per repeat, per code: its recorded prefills ("plain", "sums", "replay") of the turn, and
+    each of its compress runs on a copy of the state it reads; every step alternates between the codes."""
+    prefill_s = {code.name: {"plain": [], "sums": [], "replay": []} for code in codes}   # per repeat
+    compress_s = {code.name: {run[0]: [] for run in runs[code.name]} for code in codes}
+    for repeat in range(repeats):
+        order, states = alternate(codes, repeat), {}
+        for reads in ("plain", "sums", "replay"):                                  # each step: every code
+            for code in order:
+                if reads == "replay" and not code.has("kvzip"):
+                    continue
+                start = time.perf_counter()
+                states[code.name, reads] = (code.replay(models[code.name], states[code.name, "plain"], ids, replay)
+                                            if reads == "replay" else
+                                            code.recorded_prefill(models[code.name], ids, "h2o" if reads == "sums" else None))
+                prefill_s[code.name][reads].append(time.perf_counter() - start)
+        for label, policy, allocation, reads in COMPRESS_RUNS:
+            for code in order:
+                if not code.has(policy, allocation):
+                    continue
+                state = copy.deepcopy(states[code.name, reads])                    # compress changes it
+                spec = code.spec(policy, 0.5, allocation)
+                compress_s[code.name][label].append(timed(lambda: code.compress(state, spec)))
+                del state
+        del states
+    return prefill_s, compress_s
+
+
+def compress_result(repeats: int, runs: list, p: dict, c: dict, attention: float, layer_attention: dict) -> dict:
+    """One code's numbers for one turn: each run's cost (the extra prefill time of the state it reads, plus
+    its compress), its median and its share of the plain prefill. `attention`: the sums' extra attention
+    time in all layers, for "h2o (attention)"."""
+    extra = {"plain": [0.0] * repeats, "sums": [s - q for s, q in zip(p["sums"], p["plain"])],
+             "replay": p["replay"]}
+    cost = {label: [e + t for e, t in zip(extra[reads], c[label])] for label, _, _, reads in runs}
+    cost["h2o (attention)"] = [attention + t for t in c["h2o"]]
+    return {
+        "prefill_s": statistics.median(p["plain"]), "prefill_s_runs": p["plain"],
+        "prefill_with_sums_s_runs": p["sums"], "replay_s_runs": p["replay"], "compress_s_runs": c,
+        "layer_attention_s": layer_attention,
+        "cost_s": {label: statistics.median(t) for label, t in cost.items()}, "cost_s_runs": cost,
+        "fraction": {label: statistics.median(t) / statistics.median(p["plain"]) for label, t in cost.items()}}
+
+
+def print_compress_report(repeats: int, codes: list[Code], rows: list[list], results: dict):
+    """The compress table, the policies over the 10% target, and KVzip's replay and selection per turn."""
     names = [code.name for code in codes]
     header = ["L", "step"]
     for name in names:
@@ -431,7 +453,7 @@ def bench_compress(args) -> dict:
     if len(codes) > 1:
         header += [f"{names[0]}/{names[1]}"]
     print_table(f"compress: what compression (ratio 0.5) adds to the system prefill, all layers, median of "
-                f"{args.repeats} (target <= 10% at L >= 1000 for the paper's five); h2o = the prefill's extra time "
+                f"{repeats} (target <= 10% at L >= 1000 for the paper's five); h2o = the prefill's extra time "
                 "for its sums + its compress; kvzip = its replay + its compress", header, rows)
     ours = {L: r["ours"] for L, r in results.items()}
     over = [f"{name} at L={L} ({100 * r['fraction'][name]:.1f}%)" for L, r in ours.items() if int(L) >= 1000
@@ -443,7 +465,6 @@ def bench_compress(args) -> dict:
               f"{1000 * statistics.median(r['compress_s_runs']['kvzip']):,.1f} ms (uniform) / "
               f"{1000 * statistics.median(r['compress_s_runs']['kvzip global']):,.1f} ms (global) = "
               f"{r['fraction']['kvzip']:.2f}x / {r['fraction']['kvzip global']:.2f}x the prefill")
-    return results
 
 
 def compress_rows(L: int, codes: list[Code], results: dict) -> list[list]:
@@ -646,31 +667,8 @@ def bench_ragged(args) -> dict:
     system, whole = tokenizer.chat_ids(synthetic_system_text(tokenizer, args.ragged_length), CHAT_USER)
     system_ids = torch.tensor([system.ids])                                              # (1, L)
     user_ids = torch.tensor([whole.ids[len(system.ids):]])                               # (1, T)
-    entry_bytes = 2 * model.args.head_dim * model.dtype.itemsize                         # one key + value
-    variants = {}                                        # name -> (model, cache, checkpoint, bytes held, sized, kept)
-    versions = [(ours, model, allocation) for allocation in ours.policies.ALLOCATIONS]
-    if args.baseline:
-        base = load_baseline(args.baseline)
-        versions.append((base, base.load(args.folder), "uniform"))
-    for code, run_model, allocation in versions:
-        cache, kept = code.compressed_cache(run_model, system_ids, code.spec("snapkv", 0.5, allocation))
-        counts = torch.stack([k[0].sum(-1) for k in kept])                               # (n_layers, H_kv)
-        sized = int(counts.max(1).values.sum()) * model.args.n_kv_heads * entry_bytes   # each layer: its largest head
-        name = allocation if code is ours else f"{code.name} {allocation}"
-        variants[name] = (run_model, cache, cache.checkpoint(), cache.nbytes(), sized, int(counts.sum()) * entry_bytes)
-
-    steps = {name: [] for name in variants}
-    with torch.no_grad():
-        for _ in range(args.repeats):
-            tokens = {}
-            for name, (run_model, cache, saved, *_) in variants.items():
-                cache.restore(saved)
-                tokens[name] = run_model(user_ids, cache).argmax(-1)[:, None]           # the question, untimed
-            for _ in range(min(args.new_tokens, 60)):                                   # within the headroom
-                for name, (run_model, cache, *_) in variants.items():                   # interleaved, step by step
-                    start = time.perf_counter()
-                    tokens[name] = run_model(tokens[name], cache).argmax(-1)[:, None]
-                    steps[name].append(time.perf_counter() - start)
+    variants = ragged_variants(args, ours, model, system_ids)
+    steps = time_ragged_steps(variants, user_ids, args.repeats, min(args.new_tokens, 60))
     rows, out = [], {"system_len": system_ids.shape[1], "steps_per_round": min(args.new_tokens, 60), "runs": {}}
     base = None
     for name, (_, _, _, held, sized, kept) in variants.items():
@@ -690,6 +688,42 @@ def bench_ragged(args) -> dict:
     print("KV MB held: the buffers (headroom included); sized: each layer as large as its largest head; "
           "kept: the entries kept")
     return out
+
+
+def ragged_variants(args, ours: Code, model, system_ids: torch.Tensor) -> dict:
+    """The system turn compressed (snapkv, r = 0.5) with each of our allocations, and with --baseline by that
+    revision's core (uniform): name -> (model, cache, checkpoint, bytes held, sized, kept)."""
+    entry_bytes = 2 * model.args.head_dim * model.dtype.itemsize                         # one key + value
+    variants = {}                                        # name -> (model, cache, checkpoint, bytes held, sized, kept)
+    versions = [(ours, model, allocation) for allocation in ours.policies.ALLOCATIONS]
+    if args.baseline:
+        base = load_baseline(args.baseline)
+        versions.append((base, base.load(args.folder), "uniform"))
+    for code, run_model, allocation in versions:
+        cache, kept = code.compressed_cache(run_model, system_ids, code.spec("snapkv", 0.5, allocation))
+        counts = torch.stack([k[0].sum(-1) for k in kept])                               # (n_layers, H_kv)
+        sized = int(counts.max(1).values.sum()) * model.args.n_kv_heads * entry_bytes   # each layer: its largest head
+        name = allocation if code is ours else f"{code.name} {allocation}"
+        variants[name] = (run_model, cache, cache.checkpoint(), cache.nbytes(), sized, int(counts.sum()) * entry_bytes)
+    return variants
+
+
+def time_ragged_steps(variants: dict, user_ids: torch.Tensor, repeats: int, n_steps: int) -> dict:
+    """Seconds of each decoding step per variant: every round restores its cache and prefills the question
+    (untimed), then runs `n_steps` greedy steps, interleaved step by step across the variants."""
+    steps = {name: [] for name in variants}
+    with torch.no_grad():
+        for _ in range(repeats):
+            tokens = {}
+            for name, (run_model, cache, saved, *_) in variants.items():
+                cache.restore(saved)
+                tokens[name] = run_model(user_ids, cache).argmax(-1)[:, None]           # the question, untimed
+            for _ in range(n_steps):                                                    # within the headroom
+                for name, (run_model, cache, *_) in variants.items():                   # interleaved, step by step
+                    start = time.perf_counter()
+                    tokens[name] = run_model(tokens[name], cache).argmax(-1)[:, None]
+                    steps[name].append(time.perf_counter() - start)
+    return steps
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -716,29 +750,10 @@ def bench_decoding(args) -> dict:
     state = {}
     with torch.no_grad():
         for name, decoding in runs.items():
-            cache = model.new_cache(capacity=prompt.shape[1] + 16)
-            token = model(prompt, cache).argmax(-1)[:, None]
-            cuts = None if decoding is None else Cuts(decoding)
-            if cuts is not None:
-                cuts.start(cache)
-            state[name] = dict(cache=cache, cuts=cuts, token=token, steps=[], peak_bytes=cache.nbytes(),
-                               peak_entries=0, peak_bytes_after=0, peak_entries_after=0)
+            state[name] = start_decoding_run(model, prompt, None if decoding is None else Cuts(decoding))
         for step in range(1, n):                                   # interleaved, step by step
             for name in runs:
-                run = state[name]
-                cache, cuts = run["cache"], run["cuts"]
-                start = time.perf_counter()
-                logits = model(run["token"], cache)
-                entries = max(int(v[0, :, :m].sum(-1).max()) for v, m in zip(cache.valid, cache.lengths))
-                if cuts is not None:
-                    cuts.after_forward(cache, step)
-                run["steps"].append(time.perf_counter() - start)
-                run["token"] = logits.argmax(-1)[:, None]
-                run["peak_bytes"] = max(run["peak_bytes"], cache.nbytes())
-                run["peak_entries"] = max(run["peak_entries"], entries)
-                if step > spec.interval:                            # after the first cut
-                    run["peak_bytes_after"] = max(run["peak_bytes_after"], cache.nbytes())
-                    run["peak_entries_after"] = max(run["peak_entries_after"], entries)
+                decoding_step(model, state[name], step, spec.interval)
         for run in state.values():
             if run["cuts"] is not None:
                 run["cuts"].finish(run["cache"])
@@ -761,6 +776,33 @@ def bench_decoding(args) -> dict:
     return out
 
 
+def start_decoding_run(model, prompt: torch.Tensor, cuts) -> dict:
+    """One run's state after prefilling the prompt into a fresh cache (and starting its cuts, if any)."""
+    cache = model.new_cache(capacity=prompt.shape[1] + 16)
+    token = model(prompt, cache).argmax(-1)[:, None]
+    if cuts is not None:
+        cuts.start(cache)
+    return dict(cache=cache, cuts=cuts, token=token, steps=[], peak_bytes=cache.nbytes(),
+                peak_entries=0, peak_bytes_after=0, peak_entries_after=0)
+
+
+def decoding_step(model, run: dict, step: int, interval: int):
+    """One timed step of a run (a forward of its last token, then its cut, if due), and its peaks updated."""
+    cache, cuts = run["cache"], run["cuts"]
+    start = time.perf_counter()
+    logits = model(run["token"], cache)
+    entries = max(int(v[0, :, :m].sum(-1).max()) for v, m in zip(cache.valid, cache.lengths))
+    if cuts is not None:
+        cuts.after_forward(cache, step)
+    run["steps"].append(time.perf_counter() - start)
+    run["token"] = logits.argmax(-1)[:, None]
+    run["peak_bytes"] = max(run["peak_bytes"], cache.nbytes())
+    run["peak_entries"] = max(run["peak_entries"], entries)
+    if step > interval:                                     # after the first cut
+        run["peak_bytes_after"] = max(run["peak_bytes_after"], cache.nbytes())
+        run["peak_entries_after"] = max(run["peak_entries_after"], entries)
+
+
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
@@ -778,7 +820,8 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the sections to run and each section's settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                         help=f"comma-separated sections to run, from {', '.join(SECTIONS)} "
@@ -813,12 +856,11 @@ def main(argv=None):
                         "which OMP_NUM_THREADS sets)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_probe:
-        return memory_probe(args.folder, args.memory_probe[0], int(args.memory_probe[1]))
+    return parser
 
+
+def check_args(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The sections to run, after checking the flags, the checkpoint and --baseline (loaded here)."""
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -833,6 +875,17 @@ def main(argv=None):
         if found.returncode != 0:
             parser.error(f"--baseline {args.baseline}: not a commit of the git repository at {ROOT}")
         load_baseline(args.baseline)
+    return sections
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        return memory_probe(args.folder, args.memory_probe[0], int(args.memory_probe[1]))
+    sections = check_args(parser, args)
     print(f"nanokv bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"model {os.path.relpath(args.folder, ROOT)}, commit {_commit()}"
           + (f", baseline {args.baseline}" if args.baseline else ""))
