@@ -24,6 +24,8 @@ Sections (each prints one plain table):
               chat prompt at batch 1, float32, with the cache cut to --decoding-target entries per KV
               head (knorm, every 16 steps) and without; peak cache bytes, most entries per head, decode tok/s
               (several minutes: only with --only decoding)
+  window      the cache of a sliding-window model (every layer given --window) on a prompt several
+              times longer than the window: entries and bytes held, with and without the window
 
 --baseline REV imports model.py, cache.py and policies.py (and decoding.py where REV has one) of a git
 revision as separate modules, so that one run times both cores on the same inputs. Either core API works:
@@ -803,10 +805,47 @@ def decoding_step(model, run: dict, step: int, interval: int):
         run["peak_entries_after"] = max(run["peak_entries_after"], entries)
 
 
+def bench_window(args) -> dict:
+    """The cache of a sliding-window model stays bounded by its window on a prompt several times longer.
+
+    The default model with every layer given a sliding window of --window tokens (as Mistral's config
+    sets it): a synthetic system turn of --window-length tokens is prefilled in chunks of --window
+    tokens, then 64 tokens are decoded. Printed: the most entries any layer holds and the cache's bytes
+    (headroom included) after the prefill and after decoding, with and without the window.
+    """
+    import dataclasses
+    tokenizer = load_tokenizer(args.folder)
+    model = this_tree().load(args.folder)
+    ids = torch.tensor([synthetic_system_turn(tokenizer, args.window_length).ids])
+    full_windows = model.args.windows
+    rows, out = [], {"prompt_len": ids.shape[1], "window": args.window, "runs": {}}
+    with torch.no_grad():
+        for name, windows in (("no window", full_windows), (f"window {args.window}", [args.window] * model.args.n_layers)):
+            model.args = dataclasses.replace(model.args, windows=windows)
+            cache = model.new_cache(capacity=args.window)
+            for start in range(0, ids.shape[1], args.window):               # chunked prefill
+                token = model(ids[:, start:start + args.window], cache).argmax(-1)[:, None]
+            after_prefill = (max(cache.lengths), cache.nbytes())
+            for _ in range(64):
+                token = model(token, cache).argmax(-1)[:, None]
+            after_decode = (max(cache.lengths), cache.nbytes())
+            rows.append([name, after_prefill[0], after_prefill[1] / 2**20, after_decode[0], after_decode[1] / 2**20])
+            out["runs"][name] = {"slots_after_prefill": after_prefill[0], "bytes_after_prefill": after_prefill[1],
+                                 "slots_after_decode": after_decode[0], "bytes_after_decode": after_decode[1]}
+    model.args = dataclasses.replace(model.args, windows=full_windows)
+    print_table(f"window: a {ids.shape[1]}-token system turn prefilled in chunks of {args.window}, then 64 decoded "
+                f"tokens, batch 1, float32", ["attention", "slots per layer after prefill", "cache MB",
+                                              "slots after decoding", "cache MB"], rows)
+    print("slots: the most any layer holds (its buffer's filled length); a windowed layer forgets what no later "
+          "query can see before it outgrows window + headroom")
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 SECTIONS = {"decode": bench_decode, "compress": bench_compress, "h2o-memory": bench_h2o_memory,
-            "batch": bench_batch, "ragged": bench_ragged, "decoding": bench_decoding}
+            "batch": bench_batch, "ragged": bench_ragged, "decoding": bench_decoding,
+            "window": bench_window}
 DEFAULT_SECTIONS = ["decode", "compress", "h2o-memory", "batch", "ragged"]
 
 
@@ -852,6 +891,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoding: entries per KV head after each cut (default: %(default)s)")
     parser.add_argument("--decoding-interval", type=int, default=16,
                         help="decoding: steps between cuts (default: %(default)s)")
+    parser.add_argument("--window", type=int, default=256,
+                        help="window: the sliding window given to every layer (default: %(default)s)")
+    parser.add_argument("--window-length", type=int, default=2048,
+                        help="window: approximate system-turn length (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice, "
                         "which OMP_NUM_THREADS sets)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
