@@ -646,7 +646,7 @@ class RunFolder:
             with open(run_json, "rb") as f:
                 try:
                     previous = json.load(f)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                     previous = None
             if not isinstance(previous, dict):
                 raise UsageError(f"{run_json} is corrupt: delete the folder or choose another --out")
@@ -684,7 +684,7 @@ class RunFolder:
                             and isinstance(record.get("records_in_job"), int)):
                         raise ValueError("not a record")
                     records.append((path, record))
-                except ValueError:                               # JSONDecodeError and UnicodeDecodeError too
+                except (ValueError, RecursionError):             # JSONDecodeError and UnicodeDecodeError too
                     if number < len(lines) or last != b"":
                         raise UsageError(f"{path}:{number} is not a JSON record (the file was edited?): "
                                          "delete that line or choose another --out") from None
@@ -843,6 +843,8 @@ def load_text(plan: Plan):
                 config = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+            except RecursionError:
+                raise ValueError(f"{config_path} is not a config: it nests deeper than Python's JSON reader allows") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_path} is not a JSON object")
         model_args = ModelArgs.from_hf_config(config)

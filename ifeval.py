@@ -278,7 +278,7 @@ def check_json_format(response: str) -> bool:
     text = text.removesuffix("```").strip()
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 

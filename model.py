@@ -374,6 +374,8 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a config: it nests deeper than Python's JSON reader allows") from None
 
 
 def _safetensors_files(folder: str) -> list[str]:

@@ -245,6 +245,8 @@ def load_sys_ifeval(path) -> list[Prompt]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{line_no}: not a record: it nests deeper than Python's JSON reader allows") from None
         _check_record(path, line_no, record)
         ids, kwargs, messages = record["instruction_id_list"], record["kwargs"], record["messages"]
         key = str(record["key"])
@@ -302,6 +304,8 @@ def load_defenses(path) -> dict[str, Defense]:
         templates = json.loads(_read_bytes(path).decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a set of templates: it nests deeper than Python's JSON reader allows") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(templates, dict) or not templates:

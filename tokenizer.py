@@ -230,6 +230,8 @@ def _read_json(path: Path) -> dict:
                          "re-download it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); regenerate or re-download it") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests deeper than Python's JSON reader allows; regenerate or re-download it") from None
     except OSError as err:
         raise ValueError(f"{path} cannot be read ({err.strerror}); regenerate or re-download it") from None
     if not isinstance(data, dict):
@@ -246,7 +248,9 @@ def _read_json(path: Path) -> dict:
 #   Loops are metered by a rewrite of the parsed template (each loop body starts by taking a step), calls by the
 #   sandbox's `call`, which every call in a sandboxed template goes through.
 # - time: MAX_TEMPLATE_SECONDS. Each step and each filter checks the clock, and a watchdog (_Watchdog) stops the
-#   rendering at its deadline inside one long call or filter too (wordwrap on megabytes of text, say).
+#   rendering at its deadline inside one long call or filter too (wordwrap on megabytes of text, say). Across
+#   renderings a template may spend SLOW_TEMPLATE_SECONDS in all, then at most SLOW_TEMPLATE_MEAN per rendering
+#   on average: a run renders each prompt a few times, so 2 s per rendering would add up to minutes.
 # - size: no string, list or tuple may hold more than MAX_TEMPLATE_CHARS items, nor the output; no integer more
 #   than MAX_TEMPLATE_INT_BITS bits; and all values built and all text written (to the output, or into a macro's
 #   result or a {% set %} block) together at most MAX_TEMPLATE_BUILT items. Whatever can
@@ -263,6 +267,7 @@ def _read_json(path: Path) -> dict:
 # limits too.
 MAX_TEMPLATE_STEPS = 100_000
 MAX_TEMPLATE_SECONDS = 5.0
+SLOW_TEMPLATE_SECONDS, SLOW_TEMPLATE_MEAN = 2.0, 0.05       # a real template: about a millisecond a rendering
 MAX_TEMPLATE_CHARS = 10_000_000
 MAX_TEMPLATE_BUILT = 100_000_000
 MAX_TEMPLATE_INT_BITS = 100_000
@@ -755,6 +760,27 @@ def _render_bounded(template: jinja2.Template, variables: dict) -> str:
         _budget.reset(token)
 
 
+def _fill_in(text: str, literals: list[str], choices: list[list[str]]) -> list[tuple[int, int]] | None:
+    """Where `text` is literals[0] + one of choices[0] + literals[1] + ... + literals[-1], the (start, end) of
+    each choice, the earlier choices preferred (as a regex alternation would match); None if it is not. Plain
+    string comparisons: a regex of long alternatives compiles in quadratic time."""
+    failed = set()                                         # (i, position): no way to finish from there
+
+    def finish(i: int, position: int) -> list | None:
+        if not text.startswith(literals[i], position) or (i, position) in failed:
+            return None
+        position += len(literals[i])
+        if i == len(choices):
+            return [] if position == len(text) else None
+        for choice in choices[i]:
+            if text.startswith(choice, position) and (rest := finish(i + 1, position + len(choice))) is not None:
+                return [(position, position + len(choice)), *rest]
+        failed.add((i, position - len(literals[i])))
+        return None
+
+    return finish(0, 0)
+
+
 class Tokenizer:
     """Text <-> ids for one checkpoint, and its chat template. Made by `load_tokenizer`."""
 
@@ -774,6 +800,7 @@ class Tokenizer:
         self.bos_token, self.eos_token = self.template_vars.get("bos_token"), self.template_vars.get("eos_token")
         self.bos_id, self.eos_id = self.special_tokens.get(self.bos_token), self.special_tokens.get(self.eos_token)
         self.chat_template = chat_template
+        self.render_seconds, self.renders = 0.0, 0          # the template's time so far (SLOW_TEMPLATE_*)
         longest_first = sorted(self.special_tokens, key=len, reverse=True)
         self.special_regex = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
 
@@ -817,8 +844,13 @@ class Tokenizer:
         source = self.template_source
         try:
             template = _compile_chat_template(self.chat_template)
+            start = time.monotonic()
             text = _render_bounded(template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
                                                   tools=None, documents=None, **self.template_vars, **options))
+            self.render_seconds, self.renders = self.render_seconds + time.monotonic() - start, self.renders + 1
+            if self.render_seconds > SLOW_TEMPLATE_SECONDS and self.render_seconds > SLOW_TEMPLATE_MEAN * self.renders:
+                raise _TemplateOverBudget(f"it took {self.render_seconds:.1f} s for {self.renders} rendering(s), "
+                                          f"more than {SLOW_TEMPLATE_MEAN * 1000:g} ms each on average")
         except _TemplateOverBudget as err:
             raise ValueError(f"refused the chat template in {source}: {err}; a real chat template stays far below "
                              "these limits, so replace it with the model's original one") from None
@@ -882,11 +914,11 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt, **options)
         skeleton = self.render_chat([{**m, "content": CONTENT_MARK.format(i)} for i, m in enumerate(messages)],
                                     add_generation_prompt, **options)
-        pattern, owners, position = [], [], 0
+        literals, choices, owners, position = [], [], [], 0
         for mark in re.finditer(CONTENT_MARK.format(r"(\d+)"), skeleton):
             content = messages[int(mark.group(1))]["content"]
-            variants = dict.fromkeys([content, content.strip(), content.lstrip(), content.rstrip()])
-            pattern += [re.escape(skeleton[position:mark.start()]), "(" + "|".join(map(re.escape, variants)) + ")"]
+            literals.append(skeleton[position:mark.start()])
+            choices.append(list(dict.fromkeys([content, content.strip(), content.lstrip(), content.rstrip()])))
             owners.append(int(mark.group(1)))
             position = mark.end()
         if absent := sorted(set(range(len(messages))) - set(owners)):
@@ -895,11 +927,10 @@ class Tokenizer:
                              f"{absent} in place: it drops them or folds them into another message"
                              + (" (Mistral's folds the system message into the last user turn)" if folded_system else "")
                              + "; nanokv needs a template that writes each message where it stands")
-        found = re.fullmatch("".join(pattern) + re.escape(skeleton[position:]), text, flags=re.DOTALL)
-        if found is None:
+        content_ranges = _fill_in(text, [*literals, skeleton[position:]], choices)
+        if content_ranges is None:
             raise ValueError(f"the chat template in {self.template_source} changes message contents beyond trimming, so "
                              "nanokv cannot tell its text from user text; refusing to guess where special tokens are")
-        content_ranges = [found.span(group) for group in range(1, len(owners) + 1)]
         spans, leads = {}, {}
         for owner, (start, end) in zip(owners, content_ranges):
             if owner not in spans:

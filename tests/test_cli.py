@@ -547,6 +547,7 @@ BAD_INPUTS = [
     ("evaluate", ["--allocation", "pyramid", "--allocation-option", "beta=0"], "pyramid fails with it (ValueError: pyramid needs window >= 0 and beta >= 1"),
     ("evaluate", ["--data", "/nonexistent.jsonl"], "does not exist"),
     ("evaluate", ["--data", "CORRUPT_DATA"], "data.jsonl:2: not valid JSON"),
+    ("evaluate", ["--data", "NESTED_DATA"], "data.jsonl:2: not a record: it nests deeper than Python's JSON reader"),
     ("evaluate", ["--data", "MISSING_FIELD"], "field 'messages'"),
     ("evaluate", ["--data", "GOOD_DATA", "--fair", "instructions"], "--fair instructions needs"),
     ("evaluate", ["--data", "GOOD_DATA", "--order", "reversed"], "--order reversed needs"),
@@ -625,6 +626,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_chat, capsys, m
         "OTHER_SETTINGS": lambda: (out.mkdir(), (out / "run.json").write_text('{"policy": "h2o"}'), str(out))[2],
         "CORRUPT_RUN": lambda: (out.mkdir(), (out / "run.json").write_text('{"poli'), str(out))[2],
         "CORRUPT_DATA": lambda: data_file(tmp_path, GOOD_RECORD + "\n{not json\n"),
+        "NESTED_DATA": lambda: data_file(tmp_path, GOOD_RECORD + "\n" + "[" * 100_000 + "\n"),
         "MISSING_FIELD": lambda: data_file(tmp_path, '{"key": 1, "instruction_id_list": ["punctuation:no_comma"], '
                                                      '"kwargs": [{}]}\n'),
         "GOOD_DATA": lambda: data_file(tmp_path, GOOD_RECORD + "\n"),

@@ -778,3 +778,44 @@ def test_corrupt_tokenizer_files_give_one_line(tmp_path, bpe_folders):
     (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}]}))
     with pytest.raises(ValueError, match="none named 'default' in its list"):
         load_tokenizer(named).chat_ids("a", "b")
+
+
+def test_a_template_slow_on_every_rendering_is_refused_across_renderings(bpe_folders, monkeypatch):
+    """Each rendering stays under the clock, but a run renders every prompt a few times: once the template has
+    spent SLOW_TEMPLATE_SECONDS in all, it must average at most SLOW_TEMPLATE_MEAN a rendering."""
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "SLOW_TEMPLATE_SECONDS", 0.2)
+    monkeypatch.setattr(tokenizer, "SLOW_TEMPLATE_MEAN", 0.02)
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    real = tok.chat_template
+    for _ in range(100):                                   # the real template: a few ms a rendering at most
+        tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], True)
+    tok = load_tokenizer(bpe_folders / "qwen2")
+    tok.chat_template = "{% for i in range(60000) %}{% endfor %}" + real     # about 0.1 s a rendering
+    with pytest.raises(ValueError, match=r"refused the chat template in .*: it took [\d.]+ s for \d+ rendering\(s\), "
+                                         r"more than 20 ms each on average"):
+        for _ in range(100):
+            tok.render_chat([{"role": "user", "content": "hi"}], True)
+    assert tok.renders < 100
+
+
+def test_contents_are_found_as_a_regex_alternation_finds_them():
+    """tokenizer._fill_in against the regex it replaces (literal, (content|stripped variants), literal, ...),
+    on random texts built from a few characters so that ambiguous placements are common."""
+    from tokenizer import _fill_in
+    rng = random.Random(0)
+    for _ in range(3000):
+        pieces = lambda: "".join(rng.choice("ab \n") for _ in range(rng.randrange(4)))
+        n = rng.randrange(1, 4)
+        literals = [pieces() for _ in range(n + 1)]
+        contents = [pieces() for _ in range(n)]
+        choices = [list(dict.fromkeys([c, c.strip(), c.lstrip(), c.rstrip()])) for c in contents]
+        picks = [rng.choice(c) for c in choices]
+        text = literals[0] + "".join(p + l for p, l in zip(picks, literals[1:]))
+        if rng.random() < 0.2:
+            text += rng.choice("ab ")                      # sometimes no placement fits
+        pattern = re.escape(literals[0]) + "".join("(" + "|".join(map(re.escape, c)) + ")" + re.escape(l)
+                                                   for c, l in zip(choices, literals[1:]))
+        found = re.fullmatch(pattern, text, flags=re.DOTALL)
+        expected = None if found is None else [found.span(g) for g in range(1, n + 1)]
+        assert _fill_in(text, literals, choices) == expected, (text, literals, contents)
