@@ -887,8 +887,8 @@ def ruler_accuracy_figure(results: dict, tasks: list[str], out: str) -> str:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Retrieval under compression: RULER's string match vs r (curves shifted sideways so that "
-                 "equal values stay visible)", fontsize=10)
+    fig.suptitle("Retrieval under compression: RULER's string match vs r\n(curves shifted sideways so that "
+                 "equal values stay visible)", fontsize=9)
     return save_figure(fig, out, "fig_ruler_accuracy.png")
 
 
