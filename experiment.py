@@ -555,7 +555,7 @@ class RunFolder:
         own = records_name if shard.world_size == 1 else f"{self.stem}.rank{shard.rank}{self.extension}"
         self.records_path = os.path.join(path, own)
         self.locks: list[tuple[int, str]] = []                   # (descriptor, path) of the locks held
-        self.created = False                                     # open() made the folder (close() removes it if empty)
+        self.created = []                                        # folders open() made (close() removes them if empty)
         self.duplicates = 0                                      # record lines read_finished found twice
 
     def record_files(self) -> list[str]:
@@ -569,16 +569,22 @@ class RunFolder:
 
     def open(self):
         """check() under the folder's lock: how a run opens --out, before any work. On rank 0 or a single
-        process it creates the folder (close() removes it again if the run writes nothing)."""
+        process it creates the folder and any missing parents (close() removes them again if the run writes
+        nothing)."""
         self.check_path()
         if self.shard.rank == 0:
-            try:
-                os.mkdir(self.path)
-                self.created = True
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise UsageError(f"--out {self.path!r} cannot be made ({e.strerror}): choose another --out") from None
+            missing, folder = [], os.path.abspath(self.path)
+            while not os.path.exists(folder):
+                missing.append(folder)
+                folder = os.path.dirname(folder)
+            for folder in reversed(missing):                     # the outermost first
+                try:
+                    os.mkdir(folder)
+                    self.created.append(folder)
+                except FileExistsError:                          # another process made it meanwhile
+                    pass
+                except OSError as e:
+                    raise UsageError(f"--out {self.path!r} cannot be made ({e.strerror}): choose another --out") from None
             self.lock(LOCK, "")
         self.check()
 
@@ -612,12 +618,12 @@ class RunFolder:
         """Release the locks; remove the folder if open() made it and nothing was written into it."""
         while self.locks:
             release_lock(*self.locks.pop())
-        if self.created:
+        while self.created:
             try:
-                os.rmdir(self.path)                              # only when empty
+                os.rmdir(self.created.pop())                     # the innermost first, and only when empty
             except OSError:
-                pass
-            self.created = False
+                break
+        self.created = []
 
     def check_path(self):
         """Refuse a --out that is a file or cannot be written."""

@@ -727,11 +727,19 @@ def test_weights_that_do_not_fit_are_one_line_after_the_text_checks(tmp_path, ti
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main_guard(lambda: evaluate.main(["--model", model, "--limit", "2", "--max-new-tokens", "2",
-                                          "--out", str(tmp_path / "out")]))
+                                          "--out", str(tmp_path / "runs" / "out")]))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert steps == ["build_jobs", "load_model"]
-    assert snapshot(tmp_path) == before                                   # the folder made for the lock is gone
+    assert snapshot(tmp_path) == before               # the folders made for the lock (and their parent) are gone
+
+
+def test_an_out_whose_parents_do_not_exist_yet_is_made(tmp_path, tiny_chat, no_figures):
+    """The default --out is runs/evaluate: on a fresh clone runs/ does not exist yet (make demo)."""
+    out = tmp_path / "runs" / "deeper" / "evaluate"
+    evaluate.main(["--model", tiny_chat, "--limit", "2", "--max-new-tokens", "2", "--policy", "tova",
+                   "--ratios", "0", "--out", str(out)])
+    assert (out / "responses.jsonl").read_text().count("\n") == 2 and (out / "summary.json").is_file()
 
 
 def test_a_data_record_that_fails_validation_writes_nothing(tmp_path, tiny_chat, capsys, monkeypatch):
