@@ -493,8 +493,9 @@ def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tens
 def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: torch.Tensor) -> torch.Tensor:
     """Kept mask (H, n): for each head h and part j, its best quotas[h, j] entries of part j (part None: one part)."""
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if part is None and tier is None and len(set(quotas.flatten().tolist())) == 1:   # one topk for every head
-        return kept.scatter_(1, scores.topk(int(quotas[0, 0]), dim=-1).indices, True)
+    every = quotas.flatten().tolist()
+    if part is None and tier is None and len(set(every)) == 1:                     # one topk for every head
+        return kept.scatter_(1, scores.topk(every[0], dim=-1).indices, True)
     for h, head_quotas in enumerate(quotas.tolist()):
         for j, quota in enumerate(head_quotas):          # one head at a time: each its own quota
             index = None if part is None else (part[h] == j).nonzero()[:, 0]
@@ -532,7 +533,7 @@ def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
         present = torch.arange(n, device=valid.device) < count[:, None]
         positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
     evictable = present if limit is None else present & (positions < limit)
-    return Held(slots, present, positions, evictable & (not cache.exempt[layer]), prefix)
+    return Held(slots, present, positions, torch.zeros_like(present) if cache.exempt[layer] else evictable, prefix)
 
 
 def taker(slots: torch.Tensor, repeat: int = 1):
@@ -565,7 +566,8 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     scores = None if held.prefix and same else torch.full((kv_heads, n), -math.inf, device=keys.device)
     for heads in [list(range(kv_heads))] if same else [[h] for h in range(kv_heads)]:
         # each head's own slots, in position order (heads holding the same entries may hold them in other slots)
-        slots = held.slots[heads, :int(held.present[heads[0]].sum())]              # (heads, m)
+        m = n if held.prefix else int(held.present[heads[0]].sum())
+        slots = held.slots[:, :m] if len(heads) == kv_heads else held.slots[heads, :m]   # (heads, m)
         mine = (lambda x: x) if len(heads) == kv_heads else (lambda x, rows=heads: x[rows])   # noqa: E731
         own_queries = queries if len(heads) == kv_heads else queries[[h * group + g for h in heads for g in range(group)]]
         take = (lambda x: x[:, :n]) if held.prefix else taker(slots)
