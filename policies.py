@@ -493,10 +493,10 @@ def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tens
 def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: torch.Tensor) -> torch.Tensor:
     """Kept mask (H, n): for each head h and part j, its best quotas[h, j] entries of part j (part None: one part)."""
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    every = quotas.flatten().tolist()
-    if part is None and tier is None and len(set(every)) == 1:                     # one topk for every head
-        return kept.scatter_(1, scores.topk(every[0], dim=-1).indices, True)
-    for h, head_quotas in enumerate(quotas.tolist()):
+    per_head = quotas.tolist()
+    if part is None and tier is None and len({q for head in per_head for q in head}) == 1:   # one topk for all
+        return kept.scatter_(1, scores.topk(per_head[0][0], dim=-1).indices, True)
+    for h, head_quotas in enumerate(per_head):
         for j, quota in enumerate(head_quotas):          # one head at a time: each its own quota
             index = None if part is None else (part[h] == j).nonzero()[:, 0]
             take = (lambda x: x[h]) if index is None else (lambda x: x[h, index])
@@ -564,12 +564,11 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     partial = n_queries is not None or first > 0                                  # a decode cut: the newest only
     same = bool((held.positions == held.positions[:1]).all())
     scores = None if held.prefix and same else torch.full((kv_heads, n), -math.inf, device=keys.device)
-    for heads in [list(range(kv_heads))] if same else [[h] for h in range(kv_heads)]:
+    for h in [None] if same else range(kv_heads):                                # all heads at once, or head h
+        mine = (lambda x: x) if h is None else (lambda x: x[h:h + 1])             # noqa: E731
+        own_queries = queries if h is None else queries[h * group:(h + 1) * group]
         # each head's own slots, in position order (heads holding the same entries may hold them in other slots)
-        m = n if held.prefix else int(held.present[heads[0]].sum())
-        slots = held.slots[:, :m] if len(heads) == kv_heads else held.slots[heads, :m]   # (heads, m)
-        mine = (lambda x: x) if len(heads) == kv_heads else (lambda x, rows=heads: x[rows])   # noqa: E731
-        own_queries = queries if len(heads) == kv_heads else queries[[h * group + g for h in heads for g in range(group)]]
+        slots = mine(held.slots)[:, :n if held.prefix else int(mine(held.present)[0].sum())]   # (heads, m)
         take = (lambda x: x[:, :n]) if held.prefix else taker(slots)
         q = take(own_queries) if held.prefix and not partial else \
             taker((slots - first).clamp(min=0), group)(own_queries)               # (heads * group, m, D)
@@ -585,7 +584,7 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
                                "declare what it reads in decoding.DECODE")
         if held.prefix and same:
             return found
-        scores[heads, :slots.shape[1]] = found
+        mine(scores)[:, :slots.shape[1]] = found                                  # a view: writes into scores
     return scores
 
 
