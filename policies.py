@@ -511,8 +511,11 @@ class Held:
     slots: torch.Tensor        # (H_kv, n) the cache slot of each entry (anything where absent)
     present: torch.Tensor      # (H_kv, n) True where the head holds an entry
     positions: torch.Tensor    # (H_kv, n) original positions (-1 where absent)
-    evictable: torch.Tensor    # (H_kv, n) entries that may go; the others are kept whatever their score
-    prefix: bool = False       # every head holds exactly slots 0 .. n-1 (a prefill; a cut after a uniform one)
+    evictable: torch.Tensor    # (H_kv, n) entries that may go
+    fixed: torch.Tensor        # (H_kv, n) the others: kept whatever their score
+    n_evictable: torch.Tensor  # (H_kv,)
+    prefix: bool               # every head holds exactly slots 0 .. n-1 (a prefill; a cut after a uniform one)
+    same: bool                 # every head holds the same positions
 
 
 def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
@@ -533,7 +536,9 @@ def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
         present = torch.arange(n, device=valid.device) < count[:, None]
         positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
     evictable = present if limit is None else present & (positions < limit)
-    return Held(slots, present, positions, torch.zeros_like(present) if cache.exempt[layer] else evictable, prefix)
+    evictable = torch.zeros_like(present) if cache.exempt[layer] else evictable
+    same = bool((positions == positions[:1]).all())
+    return Held(slots, present, positions, evictable, present & ~evictable, evictable.sum(-1), prefix, same)
 
 
 def taker(slots: torch.Tensor, repeat: int = 1):
@@ -562,9 +567,8 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
     group, S = queries.shape[0] // kv_heads, cache.lengths[layer]
     first = S - queries.shape[1]                                                  # the slot of the first recorded
     partial = n_queries is not None or first > 0                                  # a decode cut: the newest only
-    same = bool((held.positions == held.positions[:1]).all())
-    scores = None if held.prefix and same else torch.full((kv_heads, n), -math.inf, device=keys.device)
-    for h in [None] if same else range(kv_heads):                                # all heads at once, or head h
+    scores = None if held.prefix and held.same else torch.full((kv_heads, n), -math.inf, device=keys.device)
+    for h in [None] if held.same else range(kv_heads):                           # all heads at once, or head h
         mine = (lambda x: x) if h is None else (lambda x: x[h:h + 1])             # noqa: E731
         own_queries = queries if h is None else queries[h * group:(h + 1) * group]
         # each head's own slots, in position order (heads holding the same entries may hold them in other slots)
@@ -582,7 +586,7 @@ def policy_scores(spec: Compression, cache, layer: int, row: int, held: Held, sp
         if partial and torch.isnan(found).any():
             raise RuntimeError(f"{spec.policy} read a query that this protocol does not keep: "
                                "declare what it reads in decoding.DECODE")
-        if held.prefix and same:
+        if held.prefix and held.same:
             return found
         mine(scores)[:, :slots.shape[1]] = found                                  # a view: writes into scores
     return scores
@@ -600,15 +604,19 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
     `span_local`: score each partition with its own queries (the prefill has them). `explain` gets,
     per layer, the positions, scores, tiers, counts and quotas that were ranked.
     """
-    held = [held_entries(cache, layer, row, limit) for layer in range(cache.n_layers)]
-    counts = torch.stack([h.evictable.sum(-1) for h in held]).cpu()              # (n_layers, H_kv) may go
+    held, found = [], {}          # layers never cut nor windowed hold the same entries in the same slots: one Held
+    for layer in range(cache.n_layers):
+        key = layer if cache.layouts[layer] or cache.windows[layer] is not None else ("uncut", cache.exempt[layer])
+        found[key] = found.get(key) or held_entries(cache, layer, row, limit)
+        held.append(found[key])
+    counts = torch.stack([h.n_evictable for h in held]).cpu()                    # (n_layers, H_kv) may go
     width = counts.max(1).values.tolist()                                         # evictable entries come first
     whitelist = None if not spec.whitelist else torch.tensor(sorted(set(spec.whitelist)), device=cache.device)
     if whitelist is not None and limit is not None and not all(0 <= p < limit for p in spec.whitelist):
         raise ValueError(f"whitelist positions must lie inside the system turn [0, {limit})")
     part = None
     if spec.partitions and (part_starts or [0])[1:]:
-        if any(bool((h.present & ~h.evictable).any()) and not exempt for h, exempt in zip(held, cache.exempt)):
+        if any(bool(h.fixed.any()) and not exempt for h, exempt in zip(held, cache.exempt)):
             raise ValueError("fair eviction scores each partition on its own, so it cannot score with a user turn")
         starts = torch.tensor(part_starts, device=cache.device)
         part = [(torch.searchsorted(starts, h.positions.contiguous(), right=True) - 1).masked_fill(~h.evictable, -1)[:, :w]
@@ -631,7 +639,7 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
         local = functools.partial(scored, layer, spans) if span_local else plain[layer]
         chosen, scores, tier, quotas = choose(spec, counts[layer], plain[layer], local,
                                               None if part is None or w == 0 else part[layer])
-        kept = h.present & ~h.evictable                                           # (H_kv, n) kept whatever they score
+        kept = h.fixed.clone()                                                    # (H_kv, n)
         kept[:, :w] |= chosen
         if h.prefix and kept.shape[1] == cache.lengths[layer]:                    # slots 0 .. S-1: the mask itself
             masks.append(kept)
