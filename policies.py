@@ -252,13 +252,9 @@ def expected_attention(queries, keys, values, spans, context, n_future: int = 51
     mean = pre_rope.mean(1)                                                       # (H, D)
     centred = pre_rope - mean[:, None]
     cov = centred.transpose(1, 2) @ centred / centred.shape[1]                    # (H, D, D)
-    # RoPE at position p: x -> cos(p f) x + sin(p f) rotate_half(x); its average over the future is a matrix R
-    angles = torch.arange(L, L + n_future, device=keys.device)[:, None].float() * inv_freq    # (n_future, D/2)
-    angles = torch.cat((angles, angles), -1)                                      # (n_future, D)
-    h = D // 2
-    rotate_half = torch.zeros(D, D, device=keys.device)                          # rotate_half @ x == (-x2, x1)
-    rotate_half[:h, h:], rotate_half[h:, :h] = -torch.eye(h, device=keys.device), torch.eye(h, device=keys.device)
-    R = torch.diag(angles.cos().mean(0)) + torch.diag(angles.sin().mean(0)) @ rotate_half   # (D, D)
+    # RoPE at position p is linear in x: x -> cos(p f) x + sin(p f) rotate_half(x); its mean over the future, a matrix R
+    cos, sin = rope_cos_sin(inv_freq, torch.arange(L, L + n_future, device=keys.device)[None], torch.float32)
+    R = apply_rope(torch.eye(D, device=keys.device), cos[0, 0].mean(0), sin[0, 0].mean(0)).T   # (D, D): R e_i = row i
     mean, cov = mean @ R.T, R @ cov @ R.T
     k = keys[0, :, n_sink:].float().repeat_interleave(H // kv_heads, 0)          # (H, L - n_sink, D)
     logits = (k @ mean[:, :, None])[..., 0] / math.sqrt(D)                        # (H, L - n_sink)
@@ -431,6 +427,12 @@ class Compression:
             raise ValueError(f"compression ratio {self.ratio} is outside [0, 1)")
         if not 0.0 <= self.debias <= 1.0:
             raise ValueError(f"debias {self.debias} is outside [0, 1]")
+        for name, options, function in ((self.policy, self.options, POLICIES[self.policy]),
+                                        (self.allocation, self.allocation_options, ALLOCATIONS[self.allocation])):
+            known = option_defaults(function)
+            if set(options) - set(known):
+                raise ValueError(f"{name} has no option {sorted(set(options) - set(known))[0]!r} "
+                                 f"(its options: {', '.join(known) or 'none'})")
 
     def n_kept(self, L: int) -> int:
         if self.policy == "full" or self.ratio == 0:
@@ -483,13 +485,6 @@ def ranked(scores: torch.Tensor, *levels: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def top_k(scores: torch.Tensor, tier: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Indices of the best k entries along the last dim: by tier first, then by score (n,) -> (k,)."""
-    if tier is None:
-        return scores.topk(k, dim=-1).indices
-    return ranked(scores, tier)[..., :k]
-
-
 def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: torch.Tensor) -> torch.Tensor:
     """Kept mask (H, n): for each head h and part j, its best quotas[h, j] entries of part j (part None: one part)."""
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -500,7 +495,7 @@ def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: tor
         for j, quota in enumerate(head_quotas):          # one head at a time: each its own quota
             index = None if part is None else (part[h] == j).nonzero()[:, 0]
             take = (lambda x: x[h]) if index is None else (lambda x: x[h, index])
-            best = top_k(take(scores), None if tier is None else take(tier), quota)
+            best = take(scores).topk(quota).indices if tier is None else ranked(take(scores), take(tier))[:quota]
             kept[h, best if index is None else index[best]] = True
     return kept
 
