@@ -189,6 +189,10 @@ def test_bad_specs_are_clear_errors():
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="outside"):
             Compression("tova", bad)
+    with pytest.raises(ValueError, match="snapkv has no option 'windw' \\(its options: window, kernel\\)"):
+        Compression("snapkv", 0.5, options={"windw": 8})            # a misspelled option: not a TypeError later
+    with pytest.raises(ValueError, match="adakv has no option 'alpah'"):
+        Compression("knorm", 0.5, allocation="adakv", allocation_options={"alpah": 0.1})
 
 
 @pytest.mark.parametrize("policy", ["tova", "snapkv", "h2o"])
