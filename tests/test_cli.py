@@ -9,7 +9,6 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from collections import Counter
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import experiment
 import flags
 import leak
 import prompts as P
-from conftest import answers, records, write_tiny_checkpoint
+from conftest import answers, records
 from experiment import RunFolder, main_guard
 
 

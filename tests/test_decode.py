@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from decoding import DECODE, Cuts, Decoding
 from model import apply_rope, generate, rope_cos_sin

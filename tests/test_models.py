@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 import test_decode  # noqa: E402
 from cache import HEADROOM  # noqa: E402
-from decoding import DECODE, Cuts, Decoding  # noqa: E402
+from decoding import DECODE, Cuts  # noqa: E402
 from model import ModelArgs, generate, load_model  # noqa: E402
 from policies import ALLOCATIONS, POLICIES, Compression, prefill  # noqa: E402
 from reference import REPLAY  # noqa: E402

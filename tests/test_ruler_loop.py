@@ -17,7 +17,7 @@ import ruler
 from conftest import answers, records
 from experiment import RunFolder, main_guard
 from report import print_ruler, ruler_figures, ruler_summary
-from setting import Remedy, Setting
+from setting import Setting
 
 SMALL = ["--data", "ruler:niah_single_1,vt", "--length", "700", "--limit", "2", "--policy", "snapkv",
          "--ratios", "0,0.5", "--max-new-tokens", "3", "--batch-size", "2"]
