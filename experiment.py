@@ -290,17 +290,10 @@ def run_batch(model, jobs: list[Job], max_new_tokens: int) -> list[dict]:
     kept = [what_was_kept(compressed, row, job) for row, job in enumerate(jobs)]
     saved = cache.checkpoint()
     results = [{"turns": [], "answers": []} for _ in jobs]
-    decoding = [j.decoding for j in jobs] if jobs[0].decoding is not None else None
     for turn in range(len(jobs[0].users)):
-        user, user_real = pad([j.user_ids[turn] for j in jobs], device)
-        cuts = None if decoding is None else Cuts(decoding)
-        answers = generate(model, cache, user, max_new_tokens, real=user_real, cuts=cuts)
-        for row, (result, answer) in enumerate(zip(results, answers)):
-            result["turns"].append(kept[row])                           # every turn answers from the same
-            result["answers"].append(answer)
-            if cuts is not None:                                        # what the system turn kept to the end
-                rate = cuts.kept_at_end[row][:len(jobs[row].system_ids)]
-                result.setdefault("keep_end", []).append(span_keep_rates(rate, jobs[row]))
+        for result, kept_row in zip(results, kept):
+            result["turns"].append(kept_row)                            # every turn answers from the same
+        answer(model, cache, jobs, results, *pad([j.user_ids[turn] for j in jobs], device), max_new_tokens)
         cache.restore(saved)                                            # back to the compressed system turn
     return results
 
@@ -331,9 +324,19 @@ def run_batch_query_aware(model, jobs: list[Job], max_new_tokens: int) -> list[d
         for row, result in enumerate(results):
             result["turns"].append(what_was_kept(compressed, row, jobs[row]))
         last = torch.tensor([[j.user_ids[turn][-1]] for j in jobs], device=device)   # (B, 1)
-        for result, answer in zip(results, generate(model, cache, last, max_new_tokens)):
-            result["answers"].append(answer)
+        answer(model, cache, jobs, results, last, None, max_new_tokens)
     return results
+
+
+def answer(model, cache, jobs: list[Job], results: list[dict], tokens, real, max_new_tokens: int):
+    """Generate each row's answer to one turn after what the cache holds, with the jobs' decode-time cuts if
+    they have any, and add it (and what the system turn kept to the end) to the row's result."""
+    cuts = None if jobs[0].decoding is None else Cuts([j.decoding for j in jobs])
+    for row, ids in enumerate(generate(model, cache, tokens, max_new_tokens, real=real, cuts=cuts)):
+        results[row]["answers"].append(ids)
+        if cuts is not None:
+            rate = cuts.kept_at_end[row][:len(jobs[row].system_ids)]
+            results[row].setdefault("keep_end", []).append(span_keep_rates(rate, jobs[row]))
 
 
 def what_was_kept(compressed, row: int, job: Job) -> dict:

@@ -514,8 +514,6 @@ def plan_run(script, args) -> Plan:
     if True in modes and any(remedy.fair != "none" for remedy in design.remedies):
         raise UsageError("--query-aware cannot take fair eviction, which scores each partition on its own, without "
                          "the user turn: drop --fair (evaluate.py) or 'fair' and 'both' from --remedy (leak.py)")
-    if True in modes and args.decode_target is not None:
-        raise UsageError("--query-aware and --decode-target cannot be combined yet: run them separately")
     if True in modes and REPLAYS & set(policies):
         raise UsageError(f"--query-aware with {', '.join(sorted(REPLAYS & set(policies)))}: its replay of the system "
                          "turn with a user turn after it is not defined yet; run it without --query-aware")

@@ -221,3 +221,25 @@ def test_leak_both_modes_in_one_folder_resume_after_a_kill(tmp_path, tiny_chat, 
     summary = json.load(open(os.path.join(killed, "summary.json")))
     assert set(summary["composite_gain"]) == {"snapkv", "snapkv+query-aware"}
     assert os.path.isfile(os.path.join(killed, "fig_query_aware.png"))
+
+
+def test_query_aware_with_decode_cuts(tmp_path, tiny_chat):
+    """--query-aware with --decode-target: the system and user turns compressed together, then cut while the
+    answer grows (a cut at decode forward 16 of 23). The cuts evict from the system turn and change the
+    answers; a row's answer does not depend on the batch."""
+    base = ["--model", tiny_chat, "--policy", "snapkv", "--ratios", "0.5", "--limit", "3", "--query-aware",
+            "--max-new-tokens", "24"]
+    runs = {}
+    for name, extra in [("aware", []), ("cut", ["--decode-target", "12"]),
+                        ("cut1", ["--decode-target", "12", "--batch-size", "1"])]:
+        runs[name] = str(tmp_path / name)
+        evaluate.main(base + extra + ["--out", runs[name]])
+    rs, aware = records(runs["cut"]), records(runs["aware"])
+    assert all(r["query_aware"] and r["decode"]["target"] == 12 and r["setting"] == "snapkv~decode12+query-aware|none"
+               for r in rs)
+    assert all(r["new_tokens"] == 24 for r in aware)                      # long enough to reach the cut
+    assert [r["n_kept"] for r in rs] == [r["n_kept"] for r in aware]      # the same query-aware compression first
+    assert answers(runs["cut"]) != answers(runs["aware"])
+    assert answers(runs["cut1"]) == answers(runs["cut"])
+    kept_to_end = [rate for r in rs for rate in r["keep_end"].values()]
+    assert kept_to_end and max(kept_to_end) < min(r["keep"]["directive"] for r in rs)   # cut below the prefill's
