@@ -570,7 +570,6 @@ BAD_INPUTS = [
     ("evaluate", ["--decode-target", "0"], "decode target must be an integer >= 1"),
     ("evaluate", ["--decode-target", "8", "--decode-interval", "0"], "decode interval must be an integer >= 1"),
     ("evaluate", ["--decode-target", "8", "--decode-buffer", "0"], "decode buffer must be an integer >= 1"),
-    ("evaluate", ["--query-aware", "--decode-target", "8", "--decode-interval", "2"], "--query-aware and --decode-target cannot be combined"),
     ("evaluate", ["--policy", "expected_attention", "--decode-target", "8"], "expected_attention reads the query of every cached token"),
     ("evaluate", ["--decode-interval", "8"], "--decode-interval needs --decode-target N"),
     ("evaluate", ["--rerotate"], "--rerotate needs --decode-target N"),
