@@ -258,7 +258,7 @@ def bench_decode(args) -> dict:
             for kind, run in (("prefill", lambda r: r["prefill"]()), ("one", lambda r: r["generate"](1)),
                               ("all", lambda r: r["generate"](n_new))):
                 for name in alternate(runners, repeat):
-                    times[name][kind].append(timed(lambda: run(runners[name])))
+                    times[name][kind].append(timed(functools.partial(run, runners[name])))
         tokens = {name: runner["generate"](n_new) for name, runner in runners.items()}
         speeds = {name: {"prefill": [T / s for s in t["prefill"]],
                          "decode": [(n_new - 1) / (a - o) for a, o in zip(t["all"], t["one"])]}
@@ -424,7 +424,7 @@ def time_compress_steps(repeats: int, codes: list[Code], models: dict, runs: dic
                     continue
                 state = copy.deepcopy(states[code.name, reads])                    # compress changes it
                 spec = code.spec(policy, 0.5, allocation)
-                compress_s[code.name][label].append(timed(lambda: code.compress(state, spec)))
+                compress_s[code.name][label].append(timed(functools.partial(code.compress, state, spec)))
                 del state
         del states
     return prefill_s, compress_s
