@@ -155,7 +155,7 @@ class _TiktokenBPE:
         except ValueError as err:
             raise ValueError(f"{where}: tiktoken rejects the pre-tokenizer regex: {err}") from None
 
-    def encode(self, text: str, at_start: bool = True) -> list[int]:
+    def encode(self, text: str, at_start: bool = True, glued: bool = False) -> list[int]:
         ids = self.encoding.encode_ordinary(self.normalize(text))
         return ids if self.encoding.max_token_value < self.vocab_size else [i for i in ids if i < self.vocab_size]
 
@@ -168,7 +168,8 @@ class _TiktokenBPE:
 
 class _SentencePiece:
     """A sentencepiece tokenizer.model. Text at the start gets sentencepiece's dummy-prefix space; text
-    after a special token gets it too in HF's "legacy" mode (Llama-2), not otherwise (Mistral v0.3)."""
+    after a special token gets it too in HF's "legacy" mode (Llama-2), not otherwise (Mistral v0.3);
+    `glued` text (the rest of a cut word) never does."""
 
     def __init__(self, path: Path, legacy: bool):
         import sentencepiece
@@ -184,8 +185,8 @@ class _SentencePiece:
         self.special_tokens = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                                if self.sp.is_control(i) or self.sp.is_unknown(i)}
 
-    def encode(self, text: str, at_start: bool = True) -> list[int]:
-        return (self.sp if at_start or self.legacy else self.plain).encode(text)
+    def encode(self, text: str, at_start: bool = True, glued: bool = False) -> list[int]:
+        return (self.sp if (at_start or self.legacy) and not glued else self.plain).encode(text)
 
     def token_bytes(self, ids: list[int]) -> list[bytes]:
         pieces = [self.sp.id_to_piece(i) for i in ids]
@@ -807,7 +808,22 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of user text: special-token strings stay text, no BOS is added."""
         _refuse_lone_surrogate(text, "the text to encode")  # tiktoken would silently encode U+FFFD instead
-        return self.backend.encode(text)
+        return self._encode_text(text)
+
+    def _encode_text(self, text: str, at_start: bool = True) -> list[int]:
+        """The backend's ids of text in which special-token strings stay text. Sentencepiece matches its
+        user-defined pieces (Gemma's <start_of_turn>) anywhere in a text, so there each such string is cut
+        after its first character and the parts are encoded apart, with no space between them."""
+        ids = self.backend.encode(text, at_start)
+        if not any(i in self.special_names for i in ids):
+            return ids
+        cuts = [found.start() + 1 for found in self.special_regex.finditer(text)]
+        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        ids = [i for k, part in enumerate(parts) for i in self.backend.encode(part, at_start, glued=k > 0)]
+        if special := next((self.special_names[i] for i in ids if i in self.special_names), None):
+            raise ValueError(f"{self.where}: the text {_one_line(text)[:60]!r} encodes to the special token "
+                             f"{special!r}, which user text must never become; remove it from the text")
+        return ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         parts, run = [], []
@@ -891,7 +907,7 @@ class Tokenizer:
         for piece in [*specials, None]:
             end = piece.start() if piece else len(text)
             if end > cursor:  # template text and contents between two special tokens: one piece, as HF does
-                piece_ids = self.backend.encode(text[cursor:end], at_start=cursor == 0)
+                piece_ids = self._encode_text(text[cursor:end], at_start=cursor == 0)
                 ids += piece_ids
                 offsets += _char_offsets(text[cursor:end], self.backend.token_bytes(piece_ids), cursor)
             if piece:
