@@ -629,7 +629,9 @@ class RunFolder:
         self.created = []
 
     def check_path(self):
-        """Refuse a --out that is a file or cannot be written."""
+        """Refuse a --out that is empty, a file or cannot be written."""
+        if not self.path.strip():
+            raise UsageError(f"--out {self.path!r} names no folder: give one, e.g. --out runs/mine")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"--out {self.path!r} is a file, not a folder: choose another --out")
         existing = os.path.abspath(self.path)
@@ -858,6 +860,9 @@ def load_text(plan: Plan):
             raise ValueError(f"{config_path} is not a JSON object")
         model_args = ModelArgs.from_hf_config(config)
         tok = load_tokenizer(plan.model)
+        if tok.vocab_size > model_args.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model's embedding {model_args.vocab_size}: "
+                             "they belong to different models")
     except (ValueError, OSError) as e:
         raise UsageError(f"--model {plan.model!r}: {e}") from None
     except KeyError as e:

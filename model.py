@@ -70,10 +70,20 @@ class ModelArgs:
                              "(Gemma 3 uses gelu_pytorch_tanh)")
         if cfg.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention is set in config.json: nanokv runs causal attention only")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window"):
+            if cfg.get(name) is not None and (type(cfg[name]) is not int or cfg[name] < 1):
+                raise ValueError(f"config.json's {name} is {cfg[name]!r}, not a positive integer")
         n_heads = cfg["num_attention_heads"]
+        if n_heads % (cfg.get("num_key_value_heads") or n_heads):
+            raise ValueError(f"config.json's num_key_value_heads ({cfg['num_key_value_heads']}) does not divide "
+                             f"num_attention_heads ({n_heads})")
         # transformers >= 5 writes rope settings as `rope_parameters` (Gemma 3: one per layer type);
         # older files as rope_theta / rope_scaling (and Gemma 3's rope_local_base_freq)
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json's rope settings are {rope!r}, not an object")
+        rope = dict(rope)
         local = rope.pop("sliding_attention", None) or {}
         rope = dict(rope.pop("full_attention", None) or rope)
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6 if gemma else 10000.0))
@@ -371,17 +381,24 @@ def load_model(folder: str, device: str = "cpu", dtype: str | torch.dtype = "flo
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     except RecursionError:
         raise ValueError(f"{path} is not a config: it nests deeper than Python's JSON reader allows") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: re-download or re-convert it")
+    return data
 
 
 def _safetensors_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        names = sorted(set(_read_json(index)["weight_map"].values()))
+        files = _read_json(index).get("weight_map")
+        names = list(files.values()) if isinstance(files, dict) else []
+        if not names or not all(isinstance(n, str) and os.path.basename(n) == n for n in names):
+            raise ValueError(f"{index} has no weight_map from tensor names to file names: re-download it")
+        names = sorted(set(names))
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         names = ["model.safetensors"]
     else:
@@ -401,6 +418,8 @@ def _eos_ids(folder: str, config: dict) -> tuple[int, ...]:
     for source in ([_read_json(gen_path)] if os.path.isfile(gen_path) else []) + [config]:
         eos = source.get("eos_token_id")
         ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id in {folder!r} (generation_config.json or config.json) is not token ids: {ids}")
     return tuple(dict.fromkeys(ids))
 
 
