@@ -77,6 +77,8 @@ def remedy_name(args) -> str:
 
 def design(args, prompts: list[P.Prompt]) -> Design:
     """One remedy for every policy, the one --whitelist / --fair / --protect describe; one answer per job: the task."""
+    if args.debias != 1 and args.fair == "none":
+        raise UsageError(f"--debias {args.debias:g} blends fair eviction with the plain policy: give --fair too")
     if isinstance(prompts[0], RulerPrompt):
         return ruler_design(args, prompts)
     if args.fair == "facts":

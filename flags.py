@@ -419,6 +419,8 @@ def paper_file(name: str, flag: str) -> str:
 
 def load_defense(args) -> P.Defense | None:
     defense_file = args.defense_file
+    if defense_file is not None and not args.defense.startswith("paper:"):
+        raise UsageError(f"--defense-file is read for --defense paper:NAME only, not --defense {args.defense}: drop it")
     if defense_file is None and args.defense.startswith("paper:"):
         defense_file = paper_file("defense_template.json", f"--defense {args.defense}")
     try:

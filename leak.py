@@ -63,6 +63,8 @@ def add_arguments(parser):
 def load_attacks(specs: list[str] | None) -> list[P.Attack]:
     attacks = []
     for spec in specs or ["repeat-previous"]:
+        if not spec.strip():
+            raise UsageError("--attack '' names nothing: give an attack file, a folder of them or a built-in name")
         if spec in P.BUILTIN_ATTACKS:
             attacks.append(P.BUILTIN_ATTACKS[spec])
         elif spec == "paper" or spec.startswith("paper:"):        # the paper's attack files (paperdata.py)
@@ -81,6 +83,9 @@ def load_attacks(specs: list[str] | None) -> list[P.Attack]:
     names = [a.name for a in attacks]
     if len(set(names)) != len(names):
         raise UsageError(f"--attack: two attacks share a name ({names})")
+    if "task" in names:
+        raise UsageError("--attack: an attack may not be named 'task', the name of the prompt's own task turn: "
+                         "rename its file")
     return attacks
 
 
@@ -104,6 +109,12 @@ def design(args, prompts: list[P.Prompt]) -> Design:
                          "add it (--remedy none,protect) or drop --protect")
     if "protect" in names and args.protect == 0:
         raise UsageError("--protect 0 protects nothing: give N >= 1 for the 'protect' remedy")
+    for flag, given, remedies in (("--whitelist", args.whitelist, ("whitelist", "both")),
+                                  ("--fair", args.fair != "none", ("fair", "both")),
+                                  ("--debias", args.debias != 1, ("fair", "both"))):
+        if given and not set(remedies) & set(names):
+            raise UsageError(f"{flag} shapes the {' or '.join(remedies)} remedy, which --remedy does not hold: "
+                             f"add it (--remedy none,{remedies[0]}) or drop {flag}")
     remedies = [remedy(name, args) for name in names]
     attacks = load_attacks(args.attack)
     turns = [("task", None)] + [(a.name, a.text) for a in attacks]

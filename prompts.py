@@ -295,6 +295,8 @@ def _check_record(path, line_no: int, record):
             or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
             or [m.get("role") for m in messages] != ["system", "user"]):
         _fail(path, line_no, "messages", "expected [{role: system, content: str}, {role: user, content: str}]")
+    if not messages[0]["content"].strip():
+        _fail(path, line_no, "messages", "the system message is empty: it holds the instructions under test")
 
 
 def load_defenses(path) -> dict[str, Defense]:
