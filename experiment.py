@@ -692,7 +692,7 @@ class RunFolder:
                 try:
                     record = json.loads(line)
                     if not (isinstance(record, dict) and isinstance(record.get("job"), str)
-                            and isinstance(record.get("records_in_job"), int)):
+                            and type(record.get("records_in_job")) is int and record["records_in_job"] >= 1):
                         raise ValueError("not a record")
                     records.append((path, record))
                 except (ValueError, RecursionError):             # JSONDecodeError and UnicodeDecodeError too
@@ -721,6 +721,15 @@ class RunFolder:
         self.duplicates = len(records) - len(unique)
         self.kept = {path: [r for p, r in unique if p == path and r["job"] in complete] for path in self.lines}
         return [r for _, r in unique if r["job"] in complete], complete, torn
+
+    def check_jobs(self, jobs: list) -> list:
+        """Refuse finished records of jobs this run does not have: the same settings make the same jobs, so
+        they were edited. Returns the jobs."""
+        stray = sorted(self.complete - {job.key for job in jobs})
+        if stray:
+            raise UsageError(f"{self.path} holds records of {len(stray)} job(s) this run does not have, e.g. "
+                             f"{stray[0]!r} (the records were edited?): delete them or choose another --out")
+        return jobs
 
     def start(self) -> set[str]:
         """Create the folder and write run.json; drop what check() found unfinished or twice; return the finished
@@ -915,7 +924,7 @@ def run_plan(experiment: Experiment, plan: Plan, shard: Shard):
 def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunFolder):
     shard.agree(folder.open)                                        # before any work, on every rank: locked, checked
     tok, model_args = shard.agree(lambda: load_text(plan))          # no weights yet: every text check comes first
-    jobs = shard.agree(lambda: build_jobs(plan, tok, model_args.max_positions))
+    jobs = shard.agree(lambda: folder.check_jobs(build_jobs(plan, tok, model_args.max_positions)))
     model = shard.agree(lambda: load_weights(plan, shard.device(plan.device)))
     shard.agree(folder.lock_rank)
     estimate = (f", about {expected_minutes(plan, jobs, folder.complete, shard.world_size):.1f} min on a 2-core CPU"

@@ -118,6 +118,20 @@ def test_a_torn_line_inside_the_records_is_refused(tmp_path, tiny_chat):
                        "--max-new-tokens", "2", "--out", out])
 
 
+def test_edited_record_fields_the_resume_reads_are_refused(tmp_path, tiny_chat):
+    """A record of a job this run does not have, or one that claims no records, was edited by hand: one line."""
+    argv = ["--model", tiny_chat, "--policy", "tova", "--ratios", "0.5", "--limit", "2", "--max-new-tokens", "2"]
+    out = run_evaluate(tmp_path, "run", *argv)
+    path = os.path.join(out, "responses.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    for change, message in ((dict(job="tova|0.5|nowhere"), r"holds records of 1 job\(s\) this run does not have"),
+                            (dict(records_in_job=0), r"responses.jsonl:1 is not a JSON record")):
+        open(path, "w").write(json.dumps({**json.loads(lines[0]), **change}) + "\n" + "".join(lines[1:]))
+        with pytest.raises(experiment.UsageError, match=message):
+            evaluate.main([*argv, "--out", out])
+        assert open(path).read().count("\n") == len(lines)                 # nothing run again, nothing appended
+
+
 # ----------------------------------------------------------------------------- one writer per folder (issue 22)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
