@@ -227,7 +227,7 @@ def parse_ratios(text: str) -> list[float]:
     bad = [r for r in values if not 0 <= r < 1]
     if bad:
         raise UsageError(f"--ratios: {bad[0]} is outside [0, 1); a ratio is the fraction evicted")
-    values = sorted(set(values))
+    values = sorted({value + 0.0 for value in values})              # + 0.0: -0 is 0, in labels and keys too
     if len(values) > MAX_RATIOS:
         raise UsageError(f"--ratios lists {len(values):,} ratios, more than {MAX_RATIOS:,}")
     return values
@@ -275,7 +275,7 @@ def parse_option_value(text: str, default):
                          f"got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {text!r}")
-    return value
+    return value + 0.0 if kind is float else value                       # -0 is 0 (a label shows the value)
 
 
 def parse_options(flag: str, items: list[str], chosen: list[str], settings: Callable, what: str,
@@ -453,6 +453,7 @@ def check_numbers(args):
     """The flags that are plain numbers or names: ranges and choices."""
     if not 0 <= args.debias <= 1:
         raise UsageError(f"--debias {args.debias} is outside [0, 1]")
+    args.debias += 0.0                                                   # -0 is 0 (the remedy's label shows it)
     if args.protect is not None and args.protect < 0:
         raise UsageError(f"--protect {args.protect}: must be >= 0 (tokens kept at each end of every part; 0 = off)")
     if args.batch_size < 1:
@@ -560,7 +561,7 @@ def normal_settings(settings: dict) -> dict:
         if isinstance(ratios, str):
             settings["ratios"] = parse_ratios(ratios)
         elif isinstance(ratios, list):
-            settings["ratios"] = sorted({float(r) for r in ratios})
+            settings["ratios"] = sorted({float(r) + 0.0 for r in ratios})
     except (UsageError, TypeError, ValueError):
         pass
     for name in COMMA_LISTS:

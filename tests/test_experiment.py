@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from flags import UsageError, parse_policies, parse_ratios
+from flags import UsageError, parse_option_value, parse_policies, parse_ratios
 from report import composite_gains, evaluate_summary, spearman
 from setting import Remedy, Setting
 
@@ -18,6 +18,9 @@ def test_parse_ratios():
     for bad in ("0,1", "-0.1", "x", "0:1:0.5", "0:0.5:0"):
         with pytest.raises(UsageError):
             parse_ratios(bad)
+    for minus_zero in ("-0,0.5", "-0:0.5:0.5"):       # -0 is 0: the same job keys and labels as 0 (a resume)
+        assert [str(r) for r in parse_ratios(minus_zero)] == ["0.0", "0.5"]
+    assert str(parse_option_value("-0", 1.0)) == "0.0"
 
 
 def test_parse_policies_lists_the_choices():
