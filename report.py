@@ -183,40 +183,71 @@ def leak_summary(records: list[dict], settings: dict) -> dict:
                 "leak_rate": mean(leaked),
                 "leak_rate_sem": sem(leaked),
                 "defense_success": None if not attacks else round(1 - mean(leaked), 6),
+                "defense_success_sem": sem(leaked),
                 "leak_rate_by_attack": {a: mean(xs) for a, xs in sorted(per_attack.items())},
+                "leak_rate_by_attack_sem": {a: sem(xs) for a, xs in sorted(per_attack.items())},
+                "leak_rate_by_attack_n": {a: len(xs) for a, xs in sorted(per_attack.items())},
                 **keep_rates(tasks),
                 "whitelist_kept": mean([r["whitelist_kept"] for r in tasks]),
+                "whitelist_kept_sem": sem([r["whitelist_kept"] for r in tasks]),
             }
         results[setting] = rows
-    return {"results": results, "composite_gain": composite_gains(results, settings)}
+    return {"results": results, "composite_gain": composite_gains(results, settings, records)}
 
 
-def composite_gains(results: dict, settings: dict) -> dict:
+def composite_gains(results: dict, settings: dict, records: list[dict] | None = None) -> dict:
     """Per compression (policy, options, allocation, mode) and remedy: (accuracy gain + directive-recall drop)
     over the same compression with the remedy "none", averaged over GAIN_RATIOS.
 
     Accuracy = instruction-level strict directive following; leakage = mean ROUGE-L recall of the
     directive. Falls back to every r > 0 when none of GAIN_RATIOS was run (the ratios used are listed).
     `settings` = {label: fields}; gains are keyed by the compression's label and the remedy's name.
+    With the `records`, also its standard error over the prompts, paired (prompt_gains) and n_prompts.
     """
     gains, known = {}, read_settings(settings)
+    grouped = group_by_setting(records or [])
     for label, rows in results.items():
         setting = known[label]
-        plain = results.get(find_setting(known, lambda s: s.remedy.name == "none" and
-                                         replace(s, remedy=setting.remedy) == setting))
+        plain_label = find_setting(known, lambda s: s.remedy.name == "none" and replace(s, remedy=setting.remedy) == setting)
+        plain = results.get(plain_label)
         if setting.remedy.name == "none" or plain is None:
             continue
         shared = [r for r in rows if r in plain]
         chosen = [r for r in shared if float(r) in GAIN_RATIOS] or [r for r in shared if float(r) > 0]
-        terms = []
+        terms, per_prompt = [], defaultdict(list)
         for r in chosen:
             acc = rows[r]["directive_following"]["instruction_strict"], plain[r]["directive_following"]["instruction_strict"]
             leak = rows[r]["rouge_recall"]["directive"], plain[r]["rouge_recall"]["directive"]
             if None not in acc + leak:
                 terms.append((acc[0] - acc[1]) + (leak[1] - leak[0]))
-        gains.setdefault(setting.compression_label, {})[setting.remedy.name] = {
-            "gain": mean(terms), "ratios": [float(r) for r in chosen]}
+                if label in grouped:
+                    mine, theirs = (next(rs for ratio, rs in grouped[name].items() if str(ratio) == r)
+                                    for name in (label, plain_label))
+                    for key, part in prompt_gains(mine, theirs).items():
+                        per_prompt[key].append(part)
+        gain = {"gain": mean(terms), "ratios": [float(r) for r in chosen]}
+        if records is not None:          # the gain is n x the mean part: its SEM n x the parts' SEM = sqrt(n) x SD
+            parts = [sum(each) / len(each) for each in per_prompt.values()]
+            gain.update(gain_sem=round(math.sqrt(len(parts)) * statistics.stdev(parts), 6) if len(parts) > 1 else None,
+                        n_prompts=len(parts))
+        gains.setdefault(setting.compression_label, {})[setting.remedy.name] = gain
     return gains
+
+
+def prompt_gains(remedied: list[dict], plain: list[dict]) -> dict[str, float]:
+    """Each prompt's part of one ratio's composite gain, which is their sum: its instructions' strict verdicts
+    gained over all instructions, plus its attack answers' directive recall dropped over all attack answers."""
+    def totals(records):
+        tasks = [r for r in records if r["turn"] == "task"]
+        attacks = [r for r in records if r["turn"] != "task"]
+        follow = {r["key"]: sum(r["strict"]) for r in tasks}
+        recall = defaultdict(float)
+        for r in attacks:
+            recall[r["key"]] += r["rouge_recall"]["directive"]
+        return follow, recall, sum(len(r["strict"]) for r in tasks), len(attacks)
+    (follow, recall, n_verdicts, n_answers), (follow0, recall0, _, _) = totals(remedied), totals(plain)
+    return {key: (follow[key] - follow0[key]) / n_verdicts + (recall0[key] - recall[key]) / n_answers
+            for key in follow}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -247,7 +278,8 @@ def print_evaluate(summary: dict, file=sys.stdout):
                           pm(row["instruction_loose"], row["instruction_loose_sem"]),
                           pm(single["instruction_strict"], single["instruction_strict_sem"]),
                           pm(multi["instruction_strict"], multi["instruction_strict_sem"]),
-                          pm(rho.get("single")), pm(rho.get("multi")), pm(keep["directive"]), pm(keep["defense"])])
+                          pm(rho.get("single")), pm(rho.get("multi")),
+                          *(pm(keep[span], row["keep_sem"][span]) for span in SPANS)])
     print(file=file)
     print_columns(["setting", "r", "n", "P-str", "I-str", "I-lse", "single", "multi", "rho-s", "rho-m", "k-dir",
                    "k-def"], lines, file)
@@ -266,7 +298,8 @@ def print_leak(summary: dict, file=sys.stdout):
                           pm(row["leak_rate"], row["leak_rate_sem"]), str(follow["n_prompts"]),
                           pm(follow["instruction_strict"], follow["instruction_strict_sem"]),
                           pm(follow["prompt_strict"], follow["prompt_strict_sem"]),
-                          pm(row["keep"]["directive"]), pm(row["keep"]["defense"]), pm(row["whitelist_kept"])])
+                          *(pm(row["keep"][span], row["keep_sem"][span]) for span in SPANS),
+                          pm(row["whitelist_kept"], row.get("whitelist_kept_sem"))])
     print(file=file)
     print_columns(["setting", "r", "n", "R-dir", "R-sys", "R-def", "leak", "n-task", "I-str", "P-str", "k-dir",
                    "k-def", "wl"], lines, file)
@@ -277,9 +310,9 @@ def print_leak(summary: dict, file=sys.stdout):
     if gains:
         remedies = sorted({r for g in gains.values() for r in g})
         print(f"\nComposite gain over the plain policy (accuracy gain + leakage drop, mean over r in "
-              f"{', '.join(str(r) for r in GAIN_RATIOS)} where run)", file=file)
+              f"{', '.join(str(r) for r in GAIN_RATIOS)} where run; ±SEM over the prompts, paired)", file=file)
         print_columns(["policy", *remedies],
-                      [[policy, *(pm(g.get(r, {}).get("gain"), digits=3) for r in remedies)]
+                      [[policy, *(pm(g.get(r, {}).get("gain"), g.get(r, {}).get("gain_sem"), digits=3) for r in remedies)]
                        for policy, g in gains.items()],
                       file)
 
@@ -831,12 +864,12 @@ def print_ruler(summary: dict, file=sys.stdout):
         cells = []
         for r in ratios:
             row = row_of(rows, r)
-            keep = {} if row is None else row["keep"]
-            cells.append(f"{pm(keep.get('facts'))}/{pm(keep.get('haystack'))}" if row else "-")
+            keep, sems = ({}, {}) if row is None else (row["keep"], row["keep_sem"])
+            cells.append("/".join(pm(keep.get(span), sems.get(span)) for span in ("facts", "haystack")) if row else "-")
         keep_lines.append([setting, *cells])
     print(file=file)
     print_columns(["setting (keep facts/haystack)", *(f"r={r:g}" for r in ratios)], keep_lines, file)
-    print("keep rate: the share of a span's entries kept (over layers and KV heads), mean over prompts; an "
+    print("keep rate: the share of a span's entries kept (over layers and KV heads), mean±SEM over prompts; an "
           "unbiased policy keeps 1 - r of both. summary.json holds every number.", file=file)
 
 

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from report import (composite_gains, decode_curves, evaluate_figures, evaluate_summary, leak_figures, leak_summary, offsets,
+from report import (composite_gains, prompt_gains, decode_curves, evaluate_figures, evaluate_summary, leak_figures, leak_summary, offsets,
                     print_evaluate, print_leak, query_aware_figure, read_settings, ratio_labels, sem, token_keep_figure,
                     wrap_pieces, LEAK_MODE_PANELS)
 from setting import Remedy, Setting
@@ -127,6 +127,27 @@ def test_leak_summary_and_composite_gain_by_hand():
     # gain over r in {0.5, 0.7}: accuracy (1.0 - 0.5) + leak drop (0.6 - 0.2); (0.5 - 0.0) + (0.8 - 0.3)
     gain = summary["composite_gain"]["streaming_llm"]["fair"]
     assert gain["ratios"] == [0.5, 0.7] and gain["gain"] == pytest.approx(((0.5 + 0.4) + (0.5 + 0.5)) / 2)
+    assert gain["n_prompts"] == 2 and gain["gain_sem"] == 0.0        # both prompts gain alike (0.475 each)
+    assert row["leak_rate_by_attack"] == {"repeat": 1.0} and row["leak_rate_by_attack_sem"] == {"repeat": 0.0}
+    assert row["leak_rate_by_attack_n"] == {"repeat": 2} and row["defense_success_sem"] == 0.0
+
+
+def test_composite_gain_sem_is_paired_over_prompts():
+    """One ratio, three prompts of one instruction and one attack answer each: the gain is the sum of each
+    prompt's part, (verdict gained) / 3 + (recall dropped) / 3, and its SEM 3 x the SEM of the parts."""
+    plain, fair = Setting("snapkv"), Setting("snapkv", remedy=Remedy("fair", fair="defense"))
+    records = []
+    for setting, verdicts, recalls in ((plain, (True, False, False), (0.6, 0.5, 0.4)),
+                                       (fair, (True, True, False), (0.2, 0.5, 0.1))):
+        for key, verdict, recall in zip("abc", verdicts, recalls):
+            records.append(leak_record(setting, 0.5, key, "task", strict=(verdict,)))
+            records.append(leak_record(setting, 0.5, key, "repeat", recall))
+    parts = prompt_gains([r for r in records if r["setting"] == fair.label], [r for r in records if r["setting"] == plain.label])
+    assert parts == pytest.approx({"a": 0.4 / 3, "b": 1 / 3, "c": 0.3 / 3})
+    gain = leak_summary(records, settings_of(records))["composite_gain"]["snapkv"]["fair"]
+    assert gain["gain"] == pytest.approx(sum(parts.values()), abs=1e-5)      # (2/3 - 1/3) + (0.5 - 0.2667)
+    assert gain["gain_sem"] == pytest.approx(3 * statistics.stdev(parts.values()) / math.sqrt(3), abs=1e-6)
+    assert gain["n_prompts"] == 3
 
 
 def test_tables_print_the_sem():
@@ -160,8 +181,8 @@ def test_settings_are_read_from_their_fields_never_from_their_labels(tmp_path):
     assert len(summary["results"]) == 5
     # accuracy 1.0 vs 0.5, recall 0.2 vs 0.6 at r = 0.5: (1.0 - 0.5) + (0.6 - 0.2)
     assert summary["composite_gain"] == {"snapkv[note=x|none~decode64+query-aware|]": {
-        "fair": {"gain": pytest.approx(0.9), "ratios": [0.5]}}}
-    assert composite_gains(summary["results"], fields) == summary["composite_gain"]
+        "fair": {"gain": pytest.approx(0.9), "ratios": [0.5], "gain_sem": None, "n_prompts": 1}}}   # one prompt: no SEM
+    assert composite_gains(summary["results"], fields, records) == summary["composite_gain"]
     settings = read_settings(fields)
     assert settings[decoding.label] == decoding and settings[fair.label].remedy.fair == "defense"
     curves = decode_curves(summary["results"], settings)

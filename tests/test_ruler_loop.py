@@ -289,7 +289,7 @@ def test_ruler_table_and_figures_from_hand_made_records(tmp_path):
     assert any(line.split()[1:] == ["average", "6", "0.60±0.06", "0.17±0.17"] for line in lines
                if line.startswith("snapkv|none"))
     assert next(line for line in lines if line.startswith("snapkv+query-aware|none ") and "/" in line).split() == \
-        ["snapkv+query-aware|none", "1.00/1.00", "0.85/0.50"]
+        ["snapkv+query-aware|none", "1.00±0.00/1.00±0.00", "0.85±0.02/0.50±0.00"]
     example = {"key": "n0", "pieces": ["a", "b", "c"], "spans": {"facts": [(0, 1)], "haystack": [(1, 3)]}}
     written = ruler_figures(summary, rs, str(tmp_path), example)
     assert sorted(os.path.basename(w) for w in written) == ["fig_query_aware.png", "fig_ruler_accuracy.png",
