@@ -723,12 +723,19 @@ class RunFolder:
         return [r for _, r in unique if r["job"] in complete], complete, torn
 
     def check_jobs(self, jobs: list) -> list:
-        """Refuse finished records of jobs this run does not have: the same settings make the same jobs, so
-        they were edited. Returns the jobs."""
-        stray = sorted(self.complete - {job.key for job in jobs})
+        """Refuse finished records of jobs this run does not have, or whose setting, ratio, prompt or records
+        count is not their job's: the same settings make the same jobs, so they were edited. Returns the jobs."""
+        by_key = {job.key: job for job in jobs}
+        stray = sorted(self.complete - set(by_key))
         if stray:
             raise UsageError(f"{self.path} holds records of {len(stray)} job(s) this run does not have, e.g. "
                              f"{stray[0]!r} (the records were edited?): delete them or choose another --out")
+        for record in self.records:
+            job = by_key[record["job"]]
+            if (record.get("setting"), record.get("ratio"), record.get("key"), record["records_in_job"]) != \
+                    (job.setting.label, job.ratio, job.prompt.key, len(job.users)):
+                raise UsageError(f"{self.path}: a record of job {job.key!r} names another setting, ratio, prompt "
+                                 "or records count (the records were edited?): delete it or choose another --out")
         return jobs
 
     def start(self) -> set[str]:

@@ -125,7 +125,9 @@ def test_edited_record_fields_the_resume_reads_are_refused(tmp_path, tiny_chat):
     path = os.path.join(out, "responses.jsonl")
     lines = open(path).read().splitlines(keepends=True)
     for change, message in ((dict(job="tova|0.5|nowhere"), r"holds records of 1 job\(s\) this run does not have"),
-                            (dict(records_in_job=0), r"responses.jsonl:1 is not a JSON record")):
+                            (dict(records_in_job=0), r"responses.jsonl:1 is not a JSON record"),
+                            (dict(ratio="x"), "names another setting, ratio, prompt or records count"),
+                            (dict(setting=5), "names another setting, ratio, prompt or records count")):
         open(path, "w").write(json.dumps({**json.loads(lines[0]), **change}) + "\n" + "".join(lines[1:]))
         with pytest.raises(experiment.UsageError, match=message):
             evaluate.main([*argv, "--out", out])
