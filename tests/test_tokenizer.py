@@ -144,20 +144,24 @@ def smollm2():
     return load_tokenizer(SMOLLM2_DIR)
 
 
-@pytest.fixture(scope="module")
-def mistral(tmp_path_factory):
-    """A tiny sentencepiece model laid out like Mistral v0.3: [INST] and [/INST] are control tokens."""
+def train_sentencepiece(folder: Path, **symbols) -> None:
+    """A tiny sentencepiece BPE over TEXTS' words, written as folder/tokenizer.model (`symbols`: its special pieces)."""
     sentencepiece = pytest.importorskip("sentencepiece")
-    folder = tmp_path_factory.mktemp("mistral")
     random.seed(1)
     words = " ".join(TEXTS).split()
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([" ".join(random.choices(words, k=12)) for _ in range(1500)]), model_writer=model,
         vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2,
-        control_symbols=["[INST]", "[/INST]"])
+        normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, **symbols)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    """A tiny sentencepiece model laid out like Mistral v0.3: [INST] and [/INST] are control tokens."""
+    folder = tmp_path_factory.mktemp("mistral")
+    train_sentencepiece(folder, control_symbols=["[INST]", "[/INST]"])
     write_folder(folder, {"bos_token": "<s>", "eos_token": "</s>", "legacy": False, "chat_template": MISTRAL})
     return load_tokenizer(folder)
 
@@ -166,17 +170,8 @@ def mistral(tmp_path_factory):
 def gemma(tmp_path_factory):
     """A tiny sentencepiece model laid out like Gemma's: its turn markers are user-defined pieces, which
     sentencepiece matches anywhere in a text, and tokenizer_config.json lists them as special tokens."""
-    sentencepiece = pytest.importorskip("sentencepiece")
     folder = tmp_path_factory.mktemp("gemma")
-    random.seed(1)
-    words = " ".join(TEXTS).split()
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter([" ".join(random.choices(words, k=12)) for _ in range(1500)]), model_writer=model,
-        vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    train_sentencepiece(folder, user_defined_symbols=["<start_of_turn>", "<end_of_turn>"])
     template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
                 "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
     added = {"3": {"content": "<start_of_turn>", "special": True}, "4": {"content": "<end_of_turn>", "special": True}}
