@@ -20,11 +20,11 @@ is its retrieval counterpart (single-needle RULER prompts, SnapKV with and witho
 question). --preset full runs all five policies on all 155 built-in prompts at 4 ratios
 (about an hour there). The paper's full run:
 
-  python evaluate.py --model weights/Llama-3.1-8B-Instruct --data paper --defense none \\
+  python evaluate.py --model weights/llama-3.1-8b-instruct --data paper --defense none \\
       --policy streaming_llm,h2o,knorm,snapkv,tova --ratios 0:0.9:0.1 --limit 0 \\
       --max-new-tokens 1280 --device cuda --dtype bfloat16 --batch-size 16
 
-Outputs in --out: responses.jsonl (one record per policy, ratio and prompt, appended as it
+Outputs in --out: responses.jsonl (one record per setting, ratio and prompt, appended as it
 goes: rerun the same command to resume), summary.json, and fig*.png.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ The defaults (--preset demo) take a few minutes on a 2-core CPU: the bundled 135
 8 built-in prompts, StreamingLLM and SnapKV at 3 ratios with 3 remedies, 48 new tokens;
 --preset full runs all five policies on 32 prompts at 4 ratios. The paper's setup:
 
-  python leak.py --model weights/Llama-3.1-8B-Instruct --data paper --limit 100 \\
+  python leak.py --model weights/llama-3.1-8b-instruct --data paper --limit 100 \\
       --defense paper:standard_defense \\
       --attack paper:plain__prompt1 --max-new-tokens 256 --ratios 0:0.9:0.1 \\
       --policy streaming_llm,h2o,knorm,snapkv,tova --remedy none,whitelist,fair --device cuda --dtype bfloat16
