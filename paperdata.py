@@ -220,7 +220,11 @@ def paper_file(name: str, cache_dir=None, download: bool = True) -> str:
         raise PaperDataError(f"unknown paper file {name!r}; the files are sys_ifeval.jsonl, "
                              "sys_ifeval_shuffled.jsonl, defense_template.json and attacks/<category>__promptN.txt "
                              "(python paperdata.py lists them)")
-    path = cache_folder(cache_dir) / name
+    folder = cache_folder(cache_dir)
+    if folder.exists() and not folder.is_dir():
+        raise PaperDataError(f"the paper's data folder {folder} is a file, not a folder: point NANOKV_DATA (or --dir) "
+                             "at a folder")
+    path = folder / name
     upstream, expected = FILES[name]
     by_hand = (f"place {BENCHMARKS}/{upstream} from https://github.com/{REPOSITORY} (commit {COMMIT[:7]}) "
                f"at {path} by hand, or set NANOKV_DATA to a folder that holds the paper's files")

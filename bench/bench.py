@@ -910,6 +910,23 @@ def check_args(parser: argparse.ArgumentParser, args) -> list[str]:
         parser.error(f"unknown section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, not {args.repeats}")
+    least = {"new_tokens": 2, "batch_prompts": 1, "ragged_length": 1, "decoding_tokens": 1, "decoding_target": 1,
+             "decoding_interval": 1, "window": 1, "window_length": 1, "threads": 1}
+    for name, low in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(args, name)}")
+    from model import DTYPES
+    for flag in ("decode_dtypes", "batch_dtypes"):
+        unknown = sorted(set(getattr(args, flag).split(",")) - set(DTYPES))
+        if unknown:
+            parser.error(f"--{flag.replace('_', '-')}: unknown dtype {unknown[0]!r} (choose from {', '.join(DTYPES)})")
+    from flags import UsageError, parse_ratios
+    try:
+        parse_ratios(args.batch_ratios)
+    except UsageError as error:
+        parser.error(f"--batch-ratios: {error}")
+    if args.json and (os.path.isdir(args.json) or not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK)):
+        parser.error(f"--json {args.json}: cannot write a file there (a folder, or a missing or read-only parent)")
     if not os.path.isfile(os.path.join(args.folder, "config.json")):
         parser.error(f"no checkpoint in {args.folder}: run `python weights/prepare.py` (or `make weights`) first")
     if args.baseline:
@@ -924,11 +941,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> list[str]:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args.folder, args.memory_probe[0], int(args.memory_probe[1]))
     sections = check_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"nanokv bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"model {os.path.relpath(args.folder, ROOT)}, commit {_commit()}"
           + (f", baseline {args.baseline}" if args.baseline else ""))

@@ -12,7 +12,11 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=cuda
-if [ "${1:-}" = "--no-cuda" ]; then DEVICE=cpu; fi
+case "${1:-}" in
+    "") ;;
+    --no-cuda) DEVICE=cpu ;;
+    *) echo "error: unknown argument '$1' (bench/gpu_check.sh takes only --no-cuda)" >&2; exit 2 ;;
+esac
 PY=.venv/bin/python
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/nanokv-gpu-check.XXXXXX")
 FAILED=()
@@ -31,12 +35,13 @@ step() {  # step NAME COMMAND...: run, time, keep the last lines of its output, 
 }
 
 if ! { [ -x $PY ] && $PY -c "import torch, transformers" 2>/dev/null && [ -f weights/smollm2-135m-instruct/model.safetensors ]; }; then
-    step install make install-test weights || { echo "install failed: see $WORK/install.log"; exit 1; }
+    step install make install-test weights || { echo "install failed: see $WORK/install.log" >&2; exit 1; }
 fi
 if [ $DEVICE = cuda ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
     $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 1)" \
-        || { echo "error: this torch build sees no CUDA device: install torch's CUDA wheel into .venv"; exit 1; }
+        || { echo "error: this torch build sees no CUDA device: install torch's CUDA wheel into .venv, or run" \
+                  "bench/gpu_check.sh --no-cuda to check the script on the CPU" >&2; rmdir "$WORK" 2>/dev/null; exit 1; }
 fi
 
 # The suite runs on the CPU (no test takes a device); on a 16-core machine it takes about a minute.

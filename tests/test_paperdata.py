@@ -122,6 +122,8 @@ def test_an_unwritable_cache_folder_is_one_line(fake_web, fake_file, tmp_path):
     fake_web.served[fake_file] = FAKE_BYTES
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(paperdata.PaperDataError, match="cannot write"):
+        paperdata.paper_file(FAKE_NAME, tmp_path / "file" / "data")               # its parent is a file
+    with pytest.raises(paperdata.PaperDataError, match="is a file, not a folder: point NANOKV_DATA"):
         paperdata.paper_file(FAKE_NAME, tmp_path / "file")
 
 
