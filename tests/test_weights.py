@@ -8,6 +8,7 @@ reference, never a run-time dependency).
 import importlib.util
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -129,6 +130,21 @@ def test_a_damaged_folder_is_converted_again(capsys, tmp_path):
     assert read_json(out, "tokenizer.json")["model"]["type"] == "BPE"
     os.remove(os.path.join(out, "config.json"))                           # a missing file: not up to date either
     assert prepare.main(["--out", out, "--dtype", "bfloat16"]) == 0 and os.path.isfile(os.path.join(out, "config.json"))
+
+
+def test_hf_offline_is_one_line_at_once(monkeypatch, capsys, tmp_path):
+    """--hf where the hub cannot be reached: one line, before any retry, and nothing written."""
+    pytest.importorskip("huggingface_hub")
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    assert prepare.main(["--hf", "Qwen/Qwen3-8B", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be reached (Name or service not known); --hf needs a network" in err
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(SystemExit):
+        prepare.main(["--hf", ""])
+    assert "--hf '' names no checkpoint" in capsys.readouterr().err
 
 
 @needs_gguf
