@@ -815,7 +815,7 @@ class Tokenizer:
         user-defined pieces (Gemma's <start_of_turn>) anywhere in a text, so there each such string is cut
         after its first character and the parts are encoded apart, with no space between them."""
         ids = self.backend.encode(text, at_start)
-        if not any(i in self.special_names for i in ids):
+        if self.special_names.keys().isdisjoint(ids):
             return ids
         cuts = [found.start() + 1 for found in self.special_regex.finditer(text)]
         parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
