@@ -30,11 +30,9 @@ import hashlib
 import importlib.util
 import json
 import shutil
-import socket
 import struct
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -407,15 +405,12 @@ def download_hf(repo_id: str, out: Path | None) -> None:
         from huggingface_hub import hf_hub_download, snapshot_download
     except ImportError:
         raise PrepareError("--hf needs huggingface_hub: `pip install huggingface_hub` (and a network)") from None
-    from huggingface_hub import constants
-    from huggingface_hub.utils import logging as hub_logging
-    hub_logging.set_verbosity_error()                    # no line per retry: one error line, below
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
-    try:                                                 # offline: say so now, not after the hub's retries
-        socket.getaddrinfo(host, 443)
-    except OSError as error:
-        raise PrepareError(f"could not download {repo_id}: {host} cannot be reached ({error.strerror or error}); "
-                           "--hf needs a network (or HF_ENDPOINT set to a mirror)") from None
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()                # offline: one error line below, not a warning per retry
+    except ImportError:
+        pass
+    print(f"downloading {repo_id} -> {out} ...", flush=True)
     start = time.perf_counter()
     try:  # gated models (Llama) also need `huggingface-cli login` or HF_TOKEN
         check_config(repo_id, hf_hub_download(repo_id, "config.json"))
