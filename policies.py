@@ -458,13 +458,14 @@ def covering_spans(partitions, L: int) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def largest_remainder(weights: torch.Tensor, total) -> torch.Tensor:
-    """Integers proportional to `weights` (..., n) summing exactly to `total` (int or (..., 1)) along the last dim."""
-    exact = weights / weights.sum(-1, keepdim=True) * total
-    counts = exact.floor().long()
-    short = total - counts.sum(-1, keepdim=True)                                  # (..., 1)
-    order = (exact - counts).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-    return counts + (order < short).long()
+def proportional(weights: torch.Tensor, total) -> torch.Tensor:
+    """Integers proportional to `weights` (..., n) summing exactly to `total` (int or (..., 1)) along the last dim:
+    part j gets floor(total W_1..j / W) - floor(total W_1..j-1 / W), so of two spans the earlier gets
+    floor(b len / L) and the later the rest (the paper's rule)."""
+    cumulative = weights.double().cumsum(-1)                                      # float64: exact for counts
+    ends = (cumulative * total / cumulative[..., -1:].clamp(min=1e-9)).floor().long()
+    ends[..., -1:] = total                     # the whole, exactly (rounding may put a float blend's just below)
+    return ends.diff(dim=-1, prepend=torch.zeros_like(ends[..., :1]))
 
 
 def tiers(scores: torch.Tensor, whitelisted: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor | None:
@@ -656,8 +657,8 @@ def evict_row(spec: Compression, budget: float, cache, row: int, ratio: float | 
 
 def choose(spec: Compression, count: torch.Tensor, plain, local, part: torch.Tensor | None):
     """One layer's kept mask (H_kv, w) over its evictable entries, given each head's count: the plain
-    scores' best, or with partitions each part's share (largest remainder of what the head holds of
-    it; debias blends that with the plain split) filled by `local` scores. Also returns what it ranked:
+    scores' best, or with partitions each part's share (proportional to what the head holds of it;
+    debias blends that with the plain split) filled by `local` scores. Also returns what it ranked:
     scores, tiers and the quotas per (head, part)."""
     quotas = count[:, None]                                                       # (H_kv, parts)
     if part is None or spec.debias == 0:
@@ -665,10 +666,10 @@ def choose(spec: Compression, count: torch.Tensor, plain, local, part: torch.Ten
         return keep_best(scores, tier, None, quotas), scores, tier, quotas
     n_parts = int(part.max()) + 1
     in_part = lambda kept: torch.stack([(kept & (part.cpu() == j)).sum(-1) for j in range(n_parts)], -1)  # noqa
-    quotas = largest_remainder(in_part(part.cpu() >= 0).float(), quotas)
+    quotas = proportional(in_part(part.cpu() >= 0), quotas)
     if spec.debias < 1:
         plain_counts = in_part(keep_best(*plain(), None, count[:, None]).cpu())
-        quotas = largest_remainder(((1 - spec.debias) * plain_counts + spec.debias * quotas).float(), count[:, None])
+        quotas = proportional((1 - spec.debias) * plain_counts + spec.debias * quotas, count[:, None])
     scores, tier = local()
     return keep_best(scores, tier, part, quotas), scores, tier, quotas
 

@@ -34,6 +34,17 @@ def kept_masks(spec, layers, inv_freq=None, observed=None, system_len=None):
     return [mask[0] for mask in compress(cache, spec, system_len=system_len, observed=observed).kept]
 
 
+def ref_quotas(lengths: list[int], total: int) -> list[int]:
+    """The paper's fair budgets, in integers: of two spans the earlier keeps floor(total len / L) and the later
+    the rest; with more spans, each keeps the floor of its cumulative share minus what the earlier ones took."""
+    L, quotas, taken, seen = sum(lengths), [], 0, 0
+    for length in lengths:
+        seen += length
+        quotas.append(total * seen // L - taken)
+        taken += quotas[-1]
+    return quotas
+
+
 def ref_attention(q, k):
     """A[h, i, j]: float64 causal softmax, query head h reading KV head h // group."""
     H, kv_heads, n, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from policies import (ALLOCATIONS, POLICIES, REPLAYS, Compression, Context, adakv, covering_spans, largest_remainder,
+from policies import (ALLOCATIONS, POLICIES, REPLAYS, Compression, Context, adakv, covering_spans,
                       prefill, pyramid)
-from reference import kept_masks, ref_snapkv
+from reference import kept_masks, ref_quotas, ref_snapkv
 
 L = 45
 PAIRS = [(p, a) for p in POLICIES if p != "full" and p not in REPLAYS for a in ALLOCATIONS]   # KVzip: test_kvzip
@@ -171,7 +171,6 @@ def test_whitelist_is_kept_under_every_allocation(layers, tiny_model, policy, al
 def test_fair_eviction_splits_each_heads_count_by_length(layers, tiny_model, policy, allocation):
     partitions = [(2, 15), (15, 33), (33, 43)]
     spans = covering_spans(partitions, L)
-    lengths = torch.tensor([float(e - s) for s, e in spans])
     fair = Compression(policy, 0.6, allocation=allocation, partitions=partitions, whitelist=[20, 21])
     plain = Compression(policy, 0.6, allocation=allocation, whitelist=[20, 21])
     fair_masks, plain_masks = kept_masks(fair, layers, tiny_model.inv_freq), kept_masks(plain, layers, tiny_model.inv_freq)
@@ -180,8 +179,7 @@ def test_fair_eviction_splits_each_heads_count_by_length(layers, tiny_model, pol
         counts = plain_masks[index].sum(-1)                                  # how many: the allocation's
         assert torch.equal(kept.sum(-1), counts)
         for h in range(k.shape[1]):
-            quotas = largest_remainder(lengths, int(counts[h]))
-            assert [int(kept[h, s:e].sum()) for s, e in spans] == quotas.tolist()
+            assert [int(kept[h, s:e].sum()) for s, e in spans] == ref_quotas([e - s for s, e in spans], int(counts[h]))
 
 
 @pytest.mark.parametrize("allocation", list(ALLOCATIONS))

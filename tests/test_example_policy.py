@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import policies
-from policies import Compression, Context, covering_spans, largest_remainder
+from policies import Compression, Context, covering_spans
+from reference import ref_quotas
 
 L = 45
 POLICIES_BEFORE = dict(policies.POLICIES)
@@ -100,7 +101,7 @@ def test_fair_eviction_takes_the_reference_top_of_each_span(registered, tiny_mod
     partitions = [(2, 15), (15, 33), (33, 43)]                           # head and tail go to first/last
     spans = covering_spans(partitions, L)
     cache, compressed = compress(tiny_model, prefill[0], Compression("value_norm", 0.6, partitions=partitions))
-    quotas = largest_remainder(torch.tensor([float(e - s) for s, e in spans]), compressed.reports[0]["n_kept"])
+    quotas = ref_quotas([e - s for s, e in spans], compressed.reports[0]["n_kept"])
     for layer, (q, k, v) in enumerate(prefill[1]):
         reference = ref_value_norm(v)
         for h in range(k.shape[1]):

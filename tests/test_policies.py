@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import policies
-from policies import (POLICIES, Compression, Context, covering_spans, h2o, knorm, largest_remainder, snapkv,
+from policies import (POLICIES, Compression, Context, covering_spans, h2o, knorm, proportional, snapkv,
                       streaming_llm, tova)
-from reference import REPLAY, kept_masks, ref_attention, ref_h2o, ref_snapkv
+from reference import REPLAY, kept_masks, ref_attention, ref_h2o, ref_quotas, ref_snapkv
 
 FIRST = Context(0, 1)   # the layer a direct policy call scores
 
@@ -142,10 +142,15 @@ def test_whitelist_larger_than_budget_keeps_budget_and_reports(tiny_model, prefi
     assert all(k[0][:, whitelist].sum(1).eq(4).all() for k in cache.kept)  # every kept entry is whitelisted
 
 
-def test_largest_remainder_is_exact_and_proportional():
-    counts = largest_remainder(torch.tensor([10.0, 25.0, 10.0]), 20)
-    assert counts.tolist() == [5, 11, 4]          # 4.44, 11.11, 4.44: the tie goes to the earlier span
-    assert largest_remainder(torch.tensor([1.0, 1.0, 1.0]), 2).sum() == 2
+def test_proportional_is_the_papers_split():
+    """Two spans: the earlier floor(b len / L), the later the rest (PAPER.md, Algorithm 1); more: cumulative floors."""
+    assert proportional(torch.tensor([70, 95]), 82).tolist() == [34, 48]      # 34.8 -> 34 (largest remainder: 35)
+    assert proportional(torch.tensor([[70, 95], [1, 2]]), torch.tensor([[82], [2]])).tolist() == [[34, 48], [0, 2]]
+    assert proportional(torch.tensor([10, 25, 10]), 20).tolist() == [4, 11, 5]  # floors of 4.4, 15.6, 20
+    for lengths in ([40, 125], [3, 3, 3], [1, 50, 7, 12], [164, 1]):
+        for total in range(sum(lengths) + 1):
+            assert proportional(torch.tensor(lengths), total).tolist() == ref_quotas(lengths, total)
+    assert proportional(torch.tensor([17.5, 30.5]), 48).tolist() == [17, 31]   # a debias blend: float weights
 
 
 def test_covering_spans_assign_head_tail_and_gaps():
@@ -163,7 +168,7 @@ def test_fair_eviction_gives_equal_keep_rates(tiny_model, prefill, policy, ratio
     cache, report = compress(tiny_model, prefill[0], Compression(policy, ratio, partitions=partitions,
                                                                   whitelist=whitelist))
     n_kept = report["n_kept"]
-    quotas = largest_remainder(torch.tensor([float(e - s) for s, e in spans]), n_kept)
+    quotas = ref_quotas([e - s for s, e in spans], n_kept)
     for kept in cache.kept:
         for h in range(kept.shape[1]):
             for (s, e), quota in zip(spans, quotas):
