@@ -212,7 +212,7 @@ def test_whitelist_is_never_evicted_and_fair_partitions_keep_equal_fractions(tin
     for cut in cuts.log:                        # 24 prompt (12 + 8 + 4 user turn) + 8 answer = 32 -> 12
         for kept in cut["kept"][0]:
             sizes = [sum(1 for p in kept if lo <= p < hi) for lo, hi in [(0, 12), (12, 24), (24, 32)]]
-            assert sizes == [5, 4, 3]                # 12 x (12, 12, 8) / 32 = 4.5, 4.5, 3: the remainder to the first
+            assert sizes == [4, 5, 3]                # 12 x (12, 24, 32) / 32 = 4.5, 9, 12: floors 4, 9, 12 (the paper's)
 
 
 def test_whitelist_larger_than_target_is_refused():
