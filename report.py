@@ -205,10 +205,12 @@ def composite_gains(results: dict, settings: dict, records: list[dict] | None = 
     With the `records`, also its standard error over the prompts, paired (prompt_gains) and n_prompts.
     """
     gains, known = {}, read_settings(settings)
-    grouped = group_by_setting(records or [])
+    grouped = {label: {str(ratio): rs for ratio, rs in by_ratio.items()}         # keyed as `results` is
+               for label, by_ratio in group_by_setting(records or []).items()}
     for label, rows in results.items():
         setting = known[label]
-        plain_label = find_setting(known, lambda s: s.remedy.name == "none" and replace(s, remedy=setting.remedy) == setting)
+        plain_label = find_setting(known, lambda s: s.remedy.name == "none" and
+                                   replace(s, remedy=setting.remedy) == setting)
         plain = results.get(plain_label)
         if setting.remedy.name == "none" or plain is None:
             continue
@@ -221,9 +223,7 @@ def composite_gains(results: dict, settings: dict, records: list[dict] | None = 
             if None not in acc + leak:
                 terms.append((acc[0] - acc[1]) + (leak[1] - leak[0]))
                 if label in grouped:
-                    mine, theirs = (next(rs for ratio, rs in grouped[name].items() if str(ratio) == r)
-                                    for name in (label, plain_label))
-                    for key, part in prompt_gains(mine, theirs).items():
+                    for key, part in prompt_gains(grouped[label][r], grouped[plain_label][r]).items():
                         per_prompt[key].append(part)
         gain = {"gain": mean(terms), "ratios": [float(r) for r in chosen]}
         if records is not None:          # the gain is n x the mean part: its SEM n x the parts' SEM = sqrt(n) x SD
@@ -299,7 +299,7 @@ def print_leak(summary: dict, file=sys.stdout):
                           pm(follow["instruction_strict"], follow["instruction_strict_sem"]),
                           pm(follow["prompt_strict"], follow["prompt_strict_sem"]),
                           *(pm(row["keep"][span], row["keep_sem"][span]) for span in SPANS),
-                          pm(row["whitelist_kept"], row.get("whitelist_kept_sem"))])
+                          pm(row["whitelist_kept"], row["whitelist_kept_sem"])])
     print(file=file)
     print_columns(["setting", "r", "n", "R-dir", "R-sys", "R-def", "leak", "n-task", "I-str", "P-str", "k-dir",
                    "k-def", "wl"], lines, file)
@@ -312,7 +312,7 @@ def print_leak(summary: dict, file=sys.stdout):
         print(f"\nComposite gain over the plain policy (accuracy gain + leakage drop, mean over r in "
               f"{', '.join(str(r) for r in GAIN_RATIOS)} where run; ±SEM over the prompts, paired)", file=file)
         print_columns(["policy", *remedies],
-                      [[policy, *(pm(g.get(r, {}).get("gain"), g.get(r, {}).get("gain_sem"), digits=3) for r in remedies)]
+                      [[policy, *(pm(g[r]["gain"], g[r]["gain_sem"], digits=3) if r in g else "-" for r in remedies)]
                        for policy, g in gains.items()],
                       file)
 
@@ -864,8 +864,8 @@ def print_ruler(summary: dict, file=sys.stdout):
         cells = []
         for r in ratios:
             row = row_of(rows, r)
-            keep, sems = ({}, {}) if row is None else (row["keep"], row["keep_sem"])
-            cells.append("/".join(pm(keep.get(span), sems.get(span)) for span in ("facts", "haystack")) if row else "-")
+            spans = ("facts", "haystack")
+            cells.append("/".join(pm(row["keep"].get(s), row["keep_sem"].get(s)) for s in spans) if row else "-")
         keep_lines.append([setting, *cells])
     print(file=file)
     print_columns(["setting (keep facts/haystack)", *(f"r={r:g}" for r in ratios)], keep_lines, file)

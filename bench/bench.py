@@ -58,7 +58,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))          # the project: bench/..
 sys.path.insert(0, ROOT)
 
-from model import ModelArgs  # noqa: E402
+from model import DTYPES, ModelArgs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_FOLDER = os.path.join(ROOT, "weights", "smollm2-135m-instruct")
@@ -915,7 +915,6 @@ def check_args(parser: argparse.ArgumentParser, args) -> list[str]:
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(args, name)}")
-    from model import DTYPES
     for flag in ("decode_dtypes", "batch_dtypes"):
         unknown = sorted(set(getattr(args, flag).split(",")) - set(DTYPES))
         if unknown:
