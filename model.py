@@ -78,22 +78,7 @@ class ModelArgs:
         if n_heads % (cfg.get("num_key_value_heads") or n_heads):
             raise ValueError(f"config.json's num_key_value_heads ({cfg['num_key_value_heads']}) does not divide "
                              f"num_attention_heads ({n_heads})")
-        # transformers >= 5 writes rope settings as `rope_parameters` (Gemma 3: one per layer type);
-        # older files as rope_theta / rope_scaling (and Gemma 3's rope_local_base_freq)
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"config.json's rope settings are {rope!r}, not an object")
-        rope = dict(rope)
-        local = rope.pop("sliding_attention", None) or {}
-        rope = dict(rope.pop("full_attention", None) or rope)
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6 if gemma else 10000.0))
-        local_theta = cfg.get("rope_local_base_freq", local.get("rope_theta", 10000.0)) if gemma else None
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} in config.json (supported: llama3, linear)")
-        if local.get("rope_type", "default") != "default":
-            raise ValueError(f"unsupported rope scaling type {local['rope_type']!r} for the sliding-window layers in "
-                             "config.json (Gemma 3's local layers use plain RoPE)")
+        rope_theta, rope_scaling, local_theta = rope_settings(cfg, gemma)
         attention_bias = cfg.get("attention_bias", False)
         default_head_dim = {"gemma3_text": 256, "qwen3": 128}.get(model_type, cfg["hidden_size"] // n_heads)  # as HF
         return cls(
@@ -107,7 +92,7 @@ class ModelArgs:
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type != "default" else None,
+            rope_scaling=rope_scaling,
             max_positions=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
@@ -122,6 +107,28 @@ class ModelArgs:
             final_softcap=cfg.get("final_logit_softcapping"),
             compress_local=not gemma,
         )
+
+
+def rope_settings(cfg: dict, gemma: bool) -> tuple:
+    """(base, scaling or None, the local layers' base or None), as transformers reads config.json. transformers
+    >= 5 writes `rope_parameters` (Gemma 3: one per layer type); older files rope_theta / rope_scaling (and
+    Gemma 3's rope_local_base_freq)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json's rope settings are {rope!r}, not an object")
+    rope = dict(rope)
+    local = rope.pop("sliding_attention", None) or {}
+    rope = dict(rope.pop("full_attention", None) or rope)
+    rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6 if gemma else 10000.0))
+    local_theta = cfg.get("rope_local_base_freq", local.get("rope_theta", 10000.0)) if gemma else None
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {rope_type!r} in config.json (supported: llama3, linear)")
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported rope scaling type {local['rope_type']!r} for the sliding-window layers in "
+                         "config.json (Gemma 3's local layers use plain RoPE)")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if rope_type != "default" else None
+    return rope_theta, scaling, local_theta
 
 
 def layer_windows(cfg: dict, model_type: str) -> list:
