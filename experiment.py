@@ -27,6 +27,7 @@ other settings is refused. One run writes a folder at a time (RunFolder's locks)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -949,13 +950,29 @@ def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunF
     files = folder.record_files()
     records = records_of(jobs, files)
     settings = {setting.label: setting.fields() for setting in plan.settings}
-    summary = {"settings": settings, "run_settings": plan.run_settings, "run": fingerprint(plan.run_settings),
-               **experiment.summarize(records, settings)}
-    write_json(os.path.join(plan.out, "summary.json"), summary)
-    experiment.print_summary(summary, sys.stdout)
-    figures = experiment.figures(summary, records, plan.out, figure_example(jobs[0], tok))
+    with edited_records(plan.out, records, resumed=bool(folder.records)):
+        summary = {"settings": settings, "run_settings": plan.run_settings, "run": fingerprint(plan.run_settings),
+                   **experiment.summarize(records, settings)}
+        write_json(os.path.join(plan.out, "summary.json"), summary)
+        experiment.print_summary(summary, sys.stdout)
+        figures = experiment.figures(summary, records, plan.out, figure_example(jobs[0], tok))
     print(f"\nwrote {', '.join(files)}, {os.path.join(plan.out, 'summary.json')}, "
           f"{', '.join(os.path.basename(f) for f in figures)}")
+
+
+@contextlib.contextmanager
+def edited_records(out: str, records: list[dict], resumed: bool):
+    """Summing up records read back from --out: one that lacks a field the summary reads (KeyError), or holds a
+    value of the wrong kind (TypeError), was edited by hand, so it is bad input. With only this run's records, a bug."""
+    try:
+        yield
+    except (KeyError, TypeError) as e:
+        if not resumed:
+            raise
+        lacking = [r["job"] for r in records if isinstance(e, KeyError) and e.args and e.args[0] not in r]
+        where = f"a record of job {lacking[0]!r} lacks {e.args[0]!r}" if lacking else f"a record: {e}"
+        raise UsageError(f"{out} cannot be summed up, {where} (the records were edited?): delete that job's "
+                         "records to run it again, or choose another --out") from None
 
 
 def main_guard(main):

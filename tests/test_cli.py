@@ -134,6 +134,23 @@ def test_edited_record_fields_the_resume_reads_are_refused(tmp_path, tiny_chat):
         assert open(path).read().count("\n") == len(lines)                 # nothing run again, nothing appended
 
 
+def test_a_record_edited_where_only_the_summary_reads_is_refused(tmp_path, tiny_chat):
+    """A finished record without a field the summary reads, or with a value of the wrong kind, is bad input: one
+    line and exit 2, not a traceback; the records stay as they were."""
+    argv = ["--model", tiny_chat, "--policy", "tova", "--ratios", "0.5", "--limit", "2", "--max-new-tokens", "2"]
+    out = run_evaluate(tmp_path, "run", *argv)
+    path = os.path.join(out, "responses.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    first = json.loads(lines[0])
+    for edited, message in (({k: v for k, v in first.items() if k != "strict"}, r"lacks 'strict' \(the records were"),
+                            ({**first, "strict": 5}, r"a record: .*not iterable \(the records were edited\?\)")):
+        open(path, "w").write(json.dumps(edited) + "\n" + "".join(lines[1:]))
+        before = open(path).read()
+        with pytest.raises(experiment.UsageError, match=message):
+            evaluate.main([*argv, "--out", out])
+        assert open(path).read() == before
+
+
 # ----------------------------------------------------------------------------- one writer per folder (issue 22)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
