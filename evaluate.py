@@ -35,7 +35,7 @@ import flags
 import ifeval
 import prompts as P
 import ruler
-from experiment import Experiment, boundaries, main_guard, run, whitelist_char_spans
+from experiment import Experiment, boundaries, load_text, main_guard, run, whitelist_char_spans
 from flags import Design, UsageError
 from report import evaluate_figures, evaluate_summary, print_evaluate, print_ruler, ruler_figures, ruler_summary
 from setting import Remedy
@@ -140,11 +140,11 @@ def load_prompts(args, paper_data: str) -> list[P.Prompt]:
     if args.limit < 1:
         raise UsageError(f"--limit {args.limit}: RULER prompts are generated, so there is no 'all': give the number "
                          "of prompts per task (at least 1)")
-    from tokenizer import load_tokenizer
-    try:
-        tok = load_tokenizer(args.model)                       # RULER's lengths are in the model's tokens
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--model {args.model!r}: {e}") from None
+    tok, model_args = load_text(args.model)                     # RULER's lengths are in the model's tokens
+    if length + args.max_new_tokens > model_args.max_positions:   # refused before any prompt is made
+        raise UsageError(f"--length {length} and --max-new-tokens {args.max_new_tokens} need "
+                         f"{length + args.max_new_tokens} positions, more than the model's context of "
+                         f"{model_args.max_positions}: lower --length")
     try:
         examples = [ruler.make_example(tok, task, length, args.seed, index)
                     for task in tasks for index in range(args.limit)]

@@ -42,7 +42,7 @@ import torch
 import prompts as P
 from decoding import Cuts, Decoding
 from flags import DEFAULT_MODEL, Plan, UsageError, fingerprint, load_prompts, normal_settings, parse_args, plan_run
-from model import ModelArgs, generate, load_model, pad
+from model import ModelArgs, generate, load_model, pad, read_config
 from policies import REPLAYS, Compression, Replay, compress, covering_spans, prefill
 from setting import Setting
 from tokenizer import load_tokenizer
@@ -182,7 +182,8 @@ def prepare_job(job: Job, encode, max_positions: int, max_new_tokens: int, repla
     longest = longest_cache(job, max_new_tokens)
     if longest > max_positions:
         raise UsageError(f"prompt {job.prompt.key} needs {longest} positions with --max-new-tokens, more than the "
-                         f"model's context of {max_positions}: lower --max-new-tokens or --limit the prompts")
+                         f"model's context of {max_positions}: lower --max-new-tokens, or shorten the prompt (RULER's: "
+                         "--length)")
     job.spans, positions, partitions = (layout or prompt_layout)(job, system)
     remedy = job.setting.remedy
     job.spec = Compression(job.setting.policy, job.ratio, partitions=partitions,
@@ -857,33 +858,19 @@ def figure_example(job: Job, tok) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
-def load_text(plan: Plan):
+def load_text(folder: str):
     """What the text checks need, without the weights: the tokenizer and config.json's ModelArgs (the context
-    length). A folder that is missing, incomplete or malformed is a UsageError."""
-    config_path = os.path.join(plan.model, "config.json")
+    length) of the checkpoint `folder`. A folder that is missing, incomplete or malformed is a UsageError."""
     try:
-        if os.path.isdir(config_path):
-            raise IsADirectoryError(f"{config_path} is a folder, not a file")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} is missing: {plan.model!r} is not a Hugging Face checkpoint folder")
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-            except RecursionError:
-                raise ValueError(f"{config_path} is not a config: it nests deeper than Python's JSON reader allows") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} is not a JSON object")
-        model_args = ModelArgs.from_hf_config(config)
-        tok = load_tokenizer(plan.model)
+        model_args = ModelArgs.from_hf_config(read_config(folder))
+        tok = load_tokenizer(folder)
         if tok.vocab_size > model_args.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model's embedding {model_args.vocab_size}: "
                              "they belong to different models")
     except (ValueError, OSError) as e:
-        raise UsageError(f"--model {plan.model!r}: {e}") from None
+        raise UsageError(f"--model {folder!r}: {e}") from None
     except KeyError as e:
-        raise UsageError(f"--model {plan.model!r}: config.json lacks the field {e}") from None
+        raise UsageError(f"--model {folder!r}: config.json lacks the field {e}") from None
     return tok, model_args
 
 
@@ -900,7 +887,7 @@ def load_weights(plan: Plan, device: str | None = None):
 
 def load_model_and_tokenizer(plan: Plan, device: str | None = None):
     """The tokenizer checked first, then the weights (bench scripts)."""
-    tok, _ = load_text(plan)
+    tok, _ = load_text(plan.model)
     return load_weights(plan, device), tok
 
 
@@ -931,7 +918,7 @@ def run_plan(experiment: Experiment, plan: Plan, shard: Shard):
 
 def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunFolder):
     shard.agree(folder.open)                                        # before any work, on every rank: locked, checked
-    tok, model_args = shard.agree(lambda: load_text(plan))          # no weights yet: every text check comes first
+    tok, model_args = shard.agree(lambda: load_text(plan.model))          # no weights yet: every text check comes first
     jobs = shard.agree(lambda: folder.check_jobs(build_jobs(plan, tok, model_args.max_positions)))
     model = shard.agree(lambda: load_weights(plan, shard.device(plan.device)))
     shard.agree(folder.lock_rank)

@@ -157,7 +157,8 @@ def common_arguments(parser: argparse.ArgumentParser, defaults: dict):
            "both modes, to compare them; no fair eviction. Default %(default)s; the bare flag means on")
     a("--data", help="a sys_ifeval-style JSONL file, or 'paper' for the paper's own file (downloaded once from its "
                      "repository and checksum-verified; see paperdata.py); evaluate.py also takes ruler:TASK[,TASK...] "
-                     "(RULER's synthetic retrieval tasks, generated locally: ruler.py); default: the built-in "
+                     "(RULER's synthetic retrieval tasks, generated locally: ruler.py; ruler:all for the 11, "
+                     "niah_single and niah_multikey for their first variants); default: the built-in "
                      "prompt set")
     a("--limit", type=int, default=defaults["limit"],
       help="use the first N prompts (RULER: N prompts per task) (default %(default)s; 0 = all)")

@@ -343,13 +343,7 @@ def load_model(folder: str, device: str = "cpu", dtype: str | torch.dtype = "flo
     from safetensors import SafetensorError, safe_open
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"weights folder {folder!r} does not exist: run `make weights` "
-                                f"(python weights/prepare.py) or see weights/README.md")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} is missing: {folder!r} is not a Hugging Face checkpoint folder")
-    config = _read_json(config_path)
+    config = read_config(folder)
     args = ModelArgs.from_hf_config(config)
     with torch.device("meta"):
         model = Transformer(args)
@@ -383,6 +377,19 @@ def load_model(folder: str, device: str = "cpu", dtype: str | torch.dtype = "flo
         model.local_inv_freq = rope_frequencies(args, local=True).to(device)
     model.eos_ids = _eos_ids(folder, config)
     return model.eval().requires_grad_(False)
+
+
+def read_config(folder: str) -> dict:
+    """A checkpoint folder's config.json (FileNotFoundError: no such folder or file; ValueError: malformed)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"weights folder {folder!r} does not exist: run `make weights` "
+                                f"(python weights/prepare.py) or see weights/README.md")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {folder!r} is not a Hugging Face checkpoint folder")
+    return _read_json(path)
 
 
 def _read_json(path: str) -> dict:

@@ -28,8 +28,10 @@ How this differs from RULER's own data:
   and _3, multikey_1, multivalue, multiquery) the haystack is "words": sentences of random words
   from the short built-in list WORDS. RULER's "noise" and "needle" haystacks are reproduced as is.
 - No `wonderwords` package: keys are adjective-noun pairs from WORDS (RULER: wonderwords'
-  adjective-noun pairs); cwe draws from WORDS, then, when a list needs more words than WORDS has,
-  from deterministic pronounceable pseudo-words (RULER falls back to its english_words.json).
+  adjective-noun pairs), so a key's words also occur in a "words" haystack. cwe draws every word
+  from WORDS or, when a list needs more words than WORDS has (past about 7.5K tokens of the
+  default model), every word from deterministic pronounceable pseudo-words (RULER falls back to
+  its english_words.json).
 - Each needle's depth is drawn from RULER's 40 depths (RULER does that in essays and samples
   uniform positions in noise), or set for all needles with `depth`.
 - The length is the whole chat-templated prompt (system + user + generation prompt) in the model's
@@ -37,10 +39,13 @@ How this differs from RULER's own data:
   counts the answer's tokens.
 - vt's one-shot example has 5 noise lines (RULER's fills 500 tokens). Its variables and value,
   and the words of cwe's one-shot example, are never those of the question.
+- One answer budget for every task (--max-new-tokens); RULER's tokens_to_generate is 128 for niah,
+  30 for vt, 120 for cwe and 50 for fwe.
 The same (tokenizer, task, length, seed, index, depth) gives byte-identical prompts.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import string
@@ -77,13 +82,12 @@ KEY_WORDS = [f"{adjective}-{noun}" for adjective in ADJECTIVES for noun in NOUNS
 class Task:
     """One task of RULER's scripts/synthetic.yaml."""
     kind: str                  # "niah", "vt", "cwe" or "fwe"
-    haystack: str = "noise"    # niah: "noise", "words" (in place of RULER's "essay"), "needle"
+    haystack: str = "noise"    # niah: "noise", "words" (in place of RULER's "essay"), "needle"; cwe: "words"
     key_type: str = "words"    # niah: "words", "numbers" or "uuids"
     value_type: str = "numbers"
     n_keys: int = 1            # niah: needles' keys, values per key, keys asked
     n_values: int = 1
     n_queries: int = 1
-    max_new_tokens: int = 128  # RULER's tokens_to_generate
     metric: str = "all"        # RULER scores every synthetic task with string_match_all
 
 
@@ -96,9 +100,9 @@ TASKS = {
     "niah_multikey_3": Task("niah", "needle", key_type="uuids", value_type="uuids"),
     "niah_multivalue": Task("niah", "words", n_values=4),
     "niah_multiquery": Task("niah", "words", n_keys=4, n_queries=4),
-    "vt": Task("vt", max_new_tokens=30),
-    "cwe": Task("cwe", max_new_tokens=120),
-    "fwe": Task("fwe", max_new_tokens=50),
+    "vt": Task("vt"),
+    "cwe": Task("cwe", "words"),
+    "fwe": Task("fwe"),
 }
 
 
@@ -179,7 +183,7 @@ def _drawer(rng: random.Random, kind: str):
 
 
 @lru_cache(maxsize=1)
-def pseudo_words(n: int = 4096) -> tuple[str, ...]:
+def pseudo_words(n: int = 32768) -> tuple[str, ...]:
     """n distinct pronounceable words of three consonant-vowel syllables, the same every time."""
     rng = random.Random("ruler/pseudo-words")
     syllable = lambda: rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")
@@ -236,7 +240,7 @@ VT_HOPS = 4
 def _vt_chain(rng, letters: int, taken: set, noise_lines: int, value: str):
     """A chain of VT_HOPS + 1 assignments placed in order among noise lines: (names, units)."""
     names = _distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=letters)), VT_HOPS + 1, taken)
-    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(VT_HOPS)]
+    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(VT_HOPS)]
     units = [("haystack", NOISE)] * noise_lines
     for j, position in enumerate(sorted(rng.sample(range(noise_lines), len(chain)))):
         units.insert(position + j, ("fact", chain[j]))                 # RULER's insertion: order kept
@@ -256,8 +260,8 @@ def _vt(rng, size, task, length, depth):
     shot_names, shot_units = _vt_chain(rng, 3, taken, 5, shot_value)  # the one-shot example: 3-letter names
     names, units = _vt_chain(rng, 5, taken, size, value)
     shot_question, shot_prefix = _vt_question(shot_value)
-    shot = (VT_INTRO + "\n".join(text for _, text in shot_units)
-            + f"\n{shot_question} {shot_prefix} {' '.join(shot_names)}\n")
+    shot = (VT_INTRO + "\n".join(text for _, text in shot_units)             # RULER: the answer after two spaces,
+            + f"\n{shot_question} {shot_prefix}  {' '.join(shot_names)}\n\n")   # then a blank line
     user, prefix = _vt_question(value)
     return [("example", shot), ("instruction", VT_INTRO)] + _separated(units, "\n"), user, names, prefix, []
 
@@ -275,12 +279,20 @@ def _numbered(words: list[str], common: set) -> list[tuple[str, str]]:
     return pieces
 
 
+class OutOfWords(ValueError):
+    """A cwe list longer than its source has distinct words."""
+
+
 def _cwe(rng, size, task, length, depth):
     """RULER: below 4096 tokens, common words 6 times and the rest once, one-shot 20 words (3/1);
-    from 4096, 30 and 3 times, one-shot 40 words (10/3). 10 common words."""
+    from 4096, 30 and 3 times, one-shot 40 words (10/3). 10 common words. Every word, the one-shot's
+    included, comes from one source (task.haystack): WORDS, or pseudo-words when WORDS has too few."""
     (repeat_common, repeat_rare), (shot_words, shot_common, shot_rare) = (
         ((6, 1), (20, 3, 1)) if length < 4096 else ((30, 3), (40, 10, 3)))
-    order = rng.sample(WORDS, len(WORDS)) + rng.sample(pseudo_words(), len(pseudo_words()))
+    pool = WORDS if task.haystack == "words" else pseudo_words()     # one source for every word, as RULER
+    if shot_words + size > len(pool):
+        raise OutOfWords(f"cwe: {length} tokens needs more than the {len(pool)} distinct words it can draw")
+    order = rng.sample(pool, len(pool))
     shot, words = order[:shot_words], order[shot_words:shot_words + size]
     shot_list = shot[:10] * shot_common + shot[10:] * shot_rare
     rng.shuffle(shot_list)
@@ -301,7 +313,8 @@ FWE_QUESTION = ("Question: Do not provide any explanation. Please ignore the dot
 
 
 def _fwe(rng, size, task, length, depth):
-    """RULER: a vocabulary of length // 50 six-letter coded words, the first replaced by '...' (noise);
+    """RULER: a vocabulary of (input tokens) // 50 six-letter coded words (its input: max_seq_length less the
+    answer's 50 tokens; here `length` is the prompt alone), the first replaced by '...' (noise);
     word k appears int(size * k^-alpha / zeta(alpha)) times; the answer is words 2-4."""
     n_vocab = max(length // 50, 8)
     vocab = sorted(_distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=6)), n_vocab, set()))
@@ -341,35 +354,56 @@ def make_example(tok, task: str, length: int, seed: int = 0, index: int = 0, dep
     if depth is not None and (spec.kind != "niah" or not 0.0 <= depth <= 1.0):
         raise ValueError(f"depth {depth} applies to niah tasks only and must lie in [0, 1]")
     key = f"{task}/{length}/{seed}/{index}" + ("" if depth is None else f"/{depth}")
-    build = BUILDERS[spec.kind]
+    example = _fit(tok, task, key, spec, length, depth)
+    if example is None:                                               # cwe: WORDS ran out, so every word is a
+        example = _fit(tok, task, key, dataclasses.replace(spec, haystack="pseudo"), length, depth)   # pseudo-word
+    if example is None:
+        raise ValueError(f"{task}: {length} tokens needs more distinct words than the {len(pseudo_words())} "
+                         "pseudo-words cwe can draw")
+    return example
 
+
+def _fit(tok, task: str, key: str, spec: Task, length: int, depth: float | None) -> Example | None:
+    """The example of `spec` nearest `length` tokens: two secant steps from the smallest size, then bracket and
+    bisect (the largest size that fits, and the next). None when its words ran out before it reached `length`."""
     memo = {}
 
     def at(size):                                                     # the example with `size` haystack units
-        if size not in memo:
-            pieces, user, answers, prefix, depths = build(random.Random(key), size, spec, length, depth)
-            system, spans = _join(pieces)
-            memo[size] = Example(key, task, system, user, answers, spans, prefix,
-                                 prompt_tokens(tok, system, user), depths)
+        if size not in memo:                                          # (None: more words than its source has)
+            try:
+                pieces, user, answers, prefix, depths = BUILDERS[spec.kind](random.Random(key), size, spec, length,
+                                                                            depth)
+            except OutOfWords:
+                memo[size] = None
+            else:
+                system, spans = _join(pieces)
+                memo[size] = Example(key, task, system, user, answers, spans, prefix,
+                                     prompt_tokens(tok, system, user), depths)
         return memo[size]
 
+    def tokens(size):
+        return math.inf if at(size) is None else at(size).n_tokens
+
     size = SMALLEST[spec.kind]
-    if at(size).n_tokens > length:
-        raise ValueError(f"{task}: {length} tokens is too short (the smallest haystack gives {at(size).n_tokens})")
-    guess = 2 * size                                                  # two secant steps from the smallest size,
-    for _ in range(2):                                                # then bracket and bisect: the largest
-        per_unit = max(1.0, (at(guess).n_tokens - at(size).n_tokens) / (guess - size))   # size that fits,
-        guess = max(size + 1, size + round((length - at(size).n_tokens) / per_unit))     # and the next
+    if tokens(size) > length:
+        raise ValueError(f"{task}: {length} tokens is too short (the smallest haystack gives "
+                         f"{tokens(size)})")
+    guess = 2 * size
+    for _ in range(2):
+        per_unit = max(1.0, (tokens(guess) - tokens(size)) / (guess - size)) if at(guess) else 1.0
+        guess = max(size + 1, size + round((length - tokens(size)) / per_unit))
     step = max(1, guess // 256)
-    while at(guess).n_tokens > length:
+    while tokens(guess) > length:
         guess, step = max(size, guess - step), 2 * step
     size, high = guess, guess + step
-    while at(high).n_tokens <= length:
+    while tokens(high) <= length:
         size, high, step = high, high + 2 * step, 2 * step
     while high - size > 1:
         middle = (size + high) // 2
-        size, high = (middle, high) if at(middle).n_tokens <= length else (size, middle)
+        size, high = (middle, high) if tokens(middle) <= length else (size, middle)
     below, above = at(size), at(high)                                 # the nearer of the two
+    if above is None:                                                 # the words ran out: not near enough
+        return None
     return below if length - below.n_tokens <= above.n_tokens - length else above
 
 

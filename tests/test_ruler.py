@@ -73,7 +73,7 @@ def test_niah_holds_exactly_the_needles_its_answer_needs(task):
 
 def resolve_assignments(text):
     """An independent little interpreter: every VAR line, each variable followed to its number."""
-    assigned = dict(re.findall(r"^VAR ([A-Z]+) = (\d+|VAR [A-Z]+)$", text, flags=re.M))
+    assigned = dict(re.findall(r"^VAR ([A-Z]+) = (\d+|VAR [A-Z]+) ?$", text, flags=re.M))
     assert len(assigned) == len(re.findall(r"^VAR ", text, flags=re.M)), "a variable assigned twice"
 
     def value(name, seen=()):
@@ -96,6 +96,19 @@ def test_variable_tracking_chains_resolve_to_the_expected_names():
         assert len(set(shot.values())) == 1 and asked not in shot.values() and not set(shot) & set(example.answers)
 
 
+def test_variable_tracking_is_written_as_ruler_writes_it():
+    """RULER's whitespace: a hop's line ends with a space (its value's does not), the one-shot answer follows
+    "they are:" after two spaces, and a blank line parts the one-shot example from the task."""
+    for example in examples("vt"):
+        lines = [line for line in example.system.split("\n") if line.startswith("VAR ")]
+        assert len(lines) == 2 * (ruler.VT_HOPS + 1)                   # the one-shot's chain and the task's
+        assert sum(line.endswith(" ") for line in lines) == 2 * ruler.VT_HOPS
+        assert all(re.fullmatch(r"VAR [A-Z]+ = \d+", line) for line in lines if not line.endswith(" "))
+        shot = texts(example, "example")[0]
+        assert re.search(r"they are:  [A-Z]{3}( [A-Z]{3}){4}\n\n$", shot)
+        assert example.system[len(shot):].startswith(ruler.VT_INTRO)
+
+
 def numbered(text):
     words = re.findall(r"(\d+)\. (\w+)", text)
     assert [int(n) for n, _ in words] == list(range(1, len(words) + 1))
@@ -113,6 +126,25 @@ def test_common_words_are_the_ten_most_common(length):
         shot_list = texts(example, "example")[0].split("\nQuestion:")[0]
         assert not set(numbered(shot_list)) & set(counts)                # the one-shot's words are others
         assert sorted(texts(example, "fact")) == sorted(w for w in example.answers for _ in range(top))
+
+
+def test_common_words_come_from_one_source_whatever_their_rank():
+    """RULER draws every word of a list, the ten answers included, from one source: the real words while they
+    suffice, else pseudo-words only (never real answers among pseudo-words, which would give them away)."""
+    real, pseudo = set(ruler.WORDS), set(ruler.pseudo_words())
+    for length, source in ((400, real), (8192, pseudo)):
+        for example in examples("cwe", n=2, length=length):
+            start = example.spans["instruction"][0][1]
+            words = set(numbered(example.system[start:]))
+            assert words <= source and set(example.answers) <= source and len(words) > 10
+
+
+def test_common_words_past_their_pool_refuse_instead_of_hanging(monkeypatch):
+    """A list longer than the distinct words there are to draw is refused (it used to stop growing, and the
+    search for its length never ended)."""
+    monkeypatch.setattr(ruler, "pseudo_words", lambda: tuple(f"w{i}" for i in range(400)))   # WORDS: 309
+    with pytest.raises(ValueError, match="needs more distinct words than the 400 pseudo-words"):
+        make_example(WordTokens(), "cwe", 20000)
 
 
 def test_frequent_words_are_the_three_most_frequent():

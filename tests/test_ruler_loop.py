@@ -15,7 +15,7 @@ import evaluate
 import experiment
 import ruler
 from conftest import answers, records
-from experiment import RunFolder, main_guard
+from experiment import RunFolder, UsageError, main_guard
 from report import print_ruler, ruler_figures, ruler_summary
 from setting import Setting
 
@@ -63,6 +63,18 @@ BAD_INPUTS = [
     ([*RULER, "--query-aware", "--fair", "facts"], "--query-aware cannot take fair eviction"),
     ([*RULER, "--model", "/nonexistent/model"], "does not exist"),
 ]
+
+
+def test_a_length_past_the_context_is_refused_before_any_prompt_is_made(tmp_path, tiny_chat, monkeypatch):
+    """--length plus the answer's tokens must fit the model's context: checked before the (slow, at long lengths)
+    generation of the prompts, with the advice that helps (every RULER prompt has that length)."""
+    monkeypatch.setattr(ruler, "make_example", lambda *a, **k: pytest.fail("a prompt was made"))
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"--length 1022 and --max-new-tokens 4 need 1026 positions, more than "
+                                         r"the model's context of 1024: lower --length"):
+        evaluate.main([*RULER[:2], "--length", "1022", "--max-new-tokens", "4", "--limit", "2", "--model", tiny_chat,
+                       "--out", str(out)])
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
