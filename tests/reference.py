@@ -138,3 +138,50 @@ def forward64(model, tokens, seen_until=None):
         per_layer.append((q, k, v, attention_input))
     logits = rms(x[-1], model.norm.weight.double(), a.norm_eps) @ model.lm_head.weight.double().T
     return logits, per_layer
+
+
+# ----------------------------------------------------------------------------- allocations, by sorting lists
+
+def ref_shared_counts(scores, safe, total):
+    """Per-head counts when heads share `total` entries (scores: a list per head, of what it holds; heads may
+    hold different numbers): each head's best `safe` first, then the best over all heads, by score; equal
+    entries in (head, index) order."""
+    entries = []
+    for h, head in enumerate(scores):
+        best = set(sorted(range(len(head)), key=lambda j: -head[j])[:safe])
+        entries += [(j in best, head[j], h) for j in range(len(head))]
+    chosen = sorted(entries, key=lambda e: (e[0], e[1]), reverse=True)[:total]   # a stable sort: ties keep order
+    return [sum(1 for e in chosen if e[2] == h) for h in range(len(scores))]
+
+
+def ref_adakv_counts(scores, n_kept, alpha=0.2):
+    """Per-head counts: each head's best max(1, int(n_kept alpha)) first, then the best H * n_kept over all heads."""
+    return ref_shared_counts(scores, max(1, int(n_kept * alpha)), len(scores) * n_kept)
+
+
+def ref_global_counts(scores, budget, n_sink=4):
+    """KVzip's shared budget at a decode cut (scores[layer][head]: a list of what that head holds): of the N
+    entries of every layer and head, int(N budget / width) stay, width the most any head holds; each head
+    keeps its n_sink best first, then the best over all (layer, head). Returns counts per layer, per head."""
+    heads = [head for layer in scores for head in layer]
+    total, width = sum(len(head) for head in heads), max(len(head) for head in heads)
+    flat = ref_shared_counts(heads, n_sink, int(total * budget / width))
+    per_layer, start = [], 0
+    for layer in scores:
+        per_layer.append(flat[start:start + len(layer)])
+        start += len(layer)
+    return per_layer
+
+
+def ref_pyramid_budget(L, budget, layer, n_layers, window=16, beta=20):
+    """kvpress 0.5.5 PyramidKVPress.get_layer_budget, line by line, for a mean `budget` (L (1 - r) at the prefill)."""
+    max_capacity_prompt = window + budget
+    min_num = (max_capacity_prompt - window) / beta
+    max_num = (max_capacity_prompt - window) * 2 - min_num
+    if max_num >= L - window:
+        max_num = L - window
+        min_num = (max_capacity_prompt - window) * 2 - max_num
+    if not (L >= max_num >= min_num >= window):
+        return max(1, round(budget))
+    steps = (max_num - min_num) / (n_layers - 1) if n_layers > 1 else 0.0
+    return round(max_num - layer * steps)

@@ -11,7 +11,7 @@ import torch
 
 from policies import (ALLOCATIONS, POLICIES, REPLAYS, Compression, Context, adakv, covering_spans,
                       prefill, pyramid)
-from reference import kept_masks, ref_quotas, ref_snapkv
+from reference import kept_masks, ref_adakv_counts, ref_pyramid_budget, ref_quotas, ref_snapkv
 
 L = 45
 PAIRS = [(p, a) for p in POLICIES if p != "full" and p not in REPLAYS for a in ALLOCATIONS]   # KVzip: test_kvzip
@@ -29,32 +29,6 @@ def layers(tiny_model):
 
 
 # ----------------------------------------------------------------------------- references
-
-def ref_adakv_counts(scores, n_kept, alpha=0.2):
-    """Per-head counts: each head's best max(1, int(n_kept alpha)) first, then the best H * n_kept over all heads."""
-    H, n = len(scores), len(scores[0])
-    safe = max(1, int(n_kept * alpha))
-    entries = []
-    for h in range(H):
-        best = sorted(range(n), key=lambda j: -scores[h][j])[:safe]
-        entries += [(j in best, scores[h][j], h) for j in range(n)]
-    chosen = sorted(entries, key=lambda e: (e[0], e[1]), reverse=True)[:H * n_kept]
-    return [sum(1 for e in chosen if e[2] == h) for h in range(H)]
-
-
-def ref_pyramid_budget(L, ratio, layer, n_layers, window=16, beta=20):
-    """kvpress 0.5.5 PyramidKVPress.get_layer_budget, line by line."""
-    max_capacity_prompt = window + L * (1 - ratio)
-    min_num = (max_capacity_prompt - window) / beta
-    max_num = (max_capacity_prompt - window) * 2 - min_num
-    if max_num >= L - window:
-        max_num = L - window
-        min_num = (max_capacity_prompt - window) * 2 - max_num
-    if not (L >= max_num >= min_num >= window):
-        return max(1, round(L * (1 - ratio)))
-    steps = (max_num - min_num) / (n_layers - 1) if n_layers > 1 else 0.0
-    return round(max_num - layer * steps)
-
 
 def counts_of(spec, layers, inv_freq):
     """What the allocation gives each KV head of each layer (n_layers, H_kv), from the whole-turn scores."""
@@ -111,7 +85,7 @@ def test_pyramid_budgets_equal_the_formula(n_layers):
     for length in (10, 40, 45, 100, 165, 1000):
         for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
             budgets = pyramid(None, torch.full((n_layers, 1), length), length * (1 - ratio), ratio)[:, 0].tolist()
-            assert budgets == [ref_pyramid_budget(length, ratio, i, n_layers) for i in range(n_layers)]
+            assert budgets == [ref_pyramid_budget(length, length * (1 - ratio), i, n_layers) for i in range(n_layers)]
             mean = sum(budgets) / n_layers
             if n_layers > 1:                                    # one layer gets the pyramid's top, as in kvpress
                 assert abs(mean - length * (1 - ratio)) <= 0.5 + 1e-9, (length, ratio, budgets)

@@ -3,9 +3,10 @@
 The reference decodes one token at a time with a plain float64 forward over the whole sequence,
 in which every query sees the keys at or before its position that no cut had evicted when it
 ran; every `interval` decode forwards it re-scores each layer's whole cache (what each KV head
-still holds, in position order) with the policy, keeps each head's best by sorting, and hides
-the rest from every later query. Scores that tie within rounding are settled as the fast path
-did (reference_cut), and only inside the tie. Nothing of cache.py's buffers, gathering, masks or query
+still holds, in position order) with the policy, keeps each head's best by sorting (as many as the
+allocation's rule, written out with lists, gives it: reference_counts), and hides the rest from every
+later query. Scores that tie within rounding are settled as the fast path did (reference_cut), and
+only inside the tie. Nothing of cache.py's buffers, gathering, masks or query
 buffer is used. The fast path must keep the same positions at every cut and generate the same
 tokens, for every policy and allocation, at batch 1 and in ragged batches where rows finish early.
 """
@@ -16,7 +17,7 @@ import torch
 
 from decoding import DECODE, Cuts, Decoding
 from model import apply_rope, generate, rope_cos_sin
-from reference import forward64
+from reference import forward64, ref_adakv_counts, ref_global_counts, ref_pyramid_budget
 from policies import ALLOCATIONS, POLICIES, Compression, Context
 
 INF = math.inf
@@ -58,16 +59,20 @@ def reference_scores(spec, layer_index, n_layers, q, k, v, held):
 
 
 def reference_counts(spec, scores, held):
-    """The allocation's count per (layer, KV head), from every layer's scores padded with -inf."""
-    plain = []
-    for layer_scores, layer_held in zip(scores, held):
-        padded = torch.full((len(layer_held), max(len(p) for p in layer_held)), -INF)
-        for h, head_scores in enumerate(layer_scores):
-            padded[h, :len(head_scores)] = torch.tensor(head_scores)
-        plain.append(lambda padded=padded: (padded, None))
-    sizes = torch.tensor([[len(p) for p in layer_held] for layer_held in held])
-    c = spec.compression
-    return ALLOCATIONS[c.allocation](plain, sizes, spec.target, None, **c.allocation_options).tolist()
+    """The allocation's count per (layer, KV head) at a cut (ratio None), by its rule written out with lists:
+    uniform the target; PyramidKV kvpress's layer budget for a mean of the target over the most a head of the
+    layer holds; AdaKV and the global budget by sorting every entry (reference.ref_shared_counts)."""
+    c, target, n_layers = spec.compression, spec.target, len(held)
+    options = c.allocation_options
+    if c.allocation == "uniform":
+        return [[max(1, target)] * len(layer_held) for layer_held in held]
+    if c.allocation == "pyramid":
+        return [[max(1, ref_pyramid_budget(max(len(p) for p in layer_held), target, i, n_layers, **options))]
+                * len(layer_held) for i, layer_held in enumerate(held)]
+    if c.allocation == "adakv":
+        return [ref_adakv_counts(layer_scores, max(1, target), **options) for layer_scores in scores]
+    assert c.allocation == "global" and not options.get("layerwise"), c.allocation   # a new allocation: add its rule
+    return ref_global_counts(scores, target, options.get("n_sink", 4))
 
 
 def reference_cut(scores, counts, held, fast_kept=None):
