@@ -135,6 +135,18 @@ def reference_generate(model, prompt, max_new_tokens, spec, stop_ids=(), fast_cu
     return answer, cuts
 
 
+def reference_kept_at_end(cuts, prompt_len, n_layers, kv_heads):
+    """Per prompt position, the share of KV heads still holding it at the end, averaged over layers, from the
+    reference's cuts: what a head holds of the prompt is what its layer's last cut kept (all of it if none)."""
+    last = {layer: kept for layer, _, kept in cuts}                             # cuts come in step order
+    shares = []
+    for p in range(prompt_len):
+        holding = [sum(p in last[layer][h] if layer in last else True for h in range(kv_heads)) / kv_heads
+                   for layer in range(n_layers)]
+        shares.append(sum(holding) / n_layers)
+    return torch.tensor(shares)
+
+
 def fast_cuts(cuts, row):
     return [(c["layer"], c["step"], c["kept"][row]) for c in cuts.log if c["kept"][row] is not None]
 
@@ -155,6 +167,8 @@ def test_batch_of_one_matches_reference(tiny_model, policy, allocation):
     assert len(cuts) == 3 * tiny_model.args.n_layers
     assert fast_cuts(logged, 0) == cuts
     assert answers[0] == expected
+    a = tiny_model.args
+    assert torch.equal(logged.kept_at_end[0], reference_kept_at_end(cuts, len(prompt), a.n_layers, a.n_kv_heads).float())
 
 
 @pytest.mark.parametrize("policy,allocation", PAIRS)
@@ -173,6 +187,9 @@ def test_ragged_batch_matches_each_row_alone(tiny_model, policy, allocation):
         expected, cuts = reference_generate(tiny_model, p, 30, spec, stop_ids=stop, fast_cuts=fast_cuts(logged, b))
         assert fast_cuts(logged, b) == cuts, f"row {b}"
         assert answers[b] == expected, f"row {b}"
+        a = tiny_model.args                         # what the row held when it left (row 0) or at the end
+        assert torch.equal(logged.kept_at_end[b], reference_kept_at_end(cuts, len(p), a.n_layers, a.n_kv_heads).float()), \
+            f"row {b}"
     assert len(answers[0]) < 13 and len(answers[1]) == len(answers[2]) == 30   # row 0 left between two cuts
 
 def test_no_cut_before_the_interval_and_counters_reset_without_eviction(tiny_model):
