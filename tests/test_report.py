@@ -106,6 +106,65 @@ def test_evaluate_summary_by_hand():
     assert rows["0.0"]["spearman"] == {"single": None, "multi": None}     # fewer than three families
 
 
+def ref_spearman(a, b):
+    """Spearman's rho written out: each value's rank is 1 + how many are smaller + (how many others equal it) / 2
+    (the average of the tied ranks), then the Pearson correlation of the ranks."""
+    def ranks(xs):
+        return [1 + sum(y < x for y in xs) + (sum(y == x for y in xs) - 1) / 2 for x in xs]
+    return statistics.correlation(ranks(a), ranks(b))
+
+
+def family_records():
+    """One setting at r = 0 and 0.5: single-instruction prompts of four families, and three two-instruction
+    prompts over five (two of them 0 at r = 0, so nothing to normalise by)."""
+    kw, pu, cc = "keywords:existence", "punctuation:no_comma", "change_case:english_lowercase"
+    df, se = "detectable_format:title", "startend:quotation"
+    single = {0.0: {kw: "TTTF", pu: "TF", cc: "TT", df: "FFTF"},        # 0.75, 0.5, 1.0, 0.25
+              0.5: {kw: "TFFF", pu: "TF", cc: "TF", df: "FFFF"}}        # 0.25, 0.5, 0.5, 0.0
+    multi = {0.0: [((pu, cc), "TT"), ((kw, se), "TF"), ((df, kw), "FT")],
+             0.5: [((pu, cc), "TT"), ((kw, se), "FF"), ((df, kw), "TT")]}
+    records = []
+    for ratio in (0.0, 0.5):
+        for instruction, verdicts in single[ratio].items():
+            for i, v in enumerate(verdicts):
+                records.append(eval_record(f"{instruction}-{i}", ratio, [instruction], [v == "T"]))
+        for i, (ids, verdicts) in enumerate(multi[ratio]):
+            records.append(eval_record(f"multi-{i}", ratio, list(ids), [v == "T" for v in verdicts]))
+    return records
+
+
+def test_family_normalisation_and_rank_correlation_by_hand():
+    rows = evaluate_summary(family_records())["results"]["tova|none"]
+    base, row = rows["0.0"], rows["0.5"]
+    assert base["families"]["single"] == {"keywords": 0.75, "punctuation": 0.5, "change_case": 1.0,
+                                          "detectable_format": 0.25}
+    assert row["families"]["single"] == {"keywords": 0.25, "punctuation": 0.5, "change_case": 0.5,
+                                         "detectable_format": 0.0}
+    assert base["families"]["multi"] == {"keywords": 1.0, "punctuation": 1.0, "change_case": 1.0,
+                                         "detectable_format": 0.0, "startend": 0.0}
+    assert row["families"]["multi"] == {"keywords": 0.5, "punctuation": 1.0, "change_case": 1.0,
+                                        "detectable_format": 1.0, "startend": 0.0}
+    # r = 0.5 over r = 0, family by family; a family at 0 at r = 0 has no ratio
+    assert row["normalized_families"] == {
+        "single": {"keywords": pytest.approx(1 / 3, abs=1e-6), "punctuation": 1.0, "change_case": 0.5,
+                   "detectable_format": 0.0},
+        "multi": {"keywords": 0.5, "punctuation": 1.0, "change_case": 1.0, "detectable_format": None,
+                  "startend": None}}
+    assert base["normalized_families"] == {"single": {f: 1.0 for f in base["families"]["single"]},
+                                           "multi": {"keywords": 1.0, "punctuation": 1.0, "change_case": 1.0,
+                                                     "detectable_format": None, "startend": None}}
+    # single, ranks (keywords, punctuation, change_case, detectable_format): r = 0 (3, 2, 4, 1), r = 0.5
+    # (2, 3.5, 3.5, 1); deviations from 2.5: (.5, -.5, 1.5, -1.5), (-.5, 1, 1, -1.5): 3 / sqrt(5 x 4.5)
+    assert row["spearman"]["single"] == pytest.approx(3 / math.sqrt(5 * 4.5), abs=1e-6)
+    assert ref_spearman([0.75, 0.5, 1.0, 0.25], [0.25, 0.5, 0.5, 0.0]) == pytest.approx(3 / math.sqrt(5 * 4.5))
+    # multi, five families with ties on both sides: 2.5 / sqrt(7.5 x 8) written out, and the reference's
+    common = sorted(base["families"]["multi"])
+    expected = ref_spearman([base["families"]["multi"][f] for f in common], [row["families"]["multi"][f] for f in common])
+    assert expected == pytest.approx(2.5 / math.sqrt(7.5 * 8))
+    assert row["spearman"]["multi"] == pytest.approx(expected, abs=1e-6)
+    assert base["spearman"] == {"single": 1.0, "multi": 1.0}                # r = 0 against itself
+
+
 def test_records_are_grouped_by_their_setting_label():
     records = [eval_record("a", 0.0, ["keywords:existence"], [True], setting="tova|none|reversed"),
                eval_record("a", 0.0, ["keywords:existence"], [False])]
