@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -873,13 +874,25 @@ def test_regex_kwargs_must_be_plain_text(instruction_id, kwargs, name, shown):
     assert "\n" not in message
 
 
-def test_check_refuses_a_slow_pattern_instead_of_running_it():
-    """A prompt made in code, past the loaders: check() refuses the pattern before searching the response."""
-    import time
-    started = time.perf_counter()
+def test_check_refuses_a_slow_pattern_instead_of_running_it(monkeypatch):
+    """A prompt made in code, past the loaders: check() refuses the pattern before searching the response
+    (re.search of the pattern, which the checker would run, fails the test if it is ever called)."""
+    searched = []
+    search = re.search
+
+    def guarded(pattern, *args, **kwargs):
+        if pattern == SLOW_PATTERN:
+            searched.append(pattern)
+            raise AssertionError(f"searched {pattern!r}: the refusal must come before the checker")
+        return search(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(re, "search", guarded)
+    with pytest.raises(AssertionError, match="searched"):                      # the guard sees the checker's search
+        ifeval.CHECKS["keywords:existence"]("x" * 22, keywords=[SLOW_PATTERN])
+    searched.clear()
     with pytest.raises(ValueError, match=r"kwarg 'keywords' holds '\(\.\*\)\*QQQ', which is not plain text"):
         ifeval.check("keywords:existence", "x" * 22, {"keywords": [SLOW_PATTERN]})  # unchecked: ~1 s, then False
-    assert time.perf_counter() - started < 0.1
+    assert searched == []
 
 
 def test_plain_text_kwargs_pass():

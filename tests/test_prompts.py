@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -167,16 +166,25 @@ def test_builtin_kwargs_pass_the_load_checks(builtin):
             prompts.validate_kwargs(i.id, i.kwargs)
 
 
-def test_slow_keyword_is_refused_at_load_naming_record_and_kwarg(tmp_path):
-    """Google's checker searches a keyword as a regex: "(.*)*QQQ" would hang scoring after all generation."""
+def test_slow_keyword_is_refused_at_load_naming_record_and_kwarg(tmp_path, monkeypatch):
+    """Google's checker searches a keyword as a regex: "(.*)*QQQ" would hang scoring after all generation. Loading
+    refuses it without ever searching it (a search of it fails the test)."""
     path = tmp_path / "data.jsonl"
     slow = {**GOOD, "key": 8, "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
             "kwargs": [{}, {"keywords": ["poem", "(.*)*QQQ"]}]}
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(slow) + "\n")
-    started = time.perf_counter()
+    searched, search = [], re.search
+
+    def guarded(pattern, *args, **kwargs):
+        if pattern == "(.*)*QQQ":
+            searched.append(pattern)
+            raise AssertionError("the slow keyword was searched: the refusal must come before any check runs")
+        return search(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(re, "search", guarded)
     with pytest.raises(ValueError) as error:
         load_sys_ifeval(path)
-    assert time.perf_counter() - started < 1
+    assert searched == []
     assert str(error.value) == (f"{path}:2: field 'kwargs': entry 1: keywords:existence: kwarg 'keywords' holds "
                                 "'(.*)*QQQ', which is not plain text (it has '('; allowed: letters, digits, spaces, "
                                 "hyphens and apostrophes): the checker searches it as a regular expression, and such "
