@@ -57,8 +57,7 @@ def test_bias_and_tying_are_loaded(tmp_path):
 def test_golden_logits_from_transformers(name):
     """Logits of fixtures made once by Hugging Face transformers (tests/fixtures/make_golden.py)."""
     folder = os.path.join(ROOT, "tests", "fixtures", name)
-    if not os.path.isdir(folder):
-        pytest.skip(f"fixture {name} missing")
+    assert os.path.isdir(folder), f"the tracked fixture {folder} is missing (restore it: git checkout -- tests/fixtures)"
     golden = load_file(os.path.join(folder, "golden.safetensors"))
     model = load_model(folder)
     ids = golden["input_ids"]
