@@ -142,4 +142,4 @@ def test_bfloat16_prefill_records_float32_sums(tmp_path):
     for layer in range(model.args.n_layers):
         q, k = cache.queries[layer], cache.keys[layer][:, :, :30]
         assert cache.observed[layer].dtype == torch.float32
-        assert torch.allclose(cache.observed[layer].double(), ref_received(q, k), atol=1e-4, rtol=1e-5)
+        assert torch.allclose(cache.observed[layer].double(), ref_received(q, k), atol=1e-5, rtol=1e-5)  # errors <= 1.3e-6
