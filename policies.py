@@ -504,20 +504,14 @@ def keep_best(scores: torch.Tensor, tier, part: torch.Tensor | None, quotas: tor
 @dataclass
 class Held:
     """The entries one row holds in one layer, per KV head, packed in original-position order. One Held may
-    serve several layers (evict_row), so what is derived from it is worked out once, on first use."""
+    serve several layers (evict_row): what is derived from it is worked out once (`same` on first use)."""
     slots: torch.Tensor        # (H_kv, n) the cache slot of each entry (anything where absent)
     present: torch.Tensor      # (H_kv, n) True where the head holds an entry
     positions: torch.Tensor    # (H_kv, n) original positions (-1 where absent)
     evictable: torch.Tensor    # (H_kv, n) entries that may go
+    fixed: torch.Tensor        # (H_kv, n) the entries kept whatever their score
+    n_evictable: torch.Tensor  # (H_kv,)
     prefix: bool               # every head holds exactly slots 0 .. n-1 (a prefill; a cut after a uniform one)
-
-    @functools.cached_property
-    def fixed(self) -> torch.Tensor:         # (H_kv, n) the entries kept whatever their score
-        return self.present & ~self.evictable
-
-    @functools.cached_property
-    def n_evictable(self) -> torch.Tensor:   # (H_kv,)
-        return self.evictable.sum(-1)
 
     @functools.cached_property
     def same(self) -> bool:                  # every head holds the same positions
@@ -542,7 +536,8 @@ def held_entries(cache, layer: int, row: int, limit: int | None) -> Held:
         present = torch.arange(n, device=valid.device) < count[:, None]
         positions = cache.positions[layer][row].gather(1, slots).masked_fill(~present, -1)
     evictable = present if limit is None else present & (positions < limit)
-    return Held(slots, present, positions, torch.zeros_like(present) if cache.exempt[layer] else evictable, prefix)
+    evictable = torch.zeros_like(present) if cache.exempt[layer] else evictable
+    return Held(slots, present, positions, evictable, present & ~evictable, evictable.sum(-1), prefix)
 
 
 def taker(slots: torch.Tensor, repeat: int = 1):
