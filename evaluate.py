@@ -62,6 +62,10 @@ def add_arguments(parser):
     parser.add_argument("--length", type=int, metavar="N",
                         help=f"with --data ruler:TASKS: each prompt's length in tokens of the model's chat "
                              f"(system + user turn; default {RULER_LENGTH})")
+    parser.add_argument("--answer-prefix", action="store_true",
+                        help="with --data ruler:TASKS: start each answer with RULER's answer prefix (\"The special "
+                             "magic number for ... is\"), sent after the chat's generation prompt as kvpress's "
+                             "pipeline sends it; its tokens come on top of --length. Default: not sent")
 
 
 def remedy_name(args) -> str:
@@ -133,6 +137,8 @@ def load_prompts(args, paper_data: str) -> list[P.Prompt]:
     if not (args.data or "").startswith(RULER_PREFIX):
         if args.length is not None:
             raise UsageError(f"--length {args.length} applies to RULER prompts (--data ruler:TASKS) only")
+        if args.answer_prefix:
+            raise UsageError("--answer-prefix applies to RULER prompts (--data ruler:TASKS) only")
         return flags.load_prompts(args, paper_data)
     tasks, length = ruler_tasks(args.data), ruler_length(args)
     if not 1 <= length <= RULER_LONGEST:
@@ -166,9 +172,12 @@ def ruler_design(args, prompts: list[RulerPrompt]) -> Design:
         raise UsageError(f"--defense {args.defense}: RULER prompts take no defense (their context is the system turn)")
     remedy = Remedy(remedy_name(args), args.whitelist or [], args.fair, args.debias, args.protect or 0)
     spec = {"tasks": ruler_tasks(args.data), "length": ruler_length(args), "seed": args.seed}
+    if args.answer_prefix:                                        # (absent when off: older folders still resume)
+        spec["answer_prefix"] = True
     return Design(prompts, [remedy], [("task", None)], ruler_score, {"ruler": spec},
                   system_message=lambda prompt, defense: P.SystemMessage(prompt.example.system, {}, []),
-                  layout=ruler_layout)
+                  layout=ruler_layout,
+                  answer_prefix=(lambda prompt: prompt.example.answer_prefix) if args.answer_prefix else None)
 
 
 def ruler_score(job, turn: str, response: str) -> dict:

@@ -233,13 +233,15 @@ def prompt_layout(job: Job, system) -> tuple[dict, list[int], list[tuple[int, in
 def build_jobs(plan: Plan, tok, max_positions: int) -> list[Job]:
     """Every (setting, ratio, prompt), in that order, prepared."""
     encode = functools.lru_cache(maxsize=None)(tok.chat_ids)        # jobs share prompts
+    prefix = plan.design.answer_prefix or (lambda prompt: "")
     jobs = []
     for setting in plan.settings:
         for ratio in plan.ratios:
             for prompt in plan.design.prompts:
                 users = [(name, prompt.task if text is None else text) for name, text in plan.design.turns]
                 job = Job(setting, ratio, prompt, plan.design.system_message(prompt, plan.defense), users)
-                prepare_job(job, encode, max_positions, plan.max_new_tokens, tok.replay, plan.design.layout)
+                prepare_job(job, functools.partial(encode, answer_prefix=prefix(prompt)), max_positions,
+                            plan.max_new_tokens, tok.replay, plan.design.layout)
                 jobs.append(job)
     check_decode_targets(jobs, plan.max_new_tokens)
     return jobs

@@ -54,6 +54,8 @@ class Design:
     system_message: Callable = P.build_system_message   # (prompt, defense) -> P.SystemMessage: the turn compressed
     layout: Callable | None = None               # (job, system encoding) -> (token spans by name, whitelisted
                                                  # positions, partitions); None: experiment.prompt_layout
+    answer_prefix: Callable | None = None        # (prompt) -> text that starts the answer, after the generation
+                                                 # prompt (RULER's, with --answer-prefix); None: none
 
 
 @dataclass

@@ -891,9 +891,15 @@ class Tokenizer:
                              "is not text (UTF-8 cannot encode it); fix or replace it")
         return text
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, **options) -> ChatEncoding:
-        """Render and encode a chat; special tokens are recognised only outside the message contents."""
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool, answer_prefix: str = "",
+                    **options) -> ChatEncoding:
+        """Render and encode a chat; special tokens are recognised only outside the message contents.
+        `answer_prefix`: text that starts the answer, after the generation prompt, encoded with the chat in one
+        string as kvpress's pipeline does (and, like a content, never as special tokens)."""
         text, content_ranges, spans, leads = self._locate_contents(messages, add_generation_prompt, **options)
+        if answer_prefix:
+            _refuse_lone_surrogate(answer_prefix, "the answer prefix")
+            content_ranges, text = [*content_ranges, (len(text), len(text) + len(answer_prefix))], text + answer_prefix
         ids, offsets = self._encode_rendered(text, content_ranges)
         return ChatEncoding(ids, text, offsets, spans, leads)
 
@@ -976,9 +982,9 @@ class Tokenizer:
         return Replay(start, self.encode("\n\nRepeat the previous context exactly."),
                       self.encode("\n\nRepeat the part of the previous context exactly, starting with"), suffix_ids)
 
-    def chat_ids(self, system: str, user: str,
-                 enable_thinking: bool | None = None) -> tuple[ChatEncoding, ChatEncoding]:
-        """(the system turn, no generation prompt; system + user with the generation prompt).
+    def chat_ids(self, system: str, user: str, enable_thinking: bool | None = None,
+                 answer_prefix: str = "") -> tuple[ChatEncoding, ChatEncoding]:
+        """(the system turn, no generation prompt; system + user with the generation prompt, then `answer_prefix`).
         The first's ids are a prefix of the second's, so a cache prefilled with the system turn can be reused.
 
         The system turn is the system message rendered alone. A template with no system role that writes the
@@ -990,7 +996,7 @@ class Tokenizer:
         options = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         system_turn = [{"role": "system", "content": system}]
         whole = self.encode_chat(system_turn + [{"role": "user", "content": user}], add_generation_prompt=True,
-                                 **options)
+                                 answer_prefix=answer_prefix, **options)
         if self._folds_system_into_first_user_turn(options):
             start, end = whole.content_spans[0]
             ids, offsets = self._encode_rendered(whole.text[:end], [(start, end)])

@@ -65,6 +65,35 @@ BAD_INPUTS = [
 ]
 
 
+def test_the_answer_prefix_starts_the_answer_as_kvpress_sends_it(tmp_path, tiny_chat):
+    """--answer-prefix: each job's user turn ends with RULER's answer prefix, encoded with the whole chat as one
+    string (kvpress's pipeline), and nothing else changes: the system turn, the user turn before it, the scoring.
+    run.json records it, so a folder made without it does not resume with it."""
+    from flags import parse_args, plan_run
+    from tokenizer import load_tokenizer
+    transformers = pytest.importorskip("transformers")
+    tok, hf = load_tokenizer(tiny_chat), transformers.AutoTokenizer.from_pretrained(tiny_chat)
+
+    def jobs(*extra):
+        plan = plan_run(evaluate.EVALUATE, parse_args(evaluate.EVALUATE, ["--model", tiny_chat, *SMALL, *extra]))
+        return plan, experiment.build_jobs(plan, tok, 2048)
+    (plain_plan, plain), (sent_plan, sent) = jobs(), jobs("--answer-prefix")
+    assert sent_plan.run_settings["ruler"]["answer_prefix"] is True and "answer_prefix" not in plain_plan.run_settings["ruler"]
+    for a, b in zip(plain, sent):
+        example = b.prompt.example
+        head, whole = tok.chat_ids(example.system, example.user)
+        assert b.system_ids == a.system_ids == head.ids and a.user_ids == [whole.ids[len(head.ids):]]
+        in_one_string = hf.encode(whole.text + example.answer_prefix, add_special_tokens=False)   # kvpress's way
+        assert b.user_ids == [in_one_string[len(head.ids):]] and len(b.user_ids[0]) > len(a.user_ids[0])
+        assert tok.decode(b.user_ids[0][len(a.user_ids[0]):]) == example.answer_prefix
+    out = run_evaluate(tmp_path, "plain", "--model", tiny_chat, *SMALL)
+    with pytest.raises(UsageError, match="holds a run with other settings"):
+        evaluate.main(["--model", tiny_chat, *SMALL, "--answer-prefix", "--out", out])
+    with pytest.raises(UsageError, match="--answer-prefix applies to RULER prompts"):
+        evaluate.main(["--model", tiny_chat, "--answer-prefix", "--out", str(tmp_path / "nothing")])
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_a_length_past_the_context_is_refused_before_any_prompt_is_made(tmp_path, tiny_chat, monkeypatch):
     """--length plus the answer's tokens must fit the model's context: checked before the (slow, at long lengths)
     generation of the prompts, with the advice that helps (every RULER prompt has that length)."""
