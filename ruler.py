@@ -19,9 +19,10 @@ per task of scripts/synthetic.yaml and the scorers of scripts/eval/synthetic/con
 The paper's protocol splits each prompt in two: the context (RULER's instruction line, the one-shot
 example of vt and cwe, then the haystack) is the SYSTEM turn, compressed before the question is
 known, and the question is the USER turn. RULER's answer prefix ("The special magic number for ...
-is") is kept on the example (`answer_prefix`), not sent. Every example records the character spans
-in its system text of the facts its answer needs, of distractors, of the haystack, of the
-instruction and of the one-shot example (`Example.spans`), for whitelists and fair partitions.
+is") is kept on the example (`answer_prefix`); evaluate.py sends it only with --answer-prefix.
+Every example records the character spans in its system text of the facts its answer needs, of
+distractors, of the haystack, of the instruction and of the one-shot example (`Example.spans`),
+for whitelists and fair partitions.
 
 How this differs from RULER's own data:
 - No Paul Graham essays (not available offline). Where RULER hides needles in essays (niah_single_2
@@ -115,7 +116,7 @@ class Example:
     answers: list[str]         # the strings a right answer holds (all of them, for string_match_all)
     spans: dict[str, list[tuple[int, int]]]  # char spans in `system`: "instruction", "example", "fact",
                                              # "distractor", "haystack" (each present when non-empty)
-    answer_prefix: str         # RULER's start of the answer, not sent
+    answer_prefix: str         # RULER's start of the answer (without its leading space, and vt's trailing one)
     n_tokens: int              # tokens of the chat: system + user + generation prompt
     depths: list[float] = field(default_factory=list)  # niah: each needle's depth in [0, 1], in text order
 
