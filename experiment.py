@@ -920,7 +920,7 @@ def run_plan(experiment: Experiment, plan: Plan, shard: Shard):
 
 def run_in_folder(experiment: Experiment, plan: Plan, shard: Shard, folder: RunFolder):
     shard.agree(folder.open)                                        # before any work, on every rank: locked, checked
-    tok, model_args = shard.agree(lambda: load_text(plan.model))          # no weights yet: every text check comes first
+    tok, model_args = shard.agree(lambda: load_text(plan.model))    # no weights yet: every text check comes first
     jobs = shard.agree(lambda: folder.check_jobs(build_jobs(plan, tok, model_args.max_positions)))
     model = shard.agree(lambda: load_weights(plan, shard.device(plan.device)))
     shard.agree(folder.lock_rank)

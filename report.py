@@ -864,8 +864,8 @@ def print_ruler(summary: dict, file=sys.stdout):
         cells = []
         for r in ratios:
             row = row_of(rows, r)
-            spans = ("facts", "haystack")
-            cells.append("/".join(pm(row["keep"].get(s), row["keep_sem"].get(s)) for s in spans) if row else "-")
+            cells.append("/".join(pm(row["keep"].get(s), row["keep_sem"].get(s)) for s in ("facts", "haystack"))
+                         if row else "-")
         keep_lines.append([setting, *cells])
     print(file=file)
     print_columns(["setting (keep facts/haystack)", *(f"r={r:g}" for r in ratios)], keep_lines, file)

@@ -292,7 +292,7 @@ def _cwe(rng, size, task, length, depth):
         ((6, 1), (20, 3, 1)) if length < 4096 else ((30, 3), (40, 10, 3)))
     pool = WORDS if task.haystack == "words" else pseudo_words()     # one source for every word, as RULER
     if shot_words + size > len(pool):
-        raise OutOfWords(f"cwe: {length} tokens needs more than the {len(pool)} distinct words it can draw")
+        raise OutOfWords(len(pool))                                    # make_example moves on, or says so
     order = rng.sample(pool, len(pool))
     shot, words = order[:shot_words], order[shot_words:shot_words + size]
     shot_list = shot[:10] * shot_common + shot[10:] * shot_rare
